@@ -1,0 +1,114 @@
+"""The adapter contract, shaped like httpx's transport.
+
+An adapter has one async method, :meth:`Adapter.stream`, an async generator
+that yields :mod:`llm_adapters.events` for one request; ``aclose()`` releases
+what it holds (HTTP connection pools), and it is an async context manager.
+
+Closing the generator (``aclose()``, or leaving ``async with aclosing(...)``)
+must close the upstream request at once, so that no tokens burn after the
+browser left. Adapters must await something real between events, so that a
+cancelled turn stops within one event.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from llm_adapters.events import AdapterEvent
+
+Role = Literal["user", "assistant"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One message of the conversation, with content parts as DESIGN.md stores them.
+
+    User parts: ``{"type":"text","text"}``, ``{"type":"image","image":"data:..."}``,
+    ``{"type":"mentioned-documents","documents":[...]}``. Assistant parts:
+    ``reasoning``, ``text``, ``tool-call`` (``toolCallId``, ``toolName``, ``args``,
+    ``argsText``, ``result``?) and ``status``.
+    """
+
+    role: Role
+    parts: list[dict[str, Any]]
+
+    @property
+    def text(self) -> str:
+        """The concatenated text parts (what most providers need)."""
+        return "".join(p.get("text", "") for p in self.parts if p.get("type") == "text")
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterRequest:
+    """What one turn asks of an adapter.
+
+    ``messages`` is the thread's history, oldest first, ending with the new
+    user turn. ``model`` is the part of the model string after ``<adapter>:``.
+    """
+
+    model: str
+    messages: list[ChatMessage]
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """An LLM provider behind one async-generator method."""
+
+    name: str
+
+    def stream(self, request: AdapterRequest) -> AsyncIterator[AdapterEvent]:
+        """Yield the events of one generation; raise ``UpstreamError`` on failure."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections and other resources."""
+        ...
+
+    async def __aenter__(self) -> Adapter: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+class BaseAdapter(ABC):
+    """Convenience base: context-manager methods and a no-op ``aclose``.
+
+    Subclasses are constructed with the process environment (a mapping), so
+    that settings such as base URLs and keys are read the way each provider's
+    own SDK reads them.
+    """
+
+    name = "base"
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        self.env: Mapping[str, str] = env or {}
+
+    @abstractmethod
+    def stream(self, request: AdapterRequest) -> AsyncIterator[AdapterEvent]:
+        """Yield the events of one generation; raise ``UpstreamError`` on failure."""
+
+    async def aclose(self) -> None:
+        return None
+
+    async def __aenter__(self) -> BaseAdapter:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+__all__ = ["Adapter", "AdapterRequest", "BaseAdapter", "ChatMessage", "Role"]
