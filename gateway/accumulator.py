@@ -1,0 +1,254 @@
+"""What a turn produced: the assistant's content parts, and its token usage.
+
+``ContentBuilder`` builds the parts DESIGN.md stores (``reasoning``, ``text``,
+``tool-call``) in stream order, merging consecutive deltas of one kind. Text is
+kept as a list of fragments until a snapshot is taken, so a long reply costs
+O(n), not O(n^2). ``TurnUsage`` keeps one record per adapter call and derives
+the totals, the per-model breakdown and the serialized calls stored in
+``token_usage``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm_adapters.events import (
+    AdapterEvent,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+    ToolResult,
+    Usage,
+)
+
+NO_TEXT_MARKER = [{"type": "status", "text": "(no text response)"}]
+SHELL = [{"type": "text", "text": ""}]
+
+
+def _parse_args(text: str) -> Any:
+    if not text.strip():
+        return {}
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class ContentBuilder:
+    """Assistant content parts in stream order, deltas of one kind merged."""
+
+    __slots__ = ("_parts", "_fragments", "_open_kind", "_tools", "_version")
+
+    def __init__(self) -> None:
+        self._parts: list[dict[str, Any]] = []
+        self._fragments: list[str] = []  # of the open text/reasoning part
+        self._open_kind: str | None = None
+        self._tools: dict[str, dict[str, Any]] = {}
+        self._version = 0
+
+    def _seal(self) -> None:
+        if self._open_kind is not None:
+            self._parts[-1]["text"] = "".join(self._fragments)
+            self._open_kind = None
+            self._fragments = []
+
+    def _append_text(self, kind: str, text: str) -> None:
+        if self._open_kind != kind:
+            self._seal()
+            self._parts.append({"type": kind, "text": ""})
+            self._open_kind = kind
+        self._fragments.append(text)
+
+    def feed(self, event: AdapterEvent) -> None:
+        """Add one adapter event (events that carry no content are ignored)."""
+        self._version += 1
+        if isinstance(event, TextDelta):
+            if event.text:
+                self._append_text("text", event.text)
+        elif isinstance(event, ReasoningDelta):
+            if event.text:
+                self._append_text("reasoning", event.text)
+        elif isinstance(event, ToolCallStart):
+            self._seal()
+            part: dict[str, Any] = {
+                "type": "tool-call",
+                "toolCallId": event.id,
+                "toolName": event.name,
+                "args": {},
+                "argsText": "",
+            }
+            self._tools[event.id] = part
+            self._parts.append(part)
+        elif isinstance(event, ToolCallDelta):
+            tool = self._tools.get(event.id)
+            if tool is not None:
+                tool["argsText"] += event.args_text
+        elif isinstance(event, ToolCallEnd):
+            tool = self._tools.get(event.id)
+            if tool is not None:
+                tool["args"] = _parse_args(tool["argsText"])
+        elif isinstance(event, ToolResult):
+            tool = self._tools.get(event.id)
+            if tool is not None:
+                tool["result"] = event.result
+
+    @property
+    def version(self) -> int:
+        """Changes whenever content may have changed (for checkpoint skipping)."""
+        return self._version
+
+    def is_empty(self) -> bool:
+        """True if there is no text, reasoning or tool call worth storing."""
+        for part in self._parts:
+            if part["type"] == "tool-call":
+                return False
+        if self._open_kind is not None and any(self._fragments):
+            return False
+        return not any(p.get("text") for p in self._parts)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """The parts as they stand (a copy; building may go on)."""
+        parts = [dict(p) for p in self._parts]
+        if self._open_kind is not None:
+            parts[-1]["text"] = "".join(self._fragments)
+        for part in parts:
+            if part["type"] == "tool-call" and part.get("args") == {} and part["argsText"]:
+                part["args"] = _parse_args(part["argsText"])
+        return parts
+
+    def final(self) -> list[dict[str, Any]]:
+        """The parts to store at the end: the status marker if nothing came."""
+        return [dict(NO_TEXT_MARKER[0])] if self.is_empty() else self.snapshot()
+
+    def text_length(self) -> int:
+        """Characters of text, reasoning and tool arguments (for usage estimates)."""
+        total = sum(len(f) for f in self._fragments)
+        for part in self._parts:
+            total += len(part.get("text", "")) + len(part.get("argsText", ""))
+        return total
+
+
+def estimate_tokens(chars: int) -> int:
+    """A provider-neutral estimate: about four characters per token."""
+    return math.ceil(chars / 4) if chars > 0 else 0
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """Token usage of one adapter call."""
+
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_micros: int
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "cost_micros": self.cost_micros,
+            "estimated": self.estimated,
+        }
+
+
+CostFn = Callable[[str, int, int], int]
+
+
+@dataclass
+class TurnUsage:
+    """The token usage of one turn: one record per adapter call, and their totals."""
+
+    cost: CostFn
+    calls: list[CallRecord] = field(default_factory=list)
+
+    def add(self, usage: Usage) -> None:
+        """Record an adapter's final figures for one call."""
+        prompt, completion = max(0, usage.prompt_tokens), max(0, usage.completion_tokens)
+        self.calls.append(
+            CallRecord(usage.model, prompt, completion, self.cost(usage.model, prompt, completion))
+        )
+
+    def add_estimate(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """Record an estimate for a call whose provider never reported usage."""
+        self.calls.append(
+            CallRecord(
+                model,
+                prompt_tokens,
+                completion_tokens,
+                self.cost(model, prompt_tokens, completion_tokens),
+                estimated=True,
+            )
+        )
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(c.prompt_tokens for c in self.calls)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.completion_tokens for c in self.calls)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def cost_micros(self) -> int:
+        return sum(c.cost_micros for c in self.calls)
+
+    @property
+    def estimated(self) -> bool:
+        return any(c.estimated for c in self.calls)
+
+    def model_breakdown(self) -> dict[str, dict[str, int]]:
+        """Totals per model, as stored in ``token_usage.model_breakdown``."""
+        out: dict[str, dict[str, int]] = {}
+        for c in self.calls:
+            row = out.setdefault(
+                c.model,
+                {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+                 "cost_micros": 0, "calls": 0},
+            )
+            row["prompt_tokens"] += c.prompt_tokens
+            row["completion_tokens"] += c.completion_tokens
+            row["total_tokens"] += c.total_tokens
+            row["cost_micros"] += c.cost_micros
+            row["calls"] += 1
+        return out
+
+    def call_details(self) -> list[dict[str, Any]]:
+        """Every call, as stored in ``token_usage.call_details``."""
+        return [c.as_dict() for c in self.calls]
+
+    def metadata(self) -> dict[str, Any]:
+        """The ``usage`` object of the stream's message metadata."""
+        return {
+            "inputTokens": self.prompt_tokens,
+            "outputTokens": self.completion_tokens,
+            "totalTokens": self.total_tokens,
+            "costMicros": self.cost_micros,
+            "estimated": self.estimated,
+        }
+
+
+__all__ = [
+    "NO_TEXT_MARKER",
+    "SHELL",
+    "CallRecord",
+    "ContentBuilder",
+    "TurnUsage",
+    "estimate_tokens",
+]

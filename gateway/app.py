@@ -1,0 +1,146 @@
+"""The Starlette application and its lifespan."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from gateway import routes_ops, routes_threads, routes_turns
+from gateway.context import AppContext
+from gateway.errors import EXCEPTION_HANDLERS
+from gateway.metrics import Metrics
+from gateway.relay import LocalRelay
+from gateway.settings import Settings
+from gateway.turns import TurnRunner
+from llm_adapters.pricing import PriceTable
+from llm_adapters.registry import AdapterRegistry
+from persistence import Store, migrate, schema_status
+from turngate.exceptions import SchemaOutdated
+
+logger = logging.getLogger("turngate.gateway")
+
+STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
+
+
+def _routes() -> list[BaseRoute]:
+    routes: list[BaseRoute] = [
+        Route("/healthz", routes_ops.healthz, methods=["GET"]),
+        Route("/readyz", routes_ops.readyz, methods=["GET"]),
+        Route("/metrics", routes_ops.metrics, methods=["GET"]),
+        Route("/v1/threads", routes_threads.create_thread, methods=["POST"]),
+        Route("/v1/threads", routes_threads.list_threads, methods=["GET"]),
+        Route("/v1/threads/{thread_id}/messages", routes_threads.list_messages, methods=["GET"]),
+        Route("/v1/threads/{thread_id}/messages", routes_threads.append_message, methods=["POST"]),
+        Route("/v1/threads/{thread_id}/turns", routes_turns.start_turn, methods=["POST"]),
+        Route("/v1/threads/{thread_id}/turns/{turn_id}/stream", routes_turns.resume_turn,
+              methods=["GET"]),
+        Route("/v1/threads/{thread_id}/turns/{turn_id}/cancel", routes_turns.cancel_turn,
+              methods=["POST"]),
+        Route("/v1/usage", routes_threads.list_usage, methods=["GET"]),
+    ]
+    try:
+        from gateway import routes_aisdk
+
+        routes.extend(routes_aisdk.ROUTES)
+    except ImportError:
+        pass
+    if os.path.isdir(STATIC_DIR):
+        routes.append(Mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static"))
+    return routes
+
+
+async def prepare_database(settings: Settings) -> None:
+    """SQLite migrates itself; PostgreSQL must already be migrated (``turngate migrate``)."""
+    if settings.database_url.startswith("sqlite"):
+        await migrate(settings.database_url)
+        return
+    status = await schema_status(settings.database_url)
+    if status != "current":
+        raise SchemaOutdated(
+            f"the database schema is {status}; run `turngate migrate` before `turngate serve`"
+        )
+
+
+def create_app(settings: Settings | None = None, *, migrate_sqlite: bool = True) -> Starlette:
+    """Build the gateway app (settings from the environment unless given)."""
+    settings = settings or Settings.from_env()
+    instance_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    metrics = Metrics()
+    store = Store(settings.database_url, statement_timeout=settings.finalize_timeout)
+    store.on_operation = metrics.observe_db
+    relay = LocalRelay(retention_seconds=settings.relay_retention_seconds)
+    prices = PriceTable(settings.prices)
+    runner = TurnRunner(settings, store, relay, prices, metrics, instance_id)
+    ctx = AppContext(
+        settings=settings,
+        store=store,
+        adapters=AdapterRegistry(settings.environ),
+        relay=relay,
+        runner=runner,
+        metrics=metrics,
+        prices=prices,
+        instance_id=instance_id,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if migrate_sqlite or not settings.database_url.startswith("sqlite"):
+            await prepare_database(settings)
+        await store.connect()
+        ctx.shutdown_event = anyio.Event()
+        try:
+            async with anyio.create_task_group() as tg:
+                runner.task_group = tg
+                await store.recover_expired_turns()
+                tg.start_soon(runner.maintain)
+                ctx.ready = True
+                logger.info("started instance=%s", instance_id,
+                            extra={"event": "started", "instance": instance_id})
+                try:
+                    yield
+                finally:
+                    ctx.ready = False
+                    ctx.shutdown_event.set()
+                    with anyio.CancelScope(shield=True):
+                        await runner.drain(settings.shutdown_grace_seconds)
+                    tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await ctx.adapters.aclose()
+                with anyio.move_on_after(10):
+                    await store.disconnect()
+
+    middleware: list[Middleware] = []
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["authorization", "content-type", "last-event-id"],
+                expose_headers=["x-vercel-ai-ui-message-stream", "retry-after"],
+                max_age=600,
+            )
+        )
+    app = Starlette(
+        routes=_routes(),
+        middleware=middleware,
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    return app
+
+
+__all__ = ["create_app", "prepare_database"]

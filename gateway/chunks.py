@@ -1,0 +1,182 @@
+"""Adapter events → AI SDK "UI message stream" chunks, pre-encoded as SSE bytes.
+
+Every chunk is one ``id: <seq>`` + ``data: <json>`` event; the sequence number
+is per turn, so a reconnecting client resumes with ``Last-Event-ID``. Text and
+reasoning deltas, the per-token hot path, are formatted without building a
+dict. ``None`` is never sent for an optional field and NaN never appears
+(``allow_nan=False``), as the SDK's schema requires.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from llm_adapters.events import (
+    AdapterEvent,
+    Finish,
+    FinishReason,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+    ToolResult,
+)
+
+_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
+
+DONE_DATA = b"data: [DONE]\n\n"
+PING = b": ping\n\n"
+
+STREAM_HEADERS = {
+    "cache-control": "no-cache",
+    "connection": "keep-alive",
+    "x-vercel-ai-ui-message-stream": "v1",
+    "x-accel-buffering": "no",
+}
+
+
+def encode(seq: int, chunk: dict[str, Any]) -> bytes:
+    """One SSE event carrying ``chunk`` with id ``seq``."""
+    return b"id: %d\ndata: %s\n\n" % (seq, _dumps(chunk).encode())
+
+
+def encode_done(seq: int) -> bytes:
+    """The closing ``data: [DONE]`` event (it has an id too, for resume)."""
+    return b"id: %d\n" % seq + DONE_DATA
+
+
+def _parse_input(text: str) -> Any:
+    if not text.strip():
+        return {}
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class ChunkEncoder:
+    """Turns one turn's adapter events into encoded chunks, numbering them."""
+
+    __slots__ = ("seq", "_open", "_open_id", "_parts", "_tools", "finish_reason")
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self._open: str | None = None  # "text" | "reasoning"
+        self._open_id = ""
+        self._parts = 0
+        self._tools: dict[str, tuple[str, list[str]]] = {}
+        self.finish_reason: FinishReason | None = None
+
+    def chunk(self, chunk: dict[str, Any]) -> bytes:
+        """Encode ``chunk`` with the next sequence number."""
+        data = encode(self.seq, chunk)
+        self.seq += 1
+        return data
+
+    def done(self) -> bytes:
+        data = encode_done(self.seq)
+        self.seq += 1
+        return data
+
+    def start(self, message_id: int, metadata: dict[str, Any]) -> list[bytes]:
+        """The opening chunks: ``start`` (server-made message id) and ``start-step``."""
+        return [
+            self.chunk({"type": "start", "messageId": str(message_id), "messageMetadata": metadata}),
+            self.chunk({"type": "start-step"}),
+        ]
+
+    def _close_open(self, out: list[bytes]) -> None:
+        if self._open is not None:
+            out.append(self.chunk({"type": f"{self._open}-end", "id": self._open_id}))
+            self._open = None
+
+    def _delta(self, kind: str, text: str) -> list[bytes]:
+        out: list[bytes] = []
+        if self._open != kind:
+            self._close_open(out)
+            self._parts += 1
+            self._open, self._open_id = kind, f"{kind[0]}{self._parts}"
+            out.append(self.chunk({"type": f"{kind}-start", "id": self._open_id}))
+        out.append(
+            b'id: %d\ndata: {"type":"%s-delta","id":"%s","delta":%s}\n\n'
+            % (self.seq, kind.encode(), self._open_id.encode(), _dumps(text).encode())
+        )
+        self.seq += 1
+        return out
+
+    def feed(self, event: AdapterEvent) -> list[bytes]:
+        """The chunks for one adapter event (possibly none)."""
+        if isinstance(event, TextDelta):
+            return self._delta("text", event.text) if event.text else []
+        if isinstance(event, ReasoningDelta):
+            return self._delta("reasoning", event.text) if event.text else []
+        out: list[bytes] = []
+        if isinstance(event, ToolCallStart):
+            self._close_open(out)
+            self._tools[event.id] = (event.name, [])
+            out.append(
+                self.chunk(
+                    {"type": "tool-input-start", "toolCallId": event.id, "toolName": event.name}
+                )
+            )
+        elif isinstance(event, ToolCallDelta):
+            tool = self._tools.get(event.id)
+            if tool is not None and event.args_text:
+                tool[1].append(event.args_text)
+                out.append(
+                    self.chunk(
+                        {"type": "tool-input-delta", "toolCallId": event.id,
+                         "inputTextDelta": event.args_text}
+                    )
+                )
+        elif isinstance(event, ToolCallEnd):
+            tool = self._tools.get(event.id)
+            if tool is not None:
+                out.append(
+                    self.chunk(
+                        {"type": "tool-input-available", "toolCallId": event.id,
+                         "toolName": tool[0], "input": _parse_input("".join(tool[1]))}
+                    )
+                )
+        elif isinstance(event, ToolResult):
+            if event.id in self._tools:
+                out.append(
+                    self.chunk(
+                        {"type": "tool-output-available", "toolCallId": event.id,
+                         "output": event.result}
+                    )
+                )
+        elif isinstance(event, Finish):
+            self.finish_reason = event.reason
+        return out
+
+    def end(
+        self,
+        finish_reason: FinishReason,
+        usage: dict[str, Any],
+        *,
+        error_text: str | None = None,
+        aborted: bool = False,
+    ) -> list[bytes]:
+        """The closing chunks: open parts ended, then error/abort, usage, finish, [DONE]."""
+        out: list[bytes] = []
+        self._close_open(out)
+        out.append(self.chunk({"type": "finish-step"}))
+        if error_text is not None:
+            out.append(self.chunk({"type": "error", "errorText": error_text}))
+        if aborted:
+            out.append(self.chunk({"type": "abort", "reason": "cancelled"}))
+        out.append(self.chunk({"type": "message-metadata", "messageMetadata": {"usage": usage}}))
+        out.append(
+            self.chunk(
+                {"type": "finish", "finishReason": finish_reason,
+                 "messageMetadata": {"usage": usage}}
+            )
+        )
+        out.append(self.done())
+        return out
+
+
+__all__ = ["DONE_DATA", "PING", "STREAM_HEADERS", "ChunkEncoder", "encode", "encode_done"]

@@ -1,0 +1,156 @@
+"""The ``turngate`` command: serve, migrate, keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from gateway.settings import Settings, settings_help
+from turngate.exceptions import ConfigError, TurngateError
+
+
+def _load_dotenv() -> None:
+    try:
+        from dotenv import load_dotenv
+    except ImportError:  # optional at runtime
+        return
+    load_dotenv(override=False)
+
+
+def _settings() -> Settings:
+    _load_dotenv()
+    return Settings.from_env()
+
+
+async def _first_start_key(settings: Settings) -> str | None:
+    """On the embedded default with no users yet: make a local user and a one-time key."""
+    from persistence import Store, migrate
+
+    await migrate(settings.database_url)
+    async with Store(settings.database_url) as store:
+        if await store.count_users() > 0:
+            return None
+        user_id = await store.create_user("local")
+        return await store.create_api_key(user_id)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.logs import configure_logging
+
+    settings = _settings()
+    configure_logging(settings.log_format, settings.log_level)
+    if settings.database_url.startswith("sqlite"):
+        key = asyncio.run(_first_start_key(settings))
+        if key is not None:
+            shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+            print("turngate: first start, created user 'local'. Open the chat page with:")
+            print(f"    http://{shown_host}:{args.port}/#key={key}")
+            print("(the key is shown only this once; `turngate keys create NAME` makes more)")
+            sys.stdout.flush()
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        lifespan="on",
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
+    )
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from persistence import migrate
+
+    settings = _settings()
+    asyncio.run(migrate(settings.database_url))
+    print("turngate: schema is current", file=sys.stderr)
+    return 0
+
+
+async def _keys_create(settings: Settings, name: str) -> str:
+    from persistence import Store, migrate
+
+    if settings.database_url.startswith("sqlite"):
+        await migrate(settings.database_url)
+    async with Store(settings.database_url) as store:
+        user_id = await store.create_user(name)
+        return await store.create_api_key(user_id)
+
+
+async def _keys_revoke(settings: Settings, prefix: str) -> bool:
+    from persistence import Store
+
+    async with Store(settings.database_url) as store:
+        return await store.revoke_api_key(prefix)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    settings = _settings()
+    if args.keys_command == "create":
+        name = args.name.strip()
+        if not name or len(name) > 100:
+            print(f"turngate: user name {args.name!r} must be 1..100 characters", file=sys.stderr)
+            return 2
+        print(asyncio.run(_keys_create(settings, name)))
+        return 0
+    prefix = args.prefix.strip()
+    if prefix.startswith("tg_"):
+        prefix = prefix[3:].split("_", 1)[0]
+    if asyncio.run(_keys_revoke(settings, prefix)):
+        print(f"turngate: revoked key {prefix}", file=sys.stderr)
+        return 0
+    print(f"turngate: no active key with prefix {prefix!r}", file=sys.stderr)
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="turngate", description="A chat-turn gateway.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Run the gateway. Configuration comes from environment variables "
+        "(a .env file may set them):\n\n" + settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=cmd_serve)
+    mig = sub.add_parser("migrate", help="bring the database schema to the newest version")
+    mig.set_defaults(func=cmd_migrate)
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create user NAME if needed and print a new key")
+    create.add_argument("name")
+    revoke = keys_sub.add_parser("revoke", help="revoke the key with PREFIX")
+    revoke.add_argument("prefix")
+    keys.set_defaults(func=cmd_keys)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``turngate`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except ConfigError as exc:
+        print(f"turngate: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except TurngateError as exc:
+        print(f"turngate: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""What the routes share: the app's services, reached from ``request.app.state``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import anyio
+from starlette.requests import Request
+
+from gateway.metrics import Metrics
+from gateway.relay import LocalRelay
+from gateway.settings import Settings
+from gateway.turns import TurnRunner
+from llm_adapters.pricing import PriceTable
+from llm_adapters.registry import AdapterRegistry
+from persistence import Store
+
+
+@dataclass
+class AppContext:
+    """The services of one gateway app."""
+
+    settings: Settings
+    store: Store
+    adapters: AdapterRegistry
+    relay: LocalRelay
+    runner: TurnRunner
+    metrics: Metrics
+    prices: PriceTable
+    instance_id: str
+    shutdown_event: anyio.Event | None = None
+    ready: bool = False
+    rate_windows: dict[int, list[float]] = field(default_factory=dict)
+
+
+def context(request: Request) -> AppContext:
+    """The ``AppContext`` of the app serving ``request``."""
+    ctx: AppContext = request.app.state.ctx
+    return ctx
+
+
+__all__ = ["AppContext", "context"]

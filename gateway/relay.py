@@ -1,0 +1,170 @@
+"""The in-process relay: live turn events for the first client, attached
+clients and resumed streams.
+
+A ``LiveTurn`` holds the encoded chunks of one turn (index = SSE id), so a
+reader can start from any ``Last-Event-ID`` and then follow live output.
+Memory is bounded per turn (``max_bytes``: past it, late readers are refused
+rather than the process growing) and after the turn ends
+(``retention_seconds``, swept by one periodic task).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+
+@dataclass(eq=False)
+class LiveTurn:
+    """One turn being generated (or recently finished) in this process."""
+
+    thread_id: str
+    turn_id: str
+    owner_id: int
+    message_id: int
+    max_bytes: int = 16 * 1024 * 1024
+    events: list[bytes] = field(default_factory=list)
+    size: int = 0
+    overflowed: bool = False
+    done: bool = False
+    status: str | None = None
+    finished_at: float | None = None
+    subscribers: int = 0
+    cancel_scope: anyio.CancelScope | None = None
+    cancel_reason: str | None = None
+    content: Any = None  # the turn's ContentBuilder, read by checkpoints
+    _changed: anyio.Event = field(default_factory=anyio.Event)
+    _waiting: int = 0
+
+    def publish(self, chunks: list[bytes]) -> None:
+        """Append encoded chunks and wake the readers."""
+        if not chunks:
+            return
+        self.events.extend(chunks)
+        if not self.overflowed:
+            for chunk in chunks:
+                self.size += len(chunk)
+            if self.size > self.max_bytes:
+                self.overflowed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiting:
+            self._changed.set()
+            self._changed = anyio.Event()
+
+    def finish(self, status: str) -> None:
+        """Mark the turn ended with its final status; readers drain and stop."""
+        self.done = True
+        self.status = status
+        self.finished_at = time.monotonic()
+        self.cancel_scope = None
+        self._wake()
+
+    def cancel(self, reason: str) -> bool:
+        """Stop the generation (it is finalized with ``reason``); False if not running."""
+        if self.done or self.cancel_scope is None:
+            return False
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        self.cancel_scope.cancel()
+        return True
+
+    async def follow(self, after: int = -1) -> AsyncIterator[bytes]:
+        """Yield every chunk after SSE id ``after``, then live ones, until the end.
+
+        Chunks that are already there are sent as one write: a reader that
+        falls behind catches up in one send instead of one per token.
+        """
+        index = after + 1
+        while True:
+            events = self.events
+            if index < len(events):
+                end = len(events)
+                yield events[index] if end - index == 1 else b"".join(events[index:end])
+                index = end
+                continue
+            if self.done:
+                return
+            self._waiting += 1
+            try:
+                await self._changed.wait()
+            finally:
+                self._waiting -= 1
+
+
+class LocalRelay:
+    """The live turns of this process, by ``(thread_id, turn_id)``."""
+
+    def __init__(self, retention_seconds: float = 60.0, max_finished: int = 2000) -> None:
+        self.retention_seconds = retention_seconds
+        self.max_finished = max_finished
+        self._turns: dict[tuple[str, str], LiveTurn] = {}
+        self._running: dict[str, LiveTurn] = {}
+        self._registered = anyio.Event()
+
+    def get(self, thread_id: str, turn_id: str) -> LiveTurn | None:
+        """The live or retained turn, if this process has it."""
+        return self._turns.get((thread_id, turn_id))
+
+    def running_on_thread(self, thread_id: str) -> LiveTurn | None:
+        """The turn generating on ``thread_id`` in this process, if any."""
+        return self._running.get(thread_id)
+
+    def running(self) -> list[LiveTurn]:
+        """Every turn generating in this process."""
+        return list(self._running.values())
+
+    def running_for_owner(self, owner_id: int) -> int:
+        """How many turns ``owner_id`` has generating here."""
+        return sum(1 for t in self._running.values() if t.owner_id == owner_id)
+
+    def add(self, live: LiveTurn) -> None:
+        """Register a turn that starts generating now."""
+        self._turns[(live.thread_id, live.turn_id)] = live
+        self._running[live.thread_id] = live
+        self._registered.set()
+        self._registered = anyio.Event()
+
+    def ended(self, live: LiveTurn) -> None:
+        """The turn stopped generating; it stays readable for the retention time."""
+        if self._running.get(live.thread_id) is live:
+            del self._running[live.thread_id]
+        if self.retention_seconds == 0:
+            self._turns.pop((live.thread_id, live.turn_id), None)
+
+    async def wait_for(self, thread_id: str, turn_id: str, timeout: float) -> LiveTurn | None:
+        """Wait until the turn is registered (a racing request is about to start it)."""
+        with anyio.move_on_after(timeout):
+            while (live := self.get(thread_id, turn_id)) is None:
+                await self._registered.wait()
+            return live
+        return None
+
+    def sweep(self) -> int:
+        """Drop finished turns past their retention; returns how many were dropped."""
+        now = time.monotonic()
+        finished = [
+            (key, t) for key, t in self._turns.items() if t.done and t.finished_at is not None
+        ]
+        expired = [key for key, t in finished if now - t.finished_at >= self.retention_seconds]  # type: ignore[operator]
+        overflow = len(finished) - len(expired) - self.max_finished
+        if overflow > 0:
+            keep = sorted(
+                (item for item in finished if item[0] not in set(expired)),
+                key=lambda item: item[1].finished_at or 0.0,
+            )
+            expired.extend(key for key, _ in keep[:overflow])
+        for key in expired:
+            self._turns.pop(key, None)
+        return len(expired)
+
+    def __len__(self) -> int:
+        return len(self._turns)
+
+
+__all__ = ["LiveTurn", "LocalRelay"]

@@ -1,0 +1,165 @@
+"""Thread routes: create and list threads, read and append messages, read usage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from gateway.auth import authenticate
+from gateway.context import context
+from gateway.errors import ApiError, not_found
+from gateway.limits import check_rate
+from gateway.validation import check_id, check_thread_path_id, read_json, require_object
+from persistence import ThreadIdTaken
+
+_MAX_LIMIT = 200
+
+
+def _limit(request: Request, default: int = 50) -> int:
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= _MAX_LIMIT:
+        raise ApiError(400, "invalid_limit", f"limit {raw[:20]!r} must be an integer 1..{_MAX_LIMIT}")
+    return int(raw)
+
+
+def _cursor(request: Request) -> str | None:
+    raw = request.query_params.get("before")
+    if raw is not None and (len(raw) > 200 or not raw.isprintable()):
+        raise ApiError(400, "invalid_cursor", "before must be a cursor returned by this API")
+    return raw
+
+
+def thread_json(row: Any) -> dict[str, Any]:
+    return {"id": row.id, "title": row.title, "created_at": row.created_at,
+            "updated_at": row.updated_at}
+
+
+def message_json(row: Any) -> dict[str, Any]:
+    return {"id": row.id, "role": row.role, "content": row.content, "status": row.status,
+            "turn_id": row.turn_id, "created_at": row.created_at, "updated_at": row.updated_at}
+
+
+async def create_thread(request: Request) -> Response:
+    """``POST /v1/threads``: ``{"id"?, "title"?}`` → 201 (200 if the caller already has it)."""
+    ctx = context(request)
+    user_id = await authenticate(request, ctx.store)
+    check_rate(ctx, user_id)
+    body = require_object(await read_json(request, 64 * 1024))
+    thread_id = body.get("id")
+    if thread_id is not None:
+        thread_id = check_id(thread_id, "id", ctx.settings)
+    title = body.get("title")
+    if title is not None and (not isinstance(title, str) or len(title) > 500):
+        raise ApiError(400, "invalid_title", "title must be a string of at most 500 characters")
+    try:
+        row, created = await ctx.store.create_thread(user_id, thread_id, title)
+    except ThreadIdTaken:
+        raise ApiError(409, "thread_id_taken", "that thread id is already in use") from None
+    return JSONResponse(thread_json(row), status_code=201 if created else 200)
+
+
+async def list_threads(request: Request) -> Response:
+    """``GET /v1/threads``: the caller's threads, newest first, paginated by ``before``."""
+    ctx = context(request)
+    user_id = await authenticate(request, ctx.store)
+    rows, next_cursor = await ctx.store.list_threads(
+        user_id, limit=_limit(request), before=_cursor(request)
+    )
+    return JSONResponse({"threads": [thread_json(r) for r in rows], "next_cursor": next_cursor})
+
+
+async def list_messages(request: Request) -> Response:
+    """``GET /v1/threads/{id}/messages``: the thread's messages in order."""
+    ctx = context(request)
+    thread_id = check_thread_path_id(request.path_params["thread_id"], ctx.settings)
+    user_id = await authenticate(request, ctx.store)
+    rows = await ctx.store.list_messages(thread_id, user_id)
+    if rows is None:
+        raise not_found()
+    fmt = request.query_params.get("format", "native")
+    if fmt == "ui":
+        from gateway.ui_messages import to_ui_messages
+
+        return JSONResponse({"messages": to_ui_messages(rows)})
+    if fmt != "native":
+        raise ApiError(400, "invalid_format", f"format {fmt[:20]!r} must be \"native\" or \"ui\"")
+    return JSONResponse({"messages": [message_json(r) for r in rows]})
+
+
+def _legacy_content(role: str, content: Any) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if (
+        isinstance(content, list)
+        and len(content) <= 200
+        and all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in content)
+    ):
+        # Keep only known part types; client-sent usage or status fields are never trusted.
+        allowed = {"text", "image", "mentioned-documents"} if role == "user" else {
+            "text", "reasoning", "tool-call"}
+        parts = [p for p in content if p["type"] in allowed]
+        if len(parts) == len(content):
+            return parts
+    raise ApiError(
+        400, "invalid_content",
+        "content must be a string or an array of content parts {\"type\": ...}",
+    )
+
+
+async def append_message(request: Request) -> Response:
+    """``POST /v1/threads/{id}/messages``: the legacy client's idempotent append."""
+    ctx = context(request)
+    thread_id = check_thread_path_id(request.path_params["thread_id"], ctx.settings)
+    user_id = await authenticate(request, ctx.store)
+    check_rate(ctx, user_id)
+    body = require_object(await read_json(request, ctx.settings.max_body_bytes))
+    role = body.get("role")
+    if role not in ("user", "assistant"):
+        raise ApiError(400, "invalid_role", f"role {str(role)[:20]!r} must be \"user\" or \"assistant\"")
+    if "content" not in body:
+        raise ApiError(400, "missing_content", "content is required")
+    content = _legacy_content(role, body["content"])
+    if sum(len(str(p.get("text", ""))) for p in content) > ctx.settings.max_text_chars:
+        raise ApiError(400, "text_too_long", f"content exceeds {ctx.settings.max_text_chars} characters")
+    turn_id = body.get("turn_id")
+    if turn_id is not None:
+        turn_id = check_id(turn_id, "turn_id", ctx.settings)
+    result = await ctx.store.append_message(thread_id, user_id, role, content, turn_id)
+    if result is None:
+        raise not_found()
+    return JSONResponse(
+        {"id": result.id, "inserted": result.inserted}, status_code=201 if result.inserted else 200
+    )
+
+
+async def list_usage(request: Request) -> Response:
+    """``GET /v1/usage``: the caller's token_usage rows, optionally for one thread."""
+    ctx = context(request)
+    user_id = await authenticate(request, ctx.store)
+    thread_id = request.query_params.get("thread_id")
+    if thread_id is not None:
+        thread_id = check_thread_path_id(thread_id, ctx.settings)
+        if await ctx.store.get_thread(thread_id, user_id) is None:
+            raise not_found()
+    rows, next_cursor = await ctx.store.list_usage(
+        user_id, thread_id=thread_id, limit=_limit(request, 100), before=_cursor(request)
+    )
+    return JSONResponse({"usage": [_usage_json(r) for r in rows], "next_cursor": next_cursor})
+
+
+def _usage_json(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id, "usage_type": row.usage_type, "thread_id": row.thread_id,
+        "message_id": row.message_id, "prompt_tokens": row.prompt_tokens,
+        "completion_tokens": row.completion_tokens, "total_tokens": row.total_tokens,
+        "cost_micros": row.cost_micros, "model_breakdown": row.model_breakdown,
+        "call_details": row.call_details, "estimated": row.estimated,
+        "created_at": row.created_at,
+    }
+
+
+__all__ = ["append_message", "create_thread", "list_messages", "list_threads", "list_usage"]

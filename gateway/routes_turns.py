@@ -1,0 +1,219 @@
+"""Turn routes: start (or attach to, or replay) a turn, resume its stream, cancel it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from gateway.auth import authenticate
+from gateway.context import AppContext, context
+from gateway.errors import ApiError, not_found
+from gateway.limits import check_rate, check_stream_quota
+from gateway.relay import LiveTurn
+from gateway.streaming import follow_live, from_list, replay_chunks, sse_response
+from gateway.turns import history_messages
+from gateway.validation import (
+    TurnRequest,
+    check_id,
+    check_thread_path_id,
+    parse_turn_request,
+    read_json,
+)
+from llm_adapters.base import AdapterRequest, ChatMessage
+from llm_adapters.registry import parse_model
+from persistence import build_user_content
+from turngate.exceptions import UnknownAdapter
+
+_BUSY_RETRY_AFTER = "2"
+
+
+def _unavailable() -> ApiError:
+    return ApiError(
+        503, "database_unavailable", "the database is unavailable; retry later",
+        {"Retry-After": "2"},
+    )
+
+
+def _resolve_adapter(ctx: AppContext, model_string: str) -> tuple[Any, str]:
+    name, model = parse_model(model_string)
+    try:
+        adapter = ctx.adapters.get(name)
+    except UnknownAdapter as exc:
+        raise ApiError(400, "unknown_adapter", str(exc)) from None
+    except Exception:
+        raise ApiError(400, "unknown_adapter", f"adapter {name!r} could not be loaded") from None
+    validate = getattr(adapter, "validate_model", None)
+    if validate is not None:
+        try:
+            validate(model)
+        except ValueError as exc:
+            raise ApiError(400, "invalid_model", str(exc)) from None
+    return adapter, model
+
+
+def _last_event_id(request: Request) -> int:
+    raw = request.headers.get("last-event-id", "").strip()
+    if not raw:
+        return -1
+    if not raw.isdigit() or len(raw) > 12:
+        raise ApiError(400, "invalid_last_event_id", f"Last-Event-ID {raw[:20]!r} must be an integer")
+    return int(raw)
+
+
+async def _stored_usage(ctx: AppContext, user_id: int, thread_id: str, message_id: int) -> dict[str, Any]:
+    rows, _ = await ctx.store.list_usage(user_id, thread_id=thread_id, limit=1000)
+    for row in rows:
+        if row.message_id == message_id:
+            return {
+                "inputTokens": row.prompt_tokens,
+                "outputTokens": row.completion_tokens,
+                "totalTokens": row.total_tokens,
+                "costMicros": row.cost_micros,
+                "estimated": row.estimated,
+            }
+    return {"inputTokens": 0, "outputTokens": 0, "totalTokens": 0, "costMicros": 0,
+            "estimated": True}
+
+
+async def _attach_or_replay(
+    ctx: AppContext, user_id: int, thread_id: str, turn_id: str, after: int
+) -> Response | None:
+    """Stream an existing turn: live from the relay, else rebuilt from the database.
+
+    None when the turn has no assistant row (nothing to resume).
+    """
+    live = ctx.relay.get(thread_id, turn_id)
+    if live is not None and live.owner_id == user_id and not live.overflowed:
+        return sse_response(ctx, follow_live(ctx, live, after))
+    try:
+        rows = await ctx.store.get_turn(thread_id, turn_id)
+    except Exception:
+        raise _unavailable() from None
+    assistant = rows.assistant
+    if assistant is None:
+        return None
+    if assistant.status == "streaming":
+        live = await ctx.relay.wait_for(thread_id, turn_id, timeout=2.0)
+        if live is not None and live.owner_id == user_id:
+            return sse_response(ctx, follow_live(ctx, live, after))
+        raise ApiError(
+            409, "turn_in_progress", "this turn is being generated elsewhere; retry shortly",
+            {"Retry-After": _BUSY_RETRY_AFTER},
+        )
+    usage = await _stored_usage(ctx, user_id, thread_id, assistant.id)
+    chunks = replay_chunks(
+        message_id=assistant.id,
+        user_message_id=rows.user.id if rows.user is not None else None,
+        thread_id=thread_id,
+        turn_id=turn_id,
+        parts=assistant.content,
+        status=assistant.status,
+        usage=usage,
+    )
+    return sse_response(ctx, from_list(chunks, after))
+
+
+async def start_turn(request: Request) -> Response:
+    """``POST /v1/threads/{id}/turns``: start a turn and stream its reply."""
+    ctx = context(request)
+    started = time.monotonic()
+    thread_id = check_thread_path_id(request.path_params["thread_id"], ctx.settings)
+    user_id = await authenticate(request, ctx.store)
+    check_rate(ctx, user_id)
+    body = parse_turn_request(await read_json(request, ctx.settings.max_body_bytes), ctx.settings)
+    return await run_turn(ctx, user_id, thread_id, body, started)
+
+
+async def run_turn(
+    ctx: AppContext, user_id: int, thread_id: str, body: TurnRequest, started: float
+) -> Response:
+    """Open the turn (or find it) and answer with its stream."""
+    model_string = body.model or ctx.settings.default_model
+    adapter, model = _resolve_adapter(ctx, model_string)
+
+    # The same turn again, still known here: attach without touching the database.
+    live = ctx.relay.get(thread_id, body.turn_id)
+    if live is not None and live.owner_id == user_id and not live.overflowed:
+        return sse_response(ctx, follow_live(ctx, live))
+    running = ctx.relay.running_on_thread(thread_id)
+    if running is not None and running.owner_id == user_id and running.turn_id != body.turn_id:
+        raise ApiError(
+            409, "thread_busy", "another turn is streaming on this thread",
+            {"Retry-After": _BUSY_RETRY_AFTER},
+        )
+    if ctx.runner.draining:
+        raise ApiError(503, "shutting_down", "the server is shutting down", {"Retry-After": "5"})
+    check_stream_quota(ctx, user_id)
+
+    content = build_user_content(body.text, body.images, body.mentioned_documents)
+    opened = await ctx.store.open_turn(
+        thread_id, user_id, body.turn_id, content,
+        lease_owner=ctx.instance_id, lease_seconds=ctx.settings.lease_seconds,
+    )
+    if opened.status == "unavailable":
+        raise _unavailable()
+    if opened.status == "thread_not_found":
+        raise not_found()
+    if opened.status == "busy":
+        raise ApiError(
+            409, "thread_busy", "another turn is streaming on this thread",
+            {"Retry-After": _BUSY_RETRY_AFTER},
+        )
+    if not opened.assistant_inserted:
+        # A retry or double submit: never a second generation.
+        response = await _attach_or_replay(ctx, user_id, thread_id, body.turn_id, -1)
+        if response is None:
+            raise _unavailable()
+        return response
+
+    try:
+        rows = await ctx.store.list_messages(thread_id, user_id)
+    except Exception:
+        rows = None
+    history = history_messages(rows or [], body.turn_id)
+    history.append(ChatMessage("user", content))
+    live = LiveTurn(thread_id, body.turn_id, user_id, opened.assistant_message_id)
+    ctx.runner.launch(
+        live, adapter, AdapterRequest(model=model, messages=history), 
+        user_message_id=opened.user_message_id, model_string=model_string, started=started,
+    )
+    return sse_response(ctx, follow_live(ctx, live))
+
+
+async def resume_turn(request: Request) -> Response:
+    """``GET /v1/threads/{id}/turns/{turn_id}/stream``: replay from Last-Event-ID, then follow."""
+    ctx = context(request)
+    thread_id = check_thread_path_id(request.path_params["thread_id"], ctx.settings)
+    user_id = await authenticate(request, ctx.store)
+    turn_id = check_id(request.path_params["turn_id"], "turn_id", ctx.settings)
+    after = _last_event_id(request)
+    thread = await ctx.store.get_thread(thread_id, user_id)
+    if thread is None:
+        raise not_found()
+    response = await _attach_or_replay(ctx, user_id, thread_id, turn_id, after)
+    return response if response is not None else Response(status_code=204)
+
+
+async def cancel_turn(request: Request) -> Response:
+    """``POST /v1/threads/{id}/turns/{turn_id}/cancel``: stop a running generation."""
+    ctx = context(request)
+    thread_id = check_thread_path_id(request.path_params["thread_id"], ctx.settings)
+    user_id = await authenticate(request, ctx.store)
+    turn_id = check_id(request.path_params["turn_id"], "turn_id", ctx.settings)
+    thread = await ctx.store.get_thread(thread_id, user_id)
+    if thread is None:
+        raise not_found()
+    live = ctx.relay.get(thread_id, turn_id)
+    if live is not None and live.owner_id == user_id:
+        cancelled = live.cancel("cancelled")
+        return JSONResponse({"cancelled": cancelled, "status": live.status or "streaming"})
+    rows = await ctx.store.get_turn(thread_id, turn_id)
+    if rows.assistant is None:
+        raise not_found("turn")
+    return JSONResponse({"cancelled": False, "status": rows.assistant.status})
+
+
+__all__ = ["cancel_turn", "resume_turn", "run_turn", "start_turn"]

@@ -1,0 +1,275 @@
+"""The turn lifecycle: open, generate, stream, finalize.
+
+A turn's generation runs as a task in the application's task group, not in
+the HTTP response: responses only *follow* a ``LiveTurn`` in the relay. That
+is what lets a retried request attach instead of generating twice, a dropped
+client resume, and the cancel route stop a generation it does not own. A
+generation ends in exactly one finalize, written in ``finally`` under a
+shielded cancel scope with a deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from gateway.accumulator import ContentBuilder, TurnUsage, estimate_tokens
+from gateway.chunks import ChunkEncoder
+from gateway.relay import LiveTurn, LocalRelay
+from llm_adapters.base import Adapter, AdapterRequest, ChatMessage
+from llm_adapters.events import FinishReason, Usage
+from persistence import Store, UsageRecord
+from turngate.exceptions import UpstreamError
+
+if TYPE_CHECKING:
+    from gateway.metrics import Metrics
+    from gateway.settings import Settings
+    from llm_adapters.pricing import PriceTable
+
+logger = logging.getLogger("turngate.turns")
+
+GENERIC_ERROR = "The reply failed because of an internal error."
+
+
+class TurnRunner:
+    """Runs generations for this process and keeps them accounted for."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        relay: LocalRelay,
+        prices: PriceTable,
+        metrics: Metrics,
+        instance_id: str,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.relay = relay
+        self.prices = prices
+        self.metrics = metrics
+        self.instance_id = instance_id
+        self.task_group: TaskGroup | None = None
+        self.draining = False
+        self._idle = anyio.Event()
+
+    # -- starting ---------------------------------------------------------
+
+    def launch(
+        self,
+        live: LiveTurn,
+        adapter: Adapter,
+        request: AdapterRequest,
+        *,
+        user_message_id: int,
+        model_string: str,
+        started: float,
+    ) -> None:
+        """Publish the opening chunks and start generating in the app's task group."""
+        if self.task_group is None:
+            raise RuntimeError("the turn runner is not started (no lifespan)")
+        encoder = ChunkEncoder()
+        live.publish(
+            encoder.start(
+                live.message_id,
+                {"threadId": live.thread_id, "turnId": live.turn_id,
+                 "userMessageId": str(user_message_id)},
+            )
+        )
+        self.relay.add(live)
+        self.metrics.generations_started.inc()
+        self.metrics.active_generations.inc()
+        self.task_group.start_soon(
+            self._generate, live, adapter, request, encoder, model_string, started
+        )
+
+    # -- generating -------------------------------------------------------
+
+    async def _generate(
+        self,
+        live: LiveTurn,
+        adapter: Adapter,
+        request: AdapterRequest,
+        encoder: ChunkEncoder,
+        model_string: str,
+        started: float,
+    ) -> None:
+        content = ContentBuilder()
+        usage = TurnUsage(self.prices.cost_micros)
+        status = "interrupted"  # what an escaping cancellation (shutdown) means
+        error_text: str | None = None
+        first_token = True
+        live.content = content
+        try:
+            with anyio.CancelScope() as scope:
+                live.cancel_scope = scope
+                if live.cancel_reason is not None:  # cancelled before it began
+                    scope.cancel()
+                async with aclosing(adapter.stream(request)) as events:
+                    async for event in events:
+                        if type(event) is Usage:
+                            usage.add(event)
+                            continue
+                        if first_token:
+                            first_token = False
+                            self.metrics.time_to_first_token.observe(time.monotonic() - started)
+                        content.feed(event)
+                        live.publish(encoder.feed(event))
+                status = "complete"
+            if scope.cancelled_caught:
+                status = live.cancel_reason or "cancelled"
+        except UpstreamError as exc:
+            status, error_text = "error", exc.safe_message
+            self.metrics.upstream_errors.labels(adapter.name).inc()
+            logger.warning(
+                "upstream_error turn_id=%s message_id=%s adapter=%s error=%s",
+                live.turn_id, live.message_id, adapter.name, type(exc).__name__,
+                extra={"event": "upstream_error", "turn_id": live.turn_id,
+                       "message_id": live.message_id, "adapter": adapter.name,
+                       "error": type(exc).__name__},
+            )
+        except Exception:
+            status, error_text = "error", GENERIC_ERROR
+            logger.exception(
+                "generation_failed turn_id=%s message_id=%s", live.turn_id, live.message_id
+            )
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._finish(
+                    live, request, content, usage, encoder, status, error_text, model_string,
+                    started,
+                )
+
+    async def _finish(
+        self,
+        live: LiveTurn,
+        request: AdapterRequest,
+        content: ContentBuilder,
+        usage: TurnUsage,
+        encoder: ChunkEncoder,
+        status: str,
+        error_text: str | None,
+        model_string: str,
+        started: float,
+    ) -> None:
+        """Finalize the row and the usage, then end every reader's stream. Never raises."""
+        try:
+            if not usage.calls:
+                # The provider never reported usage (disconnect, error, shutdown).
+                prompt_chars = sum(len(m.text) for m in request.messages)
+                usage.add_estimate(
+                    model_string, estimate_tokens(prompt_chars),
+                    estimate_tokens(content.text_length()),
+                )
+            record = UsageRecord(
+                usage_type="chat",
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                total_tokens=usage.total_tokens,
+                cost_micros=usage.cost_micros,
+                model_breakdown=usage.model_breakdown(),
+                call_details=usage.call_details(),
+                estimated=usage.estimated,
+            )
+            t0 = time.monotonic()
+            outcome = "failed"
+            with anyio.move_on_after(self.settings.finalize_timeout):
+                outcome = await self.store.finalize_turn(
+                    live.message_id, live.thread_id, live.owner_id, content.final(), status,
+                    record,
+                )
+            self.metrics.finalize_duration.observe(time.monotonic() - t0)
+            self.metrics.turns_finalized.labels(status).inc()
+            logger.info(
+                "turn_end thread_id=%s turn_id=%s message_id=%s status=%s tokens=%d "
+                "cost_micros=%d estimated=%s finalize=%s duration_ms=%.1f",
+                live.thread_id, live.turn_id, live.message_id, status, usage.total_tokens,
+                usage.cost_micros, usage.estimated, outcome,
+                (time.monotonic() - started) * 1000,
+                extra={"event": "turn_end", "thread_id": live.thread_id,
+                       "turn_id": live.turn_id, "message_id": live.message_id,
+                       "status": status, "prompt_tokens": usage.prompt_tokens,
+                       "completion_tokens": usage.completion_tokens,
+                       "cost_micros": usage.cost_micros, "estimated": usage.estimated,
+                       "finalize": outcome,
+                       "duration_ms": round((time.monotonic() - started) * 1000, 1)},
+            )
+            finish_reason: FinishReason
+            if status == "complete":
+                finish_reason = encoder.finish_reason or "stop"
+            elif status == "error":
+                finish_reason = "error"
+            else:
+                finish_reason = "other"
+            live.publish(
+                encoder.end(
+                    finish_reason, usage.metadata(), error_text=error_text,
+                    aborted=status in ("cancelled", "interrupted"),
+                )
+            )
+        except Exception:
+            logger.exception("finish_failed message_id=%s", live.message_id)
+        finally:
+            live.finish(status)
+            self.relay.ended(live)
+            self.metrics.active_generations.dec()
+            if self.draining and not self.relay.running():
+                self._idle.set()
+
+    # -- upkeep -----------------------------------------------------------
+
+    async def checkpoint_running(self) -> None:
+        """Save partial content of every running turn and renew its lease."""
+        for live in self.relay.running():
+            content = live.content
+            if not isinstance(content, ContentBuilder) or live.done:
+                continue
+            await self.store.checkpoint(
+                live.message_id, content.snapshot(), lease_owner=self.instance_id,
+                lease_seconds=self.settings.lease_seconds,
+            )
+
+    async def maintain(self) -> None:
+        """Periodic upkeep: checkpoints, lease renewal, crash recovery, relay sweep."""
+        while True:
+            await anyio.sleep(self.settings.checkpoint_seconds)
+            try:
+                await self.checkpoint_running()
+                await self.store.recover_expired_turns()
+                self.relay.sweep()
+            except Exception:
+                logger.exception("maintenance_failed")
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking turns; let running ones finish within ``grace``, then interrupt them."""
+        self.draining = True
+        if self.relay.running():
+            with anyio.move_on_after(grace):
+                await self._idle.wait()
+        for live in self.relay.running():
+            live.cancel("interrupted")
+        with anyio.move_on_after(self.settings.finalize_timeout + 1):
+            while self.relay.running():
+                await anyio.sleep(0.01)
+
+
+def history_messages(rows: list[Any], turn_id: str) -> list[ChatMessage]:
+    """The thread's earlier messages as adapter input (this turn's rows excluded)."""
+    out: list[ChatMessage] = []
+    for row in rows:
+        if row.turn_id == turn_id and turn_id is not None:
+            continue
+        if row.role not in ("user", "assistant") or row.status == "streaming":
+            continue
+        parts = [p for p in row.content if isinstance(p, dict) and p.get("type") != "status"]
+        if parts:
+            out.append(ChatMessage(row.role, parts))
+    return out
+
+
+__all__ = ["GENERIC_ERROR", "TurnRunner", "history_messages"]
