@@ -78,7 +78,14 @@ class Finish:
 
 
 AdapterEvent = (
-    TextDelta | ReasoningDelta | ToolCallStart | ToolCallDelta | ToolCallEnd | ToolResult | Usage | Finish
+    TextDelta
+    | ReasoningDelta
+    | ToolCallStart
+    | ToolCallDelta
+    | ToolCallEnd
+    | ToolResult
+    | Usage
+    | Finish
 )
 
 __all__ = [

@@ -1,0 +1,309 @@
+"""The ``anthropic`` adapter: the Messages API, streamed.
+
+Events handled (see ``shared/recordings/SOURCES.md``):
+
+- ``message_start``: the model and the first usage figures;
+- content blocks: ``text`` -> ``TextDelta``; ``thinking`` (``thinking_delta`` ->
+  ``ReasoningDelta``; ``signature_delta`` is not output); ``tool_use`` and
+  ``server_tool_use`` -> ``ToolCallStart`` at block start, ``ToolCallDelta`` per
+  non-empty ``input_json_delta`` fragment, ``ToolCallEnd`` at block stop (a block
+  whose ``input`` arrived whole at start, with no deltas, sends it as one
+  fragment); server tool results (``*_tool_result`` blocks with a
+  ``tool_use_id``) -> ``ToolResult``;
+- ``message_delta``: the stop reason and cumulative usage; the LAST value of each
+  count wins (``input_tokens`` can grow past ``message_start``'s);
+- ``ping`` and unknown event types are ignored; an ``error`` event raises
+  ``UpstreamProtocolError`` (after yielding the usage known so far).
+
+The stream may end without ``message_stop`` (or without the blank line after
+it): once a stop reason was seen the turn finishes normally at EOF.
+
+Prompt tokens are ``input_tokens`` plus the cache-creation and cache-read input
+tokens, so that everything the provider processed is counted.
+
+Settings, read as the Anthropic SDK reads them: ``ANTHROPIC_BASE_URL`` (no
+``/v1``; default ``https://api.anthropic.com``) and ``ANTHROPIC_API_KEY`` (sent as
+``x-api-key``). ``request.options`` may carry ``max_tokens`` (default 4096),
+``system`` and the parameters in ``PASSTHROUGH_OPTIONS``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from llm_adapters._http import HTTPAdapter, as_int, error_summary, loads
+from llm_adapters.base import AdapterRequest, ChatMessage
+from llm_adapters.events import (
+    AdapterEvent,
+    Finish,
+    FinishReason,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+    ToolResult,
+    Usage,
+)
+from turngate.exceptions import UpstreamProtocolError
+
+logger = logging.getLogger("turngate.adapters")
+
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+DEFAULT_MODEL = "claude-sonnet-4-5"
+DEFAULT_MAX_TOKENS = 4096
+API_VERSION = "2023-06-01"
+
+PASSTHROUGH_OPTIONS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "stop_sequences",
+    "thinking",
+    "tools",
+    "tool_choice",
+    "metadata",
+)
+
+STOP_REASONS: dict[str, FinishReason] = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool-calls",
+}
+
+_TOOL_BLOCKS = ("tool_use", "server_tool_use")
+_USAGE_KEYS = (
+    "input_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+    "output_tokens",
+)
+
+
+def map_stop_reason(reason: Any) -> FinishReason:
+    """The protocol's finish reason for an Anthropic ``stop_reason``."""
+    return STOP_REASONS.get(reason, "other") if isinstance(reason, str) else "other"
+
+
+def _image_block(url: str) -> dict[str, Any] | None:
+    if url.startswith("data:"):
+        header, sep, data = url[5:].partition(",")
+        media_type, _, params = header.partition(";")
+        if not sep or "base64" not in params.split(";"):
+            return None
+        return {
+            "type": "image",
+            "source": {"type": "base64", "media_type": media_type or "image/png", "data": data},
+        }
+    if url.startswith(("https://", "http://")):
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    return None
+
+
+def to_anthropic_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The conversation in Messages API format.
+
+    User turns: text, plus one base64 ``image`` block per data-URL image. Assistant
+    turns: their text. Empty turns are not sent (the API rejects empty content).
+    """
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        text = message.text
+        if message.role == "user":
+            blocks = [
+                block
+                for p in message.parts
+                if p.get("type") == "image" and isinstance(p.get("image"), str)
+                for block in [_image_block(p["image"])]
+                if block is not None
+            ]
+            if blocks:
+                content = ([{"type": "text", "text": text}] if text else []) + blocks
+                out.append({"role": "user", "content": content})
+            elif text:
+                out.append({"role": "user", "content": text})
+        elif text:
+            out.append({"role": "assistant", "content": text})
+    return out
+
+
+@dataclass
+class _Block:
+    type: str
+    id: str = ""
+    initial_input: Any = None
+    fragments: int = 0
+
+
+class AnthropicAdapter(HTTPAdapter):
+    """Messages API streaming over one shared ``httpx.AsyncClient``."""
+
+    name = "anthropic"
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        super().__init__(env)
+        base = (self.env.get("ANTHROPIC_BASE_URL") or "").strip() or DEFAULT_BASE_URL
+        self.base_url = base.rstrip("/")
+        self.api_key = (self.env.get("ANTHROPIC_API_KEY") or "").strip()
+
+    def _secrets(self) -> tuple[str, ...]:
+        return (self.api_key,) if self.api_key else ()
+
+    def build_body(self, request: AdapterRequest) -> dict[str, Any]:
+        """The JSON body of the Messages request for ``request``."""
+        options = request.options
+        max_tokens = as_int(options.get("max_tokens"))
+        body: dict[str, Any] = {
+            "model": request.model or DEFAULT_MODEL,
+            "max_tokens": max_tokens if max_tokens and max_tokens > 0 else DEFAULT_MAX_TOKENS,
+            "messages": to_anthropic_messages(request.messages),
+            "stream": True,
+        }
+        system = options.get("system")
+        if isinstance(system, str | list) and system:
+            body["system"] = system
+        for key in PASSTHROUGH_OPTIONS:
+            if key in options:
+                body[key] = options[key]
+        return body
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"anthropic-version": API_VERSION}
+        if self.api_key:
+            headers["x-api-key"] = self.api_key
+        return headers
+
+    async def stream(self, request: AdapterRequest) -> AsyncIterator[AdapterEvent]:
+        body = self.build_body(request)
+        model: str = body["model"]
+        counts: dict[str, int] = {}
+        stop_reason: str | None = None
+        stopped = False
+        blocks: dict[int, _Block] = {}
+
+        def usage_event() -> Usage | None:
+            if not counts:
+                return None
+            prompt = sum(counts.get(k, 0) for k in _USAGE_KEYS[:3])
+            return Usage(model, prompt, counts.get("output_tokens", 0))
+
+        def take_usage(raw: Any) -> None:
+            if isinstance(raw, dict):
+                for key in _USAGE_KEYS:
+                    value = as_int(raw.get(key))
+                    if value is not None:
+                        counts[key] = value
+
+        def end_open_blocks() -> list[AdapterEvent]:
+            ends: list[AdapterEvent] = [
+                ToolCallEnd(b.id) for b in blocks.values() if b.type in _TOOL_BLOCKS
+            ]
+            blocks.clear()
+            return ends
+
+        events = self._sse_events(f"{self.base_url}/v1/messages", self._headers(), body)
+        async with aclosing(events) as sse:
+            async for event in sse:
+                kind = event.event
+                if kind == "ping":
+                    continue
+                payload = loads(event.data, "anthropic")
+                if not isinstance(payload, dict):
+                    raise UpstreamProtocolError("anthropic stream event is not a JSON object")
+                if kind == "message" and isinstance(payload.get("type"), str):
+                    kind = payload["type"]  # a frame without an ``event:`` line
+                if kind == "error":
+                    usage = usage_event()
+                    if usage is not None:
+                        yield usage
+                    summary = error_summary(payload, self._secrets())
+                    raise UpstreamProtocolError(
+                        f"anthropic stream sent an error event ({summary or 'no details'})"
+                    )
+                if kind == "message_start":
+                    message = payload.get("message")
+                    if isinstance(message, dict):
+                        if isinstance(message.get("model"), str) and message["model"]:
+                            model = message["model"]
+                        take_usage(message.get("usage"))
+                elif kind == "content_block_start":
+                    for out in self._block_start(payload, blocks):
+                        yield out
+                elif kind == "content_block_delta":
+                    for out in self._block_delta(payload, blocks):
+                        yield out
+                elif kind == "content_block_stop":
+                    index = as_int(payload.get("index"))
+                    block = blocks.pop(index, None) if index is not None else None
+                    if block is not None and block.type in _TOOL_BLOCKS:
+                        if block.fragments == 0 and block.initial_input:
+                            yield ToolCallDelta(block.id, json.dumps(block.initial_input))
+                        yield ToolCallEnd(block.id)
+                elif kind == "message_delta":
+                    delta = payload.get("delta")
+                    if isinstance(delta, dict) and delta.get("stop_reason") is not None:
+                        stop_reason = str(delta["stop_reason"])
+                    take_usage(payload.get("usage"))
+                elif kind == "message_stop":
+                    stopped = True
+                    break
+                # anything else (new event types) is ignored
+        for out in end_open_blocks():
+            yield out
+        usage = usage_event()
+        if usage is not None:
+            yield usage
+        if not stopped and stop_reason is None:
+            raise UpstreamProtocolError("anthropic stream ended before it finished")
+        yield Finish(map_stop_reason(stop_reason) if stop_reason is not None else "stop")
+
+    @staticmethod
+    def _block_start(payload: dict[str, Any], blocks: dict[int, _Block]) -> list[AdapterEvent]:
+        index = as_int(payload.get("index"))
+        raw = payload.get("content_block")
+        if index is None or not isinstance(raw, dict):
+            return []
+        kind = str(raw.get("type") or "")
+        block = _Block(kind)
+        blocks[index] = block
+        if kind == "text" and isinstance(raw.get("text"), str) and raw["text"]:
+            return [TextDelta(raw["text"])]
+        if kind == "thinking" and isinstance(raw.get("thinking"), str) and raw["thinking"]:
+            return [ReasoningDelta(raw["thinking"])]
+        if kind in _TOOL_BLOCKS:
+            block.id = str(raw.get("id") or f"toolu_block_{index}")
+            block.initial_input = raw.get("input")
+            return [ToolCallStart(block.id, str(raw.get("name") or ""))]
+        if kind.endswith("_tool_result") and isinstance(raw.get("tool_use_id"), str):
+            return [ToolResult(raw["tool_use_id"], raw.get("content"))]
+        return []
+
+    @staticmethod
+    def _block_delta(payload: dict[str, Any], blocks: dict[int, _Block]) -> list[AdapterEvent]:
+        index = as_int(payload.get("index"))
+        delta = payload.get("delta")
+        block = blocks.get(index) if index is not None else None
+        if not isinstance(delta, dict):
+            return []
+        kind = delta.get("type")
+        if kind == "text_delta":
+            text = delta.get("text")
+            return [TextDelta(text)] if isinstance(text, str) and text else []
+        if kind == "thinking_delta":
+            text = delta.get("thinking")
+            return [ReasoningDelta(text)] if isinstance(text, str) and text else []
+        if kind == "input_json_delta" and block is not None and block.type in _TOOL_BLOCKS:
+            fragment = delta.get("partial_json")
+            if isinstance(fragment, str) and fragment:
+                block.fragments += 1
+                return [ToolCallDelta(block.id, fragment)]
+        return []  # signature_delta, citations_delta and unknown deltas
+
+
+__all__ = ["AnthropicAdapter", "DEFAULT_BASE_URL", "map_stop_reason", "to_anthropic_messages"]

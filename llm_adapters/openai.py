@@ -1,0 +1,320 @@
+"""The ``openai`` adapter: any OpenAI-compatible Chat Completions endpoint, streamed.
+
+Works with OpenAI, vLLM, Ollama, llama.cpp's server, OpenRouter, Groq and
+DeepSeek as they really stream (see ``shared/recordings/SOURCES.md``):
+
+- text from ``delta.content`` (and ``delta.refusal``); reasoning from
+  ``delta.reasoning_content`` (DeepSeek, vLLM) or ``delta.reasoning``
+  (OpenRouter, Groq, Ollama); empty and null deltas are skipped;
+- tool calls assembled per ``index``: id and name arrive on the first fragment
+  only, argument fragments of parallel calls interleave; ``ToolCallStart`` when
+  an index first appears, ``ToolCallDelta`` per fragment, ``ToolCallEnd`` for
+  every open call when ``finish_reason`` arrives or the stream ends;
+- usage is the LAST non-null ``usage`` seen on any chunk (finish chunk or an
+  empty-``choices`` chunk; a missing key counts as null), yielded once, just
+  before ``Finish``;
+- errors inside the stream in both forms seen in the wild: a chunk with a
+  top-level ``error`` object (OpenRouter; its usage is yielded before raising)
+  and an ``event: error`` frame (Groq) both raise ``UpstreamProtocolError``.
+
+Settings, read as the OpenAI SDK reads them: ``OPENAI_BASE_URL`` (includes
+``/v1``; default ``https://api.openai.com/v1``) and ``OPENAI_API_KEY``
+(optional: local servers need none). ``request.options`` may carry ``system``
+and the usual sampling parameters (see ``PASSTHROUGH_OPTIONS``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from llm_adapters._http import HTTPAdapter, as_int, error_summary, loads
+from llm_adapters.base import AdapterRequest, ChatMessage
+from llm_adapters.events import (
+    AdapterEvent,
+    Finish,
+    FinishReason,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+    Usage,
+)
+from turngate.exceptions import UpstreamProtocolError
+
+logger = logging.getLogger("turngate.adapters")
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_MODEL = "gpt-4o-mini"
+
+#: ``request.options`` keys copied into the request body as they are.
+PASSTHROUGH_OPTIONS = (
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "seed",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "reasoning_effort",
+    "response_format",
+    "user",
+)
+
+FINISH_REASONS: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool-calls",
+    "function_call": "tool-calls",
+    "content_filter": "content-filter",
+}
+
+
+def map_finish_reason(reason: Any) -> FinishReason:
+    """The protocol's finish reason for an OpenAI ``finish_reason``."""
+    return FINISH_REASONS.get(reason, "other") if isinstance(reason, str) else "other"
+
+
+def _json_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def to_openai_messages(
+    messages: list[ChatMessage], system: str | None = None
+) -> list[dict[str, Any]]:
+    """The conversation in Chat Completions format.
+
+    User turns: text, plus one ``image_url`` part per image (data URL). Assistant
+    turns: their text; tool calls that have a result become ``tool_calls`` on the
+    assistant message followed by one ``tool`` message each (calls without a result
+    are left out, since the API rejects a call without its answer). Empty turns
+    (and ``reasoning``/``status`` parts) are not sent.
+    """
+    out: list[dict[str, Any]] = []
+    if system:
+        out.append({"role": "system", "content": system})
+    for message in messages:
+        text = message.text
+        if message.role == "user":
+            images = [
+                p["image"]
+                for p in message.parts
+                if p.get("type") == "image" and isinstance(p.get("image"), str)
+            ]
+            if images:
+                content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+                content += [{"type": "image_url", "image_url": {"url": url}} for url in images]
+                out.append({"role": "user", "content": content})
+            elif text:
+                out.append({"role": "user", "content": text})
+            continue
+        calls = [
+            p
+            for p in message.parts
+            if p.get("type") == "tool-call" and "result" in p and p.get("toolCallId")
+        ]
+        if not text and not calls:
+            continue
+        entry: dict[str, Any] = {"role": "assistant", "content": text or None}
+        if calls:
+            entry["tool_calls"] = [
+                {
+                    "id": str(p["toolCallId"]),
+                    "type": "function",
+                    "function": {
+                        "name": str(p.get("toolName") or ""),
+                        "arguments": p.get("argsText") or json.dumps(p.get("args") or {}),
+                    },
+                }
+                for p in calls
+            ]
+        out.append(entry)
+        for p in calls:
+            out.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": str(p["toolCallId"]),
+                    "content": _json_text(p["result"]),
+                }
+            )
+    return out
+
+
+@dataclass
+class _ToolCall:
+    id: str
+    name: str
+    open: bool = True
+
+
+class OpenAIAdapter(HTTPAdapter):
+    """Chat Completions streaming over one shared ``httpx.AsyncClient``."""
+
+    name = "openai"
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        super().__init__(env)
+        base = (self.env.get("OPENAI_BASE_URL") or "").strip() or DEFAULT_BASE_URL
+        self.base_url = base.rstrip("/")
+        self.api_key = (self.env.get("OPENAI_API_KEY") or "").strip()
+
+    def _secrets(self) -> tuple[str, ...]:
+        return (self.api_key,) if self.api_key else ()
+
+    def build_body(self, request: AdapterRequest) -> dict[str, Any]:
+        """The JSON body of the Chat Completions request for ``request``."""
+        options = request.options
+        system = options.get("system")
+        body: dict[str, Any] = {
+            "model": request.model or DEFAULT_MODEL,
+            "messages": to_openai_messages(
+                request.messages, system if isinstance(system, str) else None
+            ),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        for key in PASSTHROUGH_OPTIONS:
+            if key in options:
+                body[key] = options[key]
+        return body
+
+    def _headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    async def stream(self, request: AdapterRequest) -> AsyncIterator[AdapterEvent]:
+        body = self.build_body(request)
+        model: str = body["model"]
+        usage: tuple[int, int] | None = None
+        finish: str | None = None
+        done = False
+        calls: dict[int, _ToolCall] = {}
+
+        def usage_event() -> Usage:
+            assert usage is not None
+            return Usage(model, usage[0], usage[1])
+
+        def close_calls() -> list[AdapterEvent]:
+            ends: list[AdapterEvent] = []
+            for call in calls.values():
+                if call.open:
+                    call.open = False
+                    ends.append(ToolCallEnd(call.id))
+            return ends
+
+        events = self._sse_events(f"{self.base_url}/chat/completions", self._headers(), body)
+        async with aclosing(events) as sse:
+            async for event in sse:
+                if event.event == "error":
+                    try:
+                        summary = error_summary(json.loads(event.data), self._secrets())
+                    except ValueError:
+                        summary = ""
+                    if usage is not None:
+                        yield usage_event()
+                    raise UpstreamProtocolError(
+                        f"openai stream sent an error event ({summary or 'no details'})"
+                    )
+                data = event.data.strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                if not data:
+                    continue
+                chunk = loads(data, "openai")
+                if not isinstance(chunk, dict):
+                    raise UpstreamProtocolError("openai stream chunk is not a JSON object")
+                if isinstance(chunk.get("model"), str) and chunk["model"]:
+                    model = chunk["model"]
+                raw_usage = chunk.get("usage")
+                if isinstance(raw_usage, dict):
+                    usage = (
+                        as_int(raw_usage.get("prompt_tokens")) or 0,
+                        as_int(raw_usage.get("completion_tokens")) or 0,
+                    )
+                if chunk.get("error") is not None:
+                    if usage is not None:
+                        yield usage_event()
+                    summary = error_summary(chunk, self._secrets())
+                    raise UpstreamProtocolError(
+                        f"openai stream chunk carried an error ({summary or 'no details'})"
+                    )
+                choices = chunk.get("choices")
+                if not isinstance(choices, list):
+                    continue
+                for choice in choices:
+                    if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                        continue  # n > 1 is not supported: follow the first choice
+                    delta = choice.get("delta")
+                    if isinstance(delta, dict):
+                        for out in self._delta_events(delta, calls):
+                            yield out
+                    reason = choice.get("finish_reason")
+                    if reason is not None:
+                        finish = str(reason)
+                        for out in close_calls():
+                            yield out
+        if not done and finish is None:
+            for out in close_calls():
+                yield out
+            if usage is not None:
+                yield usage_event()
+            raise UpstreamProtocolError("openai stream ended before it finished")
+        for out in close_calls():
+            yield out
+        if usage is not None:
+            yield usage_event()
+        yield Finish(map_finish_reason(finish) if finish is not None else "stop")
+
+    @staticmethod
+    def _delta_events(delta: dict[str, Any], calls: dict[int, _ToolCall]) -> list[AdapterEvent]:
+        out: list[AdapterEvent] = []
+        reasoning = delta.get("reasoning_content")
+        if not (isinstance(reasoning, str) and reasoning):
+            reasoning = delta.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            out.append(ReasoningDelta(reasoning))
+        for key in ("content", "refusal"):
+            text = delta.get(key)
+            if isinstance(text, str) and text:
+                out.append(TextDelta(text))
+        tool_calls = delta.get("tool_calls")
+        if isinstance(tool_calls, list):
+            for position, fragment in enumerate(tool_calls):
+                if not isinstance(fragment, dict):
+                    continue
+                index = as_int(fragment.get("index"))
+                if index is None:
+                    index = position
+                function = fragment.get("function")
+                if not isinstance(function, dict):
+                    function = {}
+                call = calls.get(index)
+                if call is None:
+                    call_id = fragment.get("id")
+                    name = function.get("name")
+                    call = _ToolCall(
+                        call_id if isinstance(call_id, str) and call_id
+                        else f"call_{uuid.uuid4().hex[:24]}",
+                        name if isinstance(name, str) else "",
+                    )
+                    calls[index] = call
+                    out.append(ToolCallStart(call.id, call.name))
+                if not call.open:
+                    continue
+                args = function.get("arguments")
+                if isinstance(args, str) and args:
+                    out.append(ToolCallDelta(call.id, args))
+                elif isinstance(args, dict):  # some local servers send parsed arguments
+                    out.append(ToolCallDelta(call.id, json.dumps(args)))
+        return out
+
+
+__all__ = ["DEFAULT_BASE_URL", "OpenAIAdapter", "map_finish_reason", "to_openai_messages"]

@@ -1,0 +1,429 @@
+"""The ``openai`` adapter against a fake upstream replaying real provider streams.
+
+Expected values come from ``shared/recordings/SOURCES.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+import anyio
+import httpx
+import pytest
+
+from llm_adapters.base import AdapterRequest, ChatMessage
+from llm_adapters.events import (
+    Finish,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+    Usage,
+)
+from llm_adapters.openai import OpenAIAdapter, map_finish_reason
+from tests.upstream_fakes import FakeResponse, FakeUpstream, recording, run_adapter
+from turngate.exceptions import (
+    UpstreamConnectError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
+
+pytestmark = pytest.mark.anyio
+
+PNG = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8/5+hHgAHg"
+    "gJ/PchI7wAAAABJRU5ErkJggg=="
+)
+
+
+def request(text: str = "hello", model: str = "gpt-4o", **options: object) -> AdapterRequest:
+    return AdapterRequest(model, [ChatMessage("user", [{"type": "text", "text": text}])], options)
+
+
+def adapter_for(fake: FakeUpstream, key: str = "sk-test") -> OpenAIAdapter:
+    env = {"OPENAI_BASE_URL": fake.url + "/v1"}
+    if key:
+        env["OPENAI_API_KEY"] = key
+    adapter = OpenAIAdapter(env)
+    adapter.retry_delay = 0.01
+    return adapter
+
+
+async def replay(name: str, **kw: object) -> tuple:
+    async with FakeUpstream() as fake:
+        fake.enqueue(FakeResponse.sse(recording(name), **kw))  # type: ignore[arg-type]
+        async with adapter_for(fake) as adapter:
+            run = await run_adapter(adapter, request())
+        return run, fake.requests
+
+
+def assert_tool_events_well_ordered(events: list) -> None:
+    started: set[str] = set()
+    ended: set[str] = set()
+    for e in events:
+        if isinstance(e, ToolCallStart):
+            assert e.id not in started
+            started.add(e.id)
+        elif isinstance(e, ToolCallDelta):
+            assert e.id in started and e.id not in ended
+        elif isinstance(e, ToolCallEnd):
+            assert e.id in started and e.id not in ended
+            ended.add(e.id)
+        elif isinstance(e, Usage | Finish):
+            assert ended == started, "every call ends before usage/finish"
+    assert ended == started
+
+
+# --- every recording ---------------------------------------------------------------
+
+
+async def test_text_with_usage_in_empty_choices_chunk() -> None:
+    run, requests = await replay("openai-text-usage.sse")
+    assert run.error is None
+    assert run.text == (
+        "I'm unable to provide real-time weather updates. To get the current weather in "
+        "San Francisco, I recommend checking a reliable weather website or a weather app."
+    )
+    assert run.reasoning == ""
+    assert run.tool_calls == []
+    assert run.of(Usage) == [Usage("gpt-4o-2024-08-06", 14, 30)]
+    assert run.events[-2:] == [Usage("gpt-4o-2024-08-06", 14, 30), Finish("stop")]
+    assert len(requests) == 1 and requests[0].completed
+
+
+async def test_parallel_fragmented_tool_calls() -> None:
+    run, _ = await replay("openai-tool-calls-parallel-fragmented.sse")
+    assert run.error is None
+    assert run.text == ""
+    assert run.tool_calls == [
+        (
+            "call_JMW1whyEaYG438VE1OIflxA2",
+            "GetWeatherArgs",
+            '{"city": "Edinburgh", "country": "GB", "units": "c"}',
+        ),
+        (
+            "call_DNYTawLBoN8fj3KN6qU9N1Ou",
+            "get_stock_price",
+            '{"ticker": "AAPL", "exchange": "NASDAQ"}',
+        ),
+    ]
+    # SOURCES.md counts 12 and 10 fragments, the first of each being the empty
+    # string that comes with id and name; empty fragments make no delta.
+    deltas = run.of(ToolCallDelta)
+    assert len([d for d in deltas if d.id == "call_JMW1whyEaYG438VE1OIflxA2"]) == 12 - 1
+    assert len([d for d in deltas if d.id == "call_DNYTawLBoN8fj3KN6qU9N1Ou"]) == 10 - 1
+    assert all(d.args_text for d in deltas)
+    assert_tool_events_well_ordered(run.events)
+    assert run.events[-2:] == [Usage("gpt-4o-2024-08-06", 149, 60), Finish("tool-calls")]
+
+
+async def test_single_strict_tool_call() -> None:
+    run, _ = await replay("openai-tool-call-single.sse")
+    assert run.error is None
+    assert run.tool_calls == [
+        ("call_CTf1nWJLqSeRgDqaCG27xZ74", "get_weather", '{"city":"San Francisco","state":"CA"}')
+    ]
+    assert len(run.of(ToolCallDelta)) == 11 - 1  # 11 fragments, the first one empty
+    assert_tool_events_well_ordered(run.events)
+    assert run.events[-2:] == [Usage("gpt-4o-2024-08-06", 48, 19), Finish("tool-calls")]
+
+
+DEEPSEEK_TEXT = "Hello there! 😊 How can I help you today?"
+
+
+@pytest.mark.parametrize("chunk_size", [None, 7, 1])
+async def test_deepseek_reasoning_content_and_usage_on_finish_chunk(chunk_size: int | None) -> None:
+    run, _ = await replay(
+        "deepseek-reasoning-content-usage.sse", delay=0, chunk_size=chunk_size
+    )
+    assert run.error is None
+    assert run.reasoning.startswith('Hmm, the user just said "Hello". It\'s a simple greeting')
+    assert len(run.reasoning) == 882
+    assert len(run.of(ReasoningDelta)) == 198
+    assert run.text == DEEPSEEK_TEXT
+    # reasoning comes first, then the text
+    kinds = [type(e) for e in run.events if isinstance(e, TextDelta | ReasoningDelta)]
+    assert kinds == sorted(kinds, key=lambda k: k is TextDelta)
+    assert run.events[-2:] == [Usage("deepseek-reasoner", 6, 212), Finish("stop")]
+
+
+async def test_openrouter_error_chunk_yields_usage_then_raises() -> None:
+    run, _ = await replay("openrouter-reasoning-error-midstream.sse")
+    assert run.reasoning == "We need to respond to a greeting. The user"
+    assert run.text == ""
+    assert isinstance(run.error, UpstreamProtocolError)
+    assert run.of(Usage) == [Usage("minimax/minimax-m2:free", 43, 10)]
+    assert run.events[-1] == Usage("minimax/minimax-m2:free", 43, 10)
+    assert run.of(Finish) == []
+    assert "Token limit reached" not in str(run.error)
+
+
+async def test_groq_error_event_raises_without_usage() -> None:
+    run, _ = await replay("groq-reasoning-error-event-midstream.sse")
+    assert run.reasoning.startswith("We need to call the tool with invalid parameters first")
+    assert len(run.of(ReasoningDelta)) == 93
+    assert run.text == ""
+    assert run.of(Usage) == [] and run.of(Finish) == []
+    assert isinstance(run.error, UpstreamProtocolError)
+    message = str(run.error)
+    assert "tool_use_failed" in message and "invalid_request_error" in message
+    assert "get_something_by_name" not in message  # no raw provider text
+    assert "validation failed" not in run.error.safe_message
+
+
+async def test_crlf_line_endings_parse_the_same() -> None:
+    body = recording("openai-text-usage.sse").replace(b"\n", b"\r\n")
+    async with FakeUpstream() as fake:
+        fake.enqueue(FakeResponse.sse(body, delay=0, chunk_size=5))
+        async with adapter_for(fake) as adapter:
+            run = await run_adapter(adapter, request())
+    assert run.error is None
+    assert run.text.startswith("I'm unable to provide real-time weather updates.")
+    assert run.events[-2:] == [Usage("gpt-4o-2024-08-06", 14, 30), Finish("stop")]
+
+
+# --- the request ---------------------------------------------------------------------
+
+
+async def test_request_body_history_image_and_headers() -> None:
+    history = [
+        ChatMessage("user", [{"type": "text", "text": "turn one"}]),
+        ChatMessage(
+            "assistant",
+            [
+                {"type": "reasoning", "text": "thinking..."},
+                {"type": "text", "text": "answer one"},
+                {
+                    "type": "tool-call",
+                    "toolCallId": "call_1",
+                    "toolName": "lookup",
+                    "args": {"q": 1},
+                    "argsText": '{"q": 1}',
+                    "result": {"a": 2},
+                },
+                {"type": "tool-call", "toolCallId": "call_2", "toolName": "x", "args": {}},
+            ],
+        ),
+        ChatMessage("assistant", [{"type": "status", "text": "(no text response)"}]),
+        ChatMessage(
+            "user",
+            [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image", "image": PNG},
+                {"type": "mentioned-documents", "documents": []},
+            ],
+        ),
+    ]
+    async with FakeUpstream() as fake:
+        fake.enqueue(FakeResponse.sse(recording("openai-text-usage.sse")))
+        async with adapter_for(fake, key="sk-test-key") as adapter:
+            req = AdapterRequest("gpt-4o-mini", history, {"temperature": 0.2, "system": "be brief"})
+            run = await run_adapter(adapter, req)
+    assert run.error is None
+    sent = fake.requests[0]
+    assert sent.method == "POST" and sent.path == "/v1/chat/completions"
+    assert sent.headers["authorization"] == "Bearer sk-test-key"
+    assert sent.headers["content-type"] == "application/json"
+    body = sent.json
+    assert body["model"] == "gpt-4o-mini"
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    assert body["temperature"] == 0.2
+    assert body["messages"] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "turn one"},
+        {
+            "role": "assistant",
+            "content": "answer one",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "lookup", "arguments": '{"q": 1}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"a": 2}'},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": PNG}},
+            ],
+        },
+    ]
+
+
+async def test_no_authorization_header_without_key() -> None:
+    async with FakeUpstream() as fake:
+        fake.enqueue(FakeResponse.sse(recording("openai-text-usage.sse")))
+        async with adapter_for(fake, key="") as adapter:
+            run = await run_adapter(adapter, request())
+    assert run.error is None
+    assert "authorization" not in fake.requests[0].headers
+
+
+def test_default_base_url_and_finish_mapping() -> None:
+    assert OpenAIAdapter({}).base_url == "https://api.openai.com/v1"
+    assert OpenAIAdapter({"OPENAI_BASE_URL": "http://x:1/v1/"}).base_url == "http://x:1/v1"
+    assert [map_finish_reason(r) for r in
+            ("stop", "length", "tool_calls", "function_call", "content_filter", "weird", None)
+            ] == ["stop", "length", "tool-calls", "tool-calls", "content-filter", "other", "other"]
+
+
+# --- failures --------------------------------------------------------------------------
+
+
+async def test_http_500_then_success_retries_once() -> None:
+    async with FakeUpstream() as fake:
+        fake.enqueue(
+            FakeResponse.json(500, {"error": {"type": "server_error"}}),
+            FakeResponse.sse(recording("openai-text-usage.sse")),
+        )
+        async with adapter_for(fake) as adapter:
+            run = await run_adapter(adapter, request())
+    assert run.error is None
+    assert run.events[-1] == Finish("stop")
+    assert len(fake.requests) == 2
+    assert fake.requests[0].body == fake.requests[1].body
+
+
+async def test_429_twice_gives_up_after_one_retry() -> None:
+    async with FakeUpstream() as fake:
+        fake.enqueue(
+            FakeResponse.json(429, {"error": {"type": "rate_limit"}}, headers={"retry-after": "0"}),
+            FakeResponse.json(429, {"error": {"type": "rate_limit"}}, headers={"retry-after": "0"}),
+        )
+        async with adapter_for(fake) as adapter:
+            run = await run_adapter(adapter, request())
+    assert isinstance(run.error, UpstreamStatusError)
+    assert run.error.status_code == 429 and run.error.retryable
+    assert run.events == []
+    assert len(fake.requests) == 2
+
+
+async def test_401_message_holds_neither_body_nor_key(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = "sk-secret-123"
+    body = {
+        "error": {
+            "message": f"Incorrect API key provided: {secret}. You can find your API key at ...",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_api_key",
+        }
+    }
+    async with FakeUpstream() as fake:
+        fake.enqueue(FakeResponse.json(401, body))
+        async with adapter_for(fake, key=secret) as adapter:
+            run = await run_adapter(adapter, request())
+    error = run.error
+    assert isinstance(error, UpstreamStatusError)
+    assert error.status_code == 401 and not error.retryable
+    assert len(fake.requests) == 1  # no retry on 4xx
+    for text in (str(error), error.safe_message, repr(error), caplog.text):
+        assert secret not in text
+        assert "Incorrect API key" not in text
+    assert "invalid_api_key" in str(error)
+
+
+async def test_connection_refused() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    adapter = OpenAIAdapter({"OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1"})
+    adapter.retry_delay = 0.01
+    async with adapter:
+        run = await run_adapter(adapter, request())
+    assert isinstance(run.error, UpstreamConnectError)
+    assert isinstance(run.error.__cause__, httpx.ConnectError)
+    assert run.events == []
+
+
+async def test_malformed_json() -> None:
+    async with FakeUpstream() as fake:
+        fake.enqueue(FakeResponse.sse(b'data: {"choices": [{"delta": {"content": "a"\n\n'))
+        async with adapter_for(fake) as adapter:
+            run = await run_adapter(adapter, request())
+    assert isinstance(run.error, UpstreamProtocolError)
+    assert isinstance(run.error.__cause__, ValueError)
+
+
+async def test_stream_cut_before_finish_is_an_error() -> None:
+    body = b"\n\n".join(recording("openai-text-usage.sse").split(b"\n\n")[:5]) + b"\n\n"
+    async with FakeUpstream() as fake:
+        fake.enqueue(FakeResponse.sse(body))
+        async with adapter_for(fake) as adapter:
+            run = await run_adapter(adapter, request())
+    assert isinstance(run.error, UpstreamProtocolError)
+    assert run.text == "I'm unable to provide"
+    assert run.of(Finish) == []
+
+
+async def test_read_timeout() -> None:
+    body = b"\n\n".join(recording("openai-text-usage.sse").split(b"\n\n")[:3]) + b"\n\n"
+    async with FakeUpstream() as fake:
+        fake.enqueue(FakeResponse.sse(body, hold_open=True))
+        async with adapter_for(fake) as adapter:
+            adapter.timeout = httpx.Timeout(0.3)
+            run = await run_adapter(adapter, request())
+    assert isinstance(run.error, UpstreamTimeout)
+    assert isinstance(run.error.__cause__, httpx.TimeoutException)
+    assert run.text == "I'm unable"
+
+
+# --- closing ------------------------------------------------------------------------------
+
+
+async def test_closing_the_generator_closes_the_upstream_connection() -> None:
+    async with FakeUpstream() as fake:
+        fake.enqueue(
+            FakeResponse.sse(recording("deepseek-reasoning-content-usage.sse"), delay=0.01,
+                             hold_open=True)
+        )
+        async with adapter_for(fake) as adapter:
+            agen = adapter.stream(request())
+            got = [await agen.__anext__() for _ in range(5)]
+            assert all(isinstance(e, ReasoningDelta) for e in got)
+            closed_at = time.monotonic()
+            await agen.aclose()
+            gone_at = await fake.requests[0].wait_disconnected(within=1.0)
+    assert gone_at - closed_at < 0.1
+    assert not fake.requests[0].completed
+
+
+async def test_cancelling_the_consumer_closes_the_upstream_connection() -> None:
+    async with FakeUpstream() as fake:
+        fake.enqueue(
+            FakeResponse.sse(recording("deepseek-reasoning-content-usage.sse"), delay=0.01,
+                             hold_open=True)
+        )
+        seen = 0
+        async with adapter_for(fake) as adapter:
+            with anyio.move_on_after(0.15) as scope:
+                async for _ in adapter.stream(request()):
+                    seen += 1
+            cancelled_at = time.monotonic()
+            assert scope.cancelled_caught
+            gone_at = await fake.requests[0].wait_disconnected(within=1.0)
+    assert seen > 0
+    assert gone_at - cancelled_at < 0.1
+
+
+async def test_adapter_reuses_one_client_and_aclose_closes_it() -> None:
+    async with FakeUpstream() as fake:
+        fake.enqueue(
+            FakeResponse.sse(recording("openai-tool-call-single.sse")),
+            FakeResponse.sse(recording("openai-tool-call-single.sse")),
+        )
+        adapter = adapter_for(fake)
+        await run_adapter(adapter, request())
+        client = adapter._client
+        await run_adapter(adapter, request())
+        assert adapter._client is client and client is not None
+        await adapter.aclose()
+        assert client.is_closed
