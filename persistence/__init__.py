@@ -1,0 +1,39 @@
+"""turngate's database layer: the only package that imports ``databases``.
+
+``Store`` does all reads and writes; ``migrate`` / ``schema_status`` manage the
+schema (alembic revisions in ``persistence/migrations``).
+"""
+
+from persistence._base import OperationObserver
+from persistence._threads import ThreadIdTaken
+from persistence._urls import DEFAULT_URL
+from persistence.content import build_user_content
+from persistence.migrate import SchemaStatus, migrate, schema_status
+from persistence.rows import (
+    AppendResult,
+    MessageRow,
+    ThreadRow,
+    TurnOpened,
+    TurnRows,
+    UsageRecord,
+    UsageRow,
+)
+from persistence.store import Store
+
+__all__ = [
+    "DEFAULT_URL",
+    "AppendResult",
+    "MessageRow",
+    "OperationObserver",
+    "SchemaStatus",
+    "Store",
+    "ThreadIdTaken",
+    "ThreadRow",
+    "TurnOpened",
+    "TurnRows",
+    "UsageRecord",
+    "UsageRow",
+    "build_user_content",
+    "migrate",
+    "schema_status",
+]

@@ -1,0 +1,197 @@
+"""The connection life cycle of the store and the one shielded-operation helper.
+
+Every public coroutine of the store runs its database work through
+``_StoreBase._shielded``: inside ``anyio.CancelScope(shield=True)`` with a
+deadline, so a cancelled caller (a browser that left, sse-starlette's cancel
+scope, server shutdown) can never interrupt a statement half way, which would
+leak an ``idle in transaction`` connection on PostgreSQL or hold the write lock
+on SQLite (DESIGN "Known traps"). A pending cancellation is not swallowed:
+anyio delivers it at the caller's next checkpoint, after the result is in hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import anyio
+from databases import Database
+
+from persistence._urls import Dialect, _parse_url
+from turngate.exceptions import DatabaseUnavailable, PersistenceError
+
+logger = logging.getLogger("turngate.persistence")
+
+T = TypeVar("T")
+OperationObserver = Callable[[str, str, float], None]
+
+# Outcomes a writer reports (the structured log line and the observer).
+OUTCOMES = ("inserted", "race_recovered", "conflict_no_match", "ok", "row_missing", "failed")
+
+
+async def _cheap_reset(con: Any) -> None:
+    # asyncpg's default reset (advisory unlock, CLOSE ALL, UNLISTEN, RESET ALL) costs a
+    # round trip on every release; we never use that session state. The pool already
+    # rolls back a stray transaction before calling us; belt and braces if one is left.
+    if con.is_in_transaction():
+        await con.reset()
+
+
+def _iso(value: Any) -> str:
+    """Timestamps leave the store as fixed-width ISO-8601 UTC strings on both databases."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return str(value)
+
+
+def _utcnow_text() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_iso(value: str) -> datetime:
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+def _load_json(value: Any) -> Any:
+    # asyncpg hands json/jsonb back as text, SQLite stores text.
+    return json.loads(value) if isinstance(value, str | bytes) else value
+
+
+def _dump_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class _StoreBase:
+    """Connection handling, timestamps and ``_shielded``; the mixins add the operations."""
+
+    def __init__(self, url: str | None = None, *, statement_timeout: float = 5.0) -> None:
+        parsed = _parse_url(url)
+        self.url = parsed.databases_url
+        self.dialect: Dialect = parsed.dialect
+        self.statement_timeout = statement_timeout
+        # A backstop above the drivers' own timeouts: asyncpg's command_timeout cancels
+        # a statement cleanly on the server; ours must never be the one that fires.
+        self._deadline = statement_timeout * 2 + 1.0
+        self.on_operation: OperationObserver | None = None
+        options: dict[str, Any]
+        if self.dialect == "postgresql":
+            options = {
+                "command_timeout": statement_timeout,
+                "timeout": statement_timeout,  # connect timeout
+                "reset": _cheap_reset,
+            }
+        else:
+            options = {"timeout": statement_timeout}  # sqlite3 busy timeout
+        self._db = Database(self.url, **options)
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the pool; raises ``DatabaseUnavailable`` if the database cannot be reached."""
+        try:
+            with anyio.fail_after(self._deadline, shield=True):
+                await self._db.connect()
+                if self.dialect == "sqlite":
+                    # WAL lets readers run beside the writer; it persists in the file.
+                    mode = await self._db.fetch_val("PRAGMA journal_mode=WAL")
+                    if str(mode).lower() != "wal":
+                        logger.warning("SQLite journal_mode is %s, not wal", mode)
+        except Exception as exc:
+            if self._db.is_connected:
+                await self._db.disconnect()
+            raise DatabaseUnavailable(f"cannot connect to the database: {exc}") from exc
+
+    async def disconnect(self) -> None:
+        """Close the pool (idempotent)."""
+        with anyio.fail_after(self._deadline, shield=True):
+            await self._db.disconnect()
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.disconnect()
+
+    # -- helpers for the mixins -----------------------------------------------------------
+
+    @property
+    def _is_pg(self) -> bool:
+        return self.dialect == "postgresql"
+
+    def _ts_param(self, value: str) -> Any:
+        """A timestamp string as the driver wants it (asyncpg needs a datetime)."""
+        return _parse_iso(value) if self._is_pg else value
+
+    async def _run(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run ``fn`` shielded from outside cancellation, with the store's deadline.
+
+        Any driver or connection failure becomes ``DatabaseUnavailable``.
+        """
+        if not self._db.is_connected:
+            raise DatabaseUnavailable("the store is not connected")
+        try:
+            with anyio.fail_after(self._deadline, shield=True):
+                return await fn()
+        except PersistenceError:
+            raise
+        except TimeoutError as exc:
+            raise DatabaseUnavailable("database operation timed out") from exc
+        except (OSError, ConnectionError) as exc:
+            raise DatabaseUnavailable(f"database unreachable: {exc}") from exc
+        except Exception as exc:
+            # Driver errors (asyncpg.PostgresError/InterfaceError, sqlite3.Error): the
+            # caller cannot tell them apart from an outage, but the log keeps the cause.
+            logger.warning("database error: %r", exc)
+            raise DatabaseUnavailable(f"database error: {type(exc).__name__}: {exc}") from exc
+
+    async def _shielded(
+        self, op: str, fn: Callable[[], Awaitable[tuple[T, str]]], **ids: Any
+    ) -> T:
+        """Run a writer through ``_run``, then log its one line and tell the observer.
+
+        ``fn`` returns ``(result, outcome)``; a failure is reported as ``failed`` and
+        re-raised (as ``DatabaseUnavailable``) for the caller to turn into a status.
+        """
+        started = time.perf_counter()
+        try:
+            result, outcome = await self._run(fn)
+        except BaseException:
+            self._report(op, "failed", started, **ids)
+            raise
+        self._report(op, outcome, started, **ids)
+        return result
+
+    def _report(self, op: str, outcome: str, started: float, **ids: Any) -> None:
+        """The one structured log line of a writer, and the observer call."""
+        seconds = time.perf_counter() - started
+        level = logging.WARNING if outcome == "failed" else logging.INFO
+        logger.log(
+            level,
+            "db_op %s %s %.2fms",
+            op,
+            outcome,
+            seconds * 1000,
+            extra={
+                "event": "db_op",
+                "op": op,
+                "outcome": outcome,
+                "duration_ms": round(seconds * 1000, 3),
+                **ids,
+            },
+        )
+        if self.on_operation is not None:
+            try:
+                self.on_operation(op, outcome, seconds)
+            except Exception:  # an observer must never break a write
+                logger.exception("on_operation observer failed")

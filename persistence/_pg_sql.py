@@ -1,0 +1,167 @@
+"""The single-statement writers for PostgreSQL (data-modifying CTEs).
+
+Notes that apply to all of them:
+- Bind parameters are ``:name``; casts are spelled ``CAST(:x AS jsonb)`` because
+  ``:x::jsonb`` is not recognised as a parameter by SQLAlchemy's ``text()``.
+- A CTE's plain SELECT sees the snapshot from before the statement, so rows
+  inserted by a concurrent winner are invisible here: the caller resolves a lost
+  race with one extra lookup.
+- Sub-statements of one WITH run in an unspecified order; where order matters a
+  CTE references the one that must run first (``(SELECT count(*) FROM x) >= 0``).
+- No literal percent sign anywhere (it breaks the SQLite backend of `databases`,
+  and we keep one habit for both).
+"""
+
+from __future__ import annotations
+
+# Estimated usage of rows in CTE ``expired(id, thread_id, content, owner_id)``:
+# completion tokens = ceil(chars / 4) of every part's text.
+_ESTIMATED_USAGE = """
+    INSERT INTO token_usage (usage_type, prompt_tokens, completion_tokens, total_tokens,
+        cost_micros, model_breakdown, call_details, estimated, thread_id, message_id,
+        user_id, created_at)
+    SELECT 'chat', 0, est.tokens, est.tokens, 0, '{}'::jsonb, '[]'::jsonb, true,
+        e.thread_id, e.id, e.owner_id, now()
+    FROM expired e CROSS JOIN LATERAL (
+        SELECT (coalesce(sum(length(p ->> 'text')), 0) + 3) / 4 AS tokens
+        FROM jsonb_array_elements(e.content) AS p
+    ) AS est
+    ON CONFLICT (message_id) WHERE message_id IS NOT NULL DO NOTHING
+    RETURNING 1
+"""
+
+OPEN_TURN = f"""
+WITH th AS (
+    SELECT id, owner_id FROM threads WHERE id = :thread_id AND owner_id = :owner_id
+),
+mine AS (
+    SELECT m.id, m.role, m.status FROM messages m JOIN th ON m.thread_id = th.id
+    WHERE m.turn_id = :turn_id
+),
+holder AS (
+    SELECT m.id, m.turn_id, coalesce(m.lease_expires_at < now(), false) AS expired
+    FROM messages m JOIN th ON m.thread_id = th.id
+    WHERE m.status = 'streaming' AND m.turn_id IS DISTINCT FROM :turn_id
+),
+blocked AS (
+    SELECT turn_id FROM holder
+    WHERE NOT expired AND NOT EXISTS (SELECT 1 FROM mine WHERE role = 'assistant')
+),
+expired AS (
+    UPDATE messages m SET status = 'interrupted', lease_owner = NULL,
+        lease_expires_at = NULL, updated_at = now()
+    FROM holder h, th
+    WHERE m.id = h.id AND h.expired AND m.status = 'streaming'
+    RETURNING m.id, m.thread_id, m.content, th.owner_id
+),
+expired_usage AS ({_ESTIMATED_USAGE}),
+go AS (
+    SELECT th.id FROM th
+    WHERE NOT EXISTS (SELECT 1 FROM blocked)
+      AND (SELECT count(*) FROM expired_usage) >= 0
+),
+ins_user AS (
+    INSERT INTO messages (thread_id, role, content, status, author_id, turn_id,
+        created_at, updated_at)
+    SELECT go.id, 'user', CAST(:user_content AS jsonb), 'complete', :owner_id, :turn_id,
+        now(), now()
+    FROM go
+    ON CONFLICT (thread_id, turn_id, role) WHERE turn_id IS NOT NULL DO NOTHING
+    RETURNING id
+),
+ins_assistant AS (
+    INSERT INTO messages (thread_id, role, content, status, turn_id, lease_owner,
+        lease_expires_at, created_at, updated_at)
+    SELECT go.id, 'assistant', CAST(:shell AS jsonb), 'streaming', :turn_id,
+        CAST(:lease_owner AS text),
+        now() + make_interval(secs => CAST(:lease_seconds AS double precision)), now(), now()
+    FROM go
+    WHERE (SELECT count(*) FROM ins_user) >= 0  -- user row first: its id is the smaller
+    ON CONFLICT (thread_id, turn_id, role) WHERE turn_id IS NOT NULL DO NOTHING
+    RETURNING id
+),
+bump AS (
+    UPDATE threads SET updated_at = now()
+    WHERE id = (SELECT id FROM go)
+      AND EXISTS (SELECT 1 FROM ins_user UNION ALL SELECT 1 FROM ins_assistant)
+    RETURNING 1
+)
+SELECT
+    EXISTS (SELECT 1 FROM th) AS thread_found,
+    (SELECT turn_id FROM blocked LIMIT 1) AS busy_turn_id,
+    (SELECT id FROM ins_user) AS user_new,
+    (SELECT id FROM ins_assistant) AS assistant_new,
+    (SELECT id FROM mine WHERE role = 'user') AS user_old,
+    (SELECT id FROM mine WHERE role = 'assistant') AS assistant_old,
+    (SELECT status FROM mine WHERE role = 'assistant') AS assistant_old_status,
+    (SELECT count(*) FROM bump) AS bumped
+"""
+
+APPEND_MESSAGE = """
+WITH th AS (
+    SELECT id FROM threads WHERE id = :thread_id AND owner_id = :owner_id
+),
+ins AS (
+    INSERT INTO messages (thread_id, role, content, status, author_id, turn_id,
+        created_at, updated_at)
+    SELECT th.id, CAST(:role AS text), CAST(:content AS jsonb), 'complete',
+        CAST(:author_id AS bigint), CAST(:turn_id AS text), now(), now()
+    FROM th
+    ON CONFLICT (thread_id, turn_id, role) WHERE turn_id IS NOT NULL DO NOTHING
+    RETURNING id
+),
+bump AS (
+    UPDATE threads SET updated_at = now()
+    WHERE id = (SELECT id FROM th) AND EXISTS (SELECT 1 FROM ins)
+    RETURNING 1
+)
+SELECT
+    EXISTS (SELECT 1 FROM th) AS thread_found,
+    (SELECT id FROM ins) AS new_id,
+    (SELECT m.id FROM messages m JOIN th ON m.thread_id = th.id
+     WHERE m.turn_id = CAST(:turn_id AS text) AND m.role = CAST(:role AS text)) AS old_id,
+    (SELECT count(*) FROM bump) AS bumped
+"""
+
+FINALIZE_TURN = """
+WITH upd AS (
+    UPDATE messages SET content = CAST(:content AS jsonb), status = CAST(:status AS text),
+        updated_at = now(), lease_owner = NULL, lease_expires_at = NULL
+    WHERE id = :message_id AND status = 'streaming'
+    RETURNING id
+),
+usage AS (
+    INSERT INTO token_usage (usage_type, prompt_tokens, completion_tokens, total_tokens,
+        cost_micros, model_breakdown, call_details, estimated, thread_id, message_id,
+        user_id, created_at)
+    VALUES (:usage_type, :prompt_tokens, :completion_tokens, :total_tokens, :cost_micros,
+        CAST(:model_breakdown AS jsonb), CAST(:call_details AS jsonb), :estimated,
+        :thread_id, :message_id, :user_id, now())
+    ON CONFLICT (message_id) WHERE message_id IS NOT NULL DO NOTHING
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM upd) AS updated, (SELECT count(*) FROM usage) AS usage_inserted
+"""
+
+CHECKPOINT = """
+UPDATE messages SET content = CAST(:content AS jsonb), updated_at = now(),
+    lease_expires_at = now() + make_interval(secs => CAST(:lease_seconds AS double precision))
+WHERE id = :message_id AND status = 'streaming' AND lease_owner = :lease_owner
+RETURNING id
+"""
+
+RECOVER_EXPIRED = f"""
+WITH expired AS (
+    UPDATE messages m SET status = 'interrupted', lease_owner = NULL,
+        lease_expires_at = NULL, updated_at = now()
+    FROM threads t
+    WHERE t.id = m.thread_id AND m.status = 'streaming' AND m.lease_expires_at < now()
+    RETURNING m.id, m.thread_id, m.content, t.owner_id
+),
+usage AS ({_ESTIMATED_USAGE})
+SELECT e.id FROM expired e WHERE (SELECT count(*) FROM usage) >= 0 ORDER BY e.id
+"""
+
+STREAMING_TURN_OF_THREAD = """
+SELECT turn_id FROM messages WHERE thread_id = :thread_id AND status = 'streaming'
+"""

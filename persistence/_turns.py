@@ -1,0 +1,291 @@
+"""The turn writers: open, append (legacy route), checkpoint, finalize, recover.
+
+PostgreSQL runs each writer as one statement (``_pg_sql``). SQLite runs a few
+statements inside ``BEGIN IMMEDIATE`` on one connection: that takes the write
+lock up front, so writers are serialised and the checks cannot race.
+
+Log outcomes of ``open_turn``: ``inserted`` (a row was written), ``race_recovered``
+(both rows existed: a repeat or a lost race), ``row_missing`` (thread not found /
+not the caller's), ``conflict_no_match`` (busy: another turn is streaming),
+``failed``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+
+from persistence import _pg_sql
+from persistence._base import (
+    _dump_json,
+    _load_json,
+    _parse_iso,
+    _StoreBase,
+    _utcnow_text,
+)
+from persistence.content import (
+    ASSISTANT_SHELL,
+    estimate_completion_tokens,
+)
+from persistence.rows import TurnOpened
+from turngate.exceptions import DatabaseUnavailable
+
+logger = logging.getLogger("turngate.persistence")
+
+FINAL_STATUSES = frozenset({"complete", "cancelled", "error", "interrupted"})
+_ROLES = frozenset({"user", "assistant"})
+_BUSY_INDEX = "uq_messages_thread_streaming"
+
+
+class _BusyRace(Exception):
+    """Another turn won the thread's one streaming slot in the same instant."""
+
+
+def _plus_seconds(iso: str, seconds: float) -> str:
+    return (_parse_iso(iso) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@asynccontextmanager
+async def _sqlite_write(conn: Any) -> AsyncIterator[None]:
+    """BEGIN IMMEDIATE … COMMIT, rolled back on any error (we are shielded here)."""
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        await conn.execute("ROLLBACK")
+        raise
+    await conn.execute("COMMIT")
+
+
+_SQLITE_USAGE_INSERT = (
+    "INSERT INTO token_usage (usage_type, prompt_tokens, completion_tokens, total_tokens, "
+    "cost_micros, model_breakdown, call_details, estimated, thread_id, message_id, user_id, "
+    "created_at) VALUES (:usage_type, :prompt_tokens, :completion_tokens, :total_tokens, "
+    ":cost_micros, :model_breakdown, :call_details, :estimated, :thread_id, :message_id, "
+    ":user_id, :now) ON CONFLICT (message_id) WHERE message_id IS NOT NULL DO NOTHING "
+    "RETURNING id"
+)
+
+
+async def _sqlite_interrupt(conn: Any, row: Any, owner_id: int, now: str) -> None:
+    """Mark one expired streaming row interrupted, with its estimated usage row."""
+    await conn.execute(
+        "UPDATE messages SET status = 'interrupted', lease_owner = NULL, "
+        "lease_expires_at = NULL, updated_at = :now WHERE id = :id AND status = 'streaming'",
+        {"id": row["id"], "now": now},
+    )
+    tokens = estimate_completion_tokens(_load_json(row["content"]))
+    await conn.fetch_val(
+        _SQLITE_USAGE_INSERT,
+        {
+            "usage_type": "chat",
+            "prompt_tokens": 0,
+            "completion_tokens": tokens,
+            "total_tokens": tokens,
+            "cost_micros": 0,
+            "model_breakdown": "{}",
+            "call_details": "[]",
+            "estimated": True,
+            "thread_id": row["thread_id"],
+            "message_id": row["id"],
+            "user_id": owner_id,
+            "now": now,
+        },
+    )
+
+
+class _TurnsMixin(_StoreBase):
+    async def open_turn(
+        self,
+        thread_id: str,
+        owner_id: int,
+        turn_id: str,
+        user_content: list[dict[str, Any]],
+        *,
+        lease_owner: str,
+        lease_seconds: float,
+    ) -> TurnOpened:
+        """Write the user row and the assistant shell of a turn, idempotently.
+
+        Nothing is written unless the thread exists and is ``owner_id``'s
+        (``thread_not_found``), nor while another turn of the thread streams under
+        a live lease (``busy``; an expired one is marked ``interrupted`` first).
+        A repeated call for the same turn returns the existing ids with
+        ``*_inserted=False`` and the assistant row's status. The thread's
+        ``updated_at`` moves only when a row was really inserted. One statement on
+        PostgreSQL. Never raises for database failures: ``unavailable``.
+        """
+        content = _dump_json(user_content)
+
+        async def op() -> tuple[TurnOpened, str]:
+            if self._is_pg:
+                try:
+                    opened = await self._open_turn_pg(
+                        thread_id, owner_id, turn_id, content, lease_owner, lease_seconds
+                    )
+                except _BusyRace:
+                    busy = await self._db.fetch_val(
+                        _pg_sql.STREAMING_TURN_OF_THREAD, {"thread_id": thread_id}
+                    )
+                    opened = TurnOpened(status="busy", busy_turn_id=busy)
+            else:
+                opened = await self._open_turn_sqlite(
+                    thread_id, owner_id, turn_id, content, lease_owner, lease_seconds
+                )
+            return opened, _open_outcome(opened)
+
+        try:
+            return await self._shielded(
+                "open_turn", op, thread_id=thread_id, turn_id=turn_id, owner_id=owner_id
+            )
+        except DatabaseUnavailable:
+            return TurnOpened(status="unavailable")
+
+    async def _open_turn_pg(
+        self,
+        thread_id: str,
+        owner_id: int,
+        turn_id: str,
+        content: str,
+        lease_owner: str,
+        lease_seconds: float,
+    ) -> TurnOpened:
+        try:
+            row = await self._db.fetch_one(
+                _pg_sql.OPEN_TURN,
+                {
+                    "thread_id": thread_id,
+                    "owner_id": owner_id,
+                    "turn_id": turn_id,
+                    "user_content": content,
+                    "shell": _dump_json(ASSISTANT_SHELL),
+                    "lease_owner": lease_owner,
+                    "lease_seconds": float(lease_seconds),
+                },
+            )
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name == _BUSY_INDEX:
+                raise _BusyRace from exc
+            raise
+        assert row is not None  # the final SELECT always yields one row
+        if not row["thread_found"]:
+            return TurnOpened(status="thread_not_found")
+        if row["busy_turn_id"] is not None:
+            return TurnOpened(status="busy", busy_turn_id=row["busy_turn_id"])
+        user_id = row["user_new"] or row["user_old"]
+        assistant_id = row["assistant_new"] or row["assistant_old"]
+        assistant_status = "streaming" if row["assistant_new"] else row["assistant_old_status"]
+        if user_id is None or assistant_id is None:
+            # Lost a race: the winner's rows were invisible to our snapshot.
+            turn = await self._db.fetch_all(
+                "SELECT id, role, status FROM messages "
+                "WHERE thread_id = :thread_id AND turn_id = :turn_id",
+                {"thread_id": thread_id, "turn_id": turn_id},
+            )
+            by_role = {r["role"]: r for r in turn}
+            if "user" not in by_role or "assistant" not in by_role:
+                raise DatabaseUnavailable("turn rows vanished during open_turn")
+            user_id = user_id or by_role["user"]["id"]
+            if assistant_id is None:
+                assistant_id = by_role["assistant"]["id"]
+                assistant_status = by_role["assistant"]["status"]
+        return TurnOpened(
+            status="opened",
+            user_message_id=int(user_id),
+            assistant_message_id=int(assistant_id),
+            user_inserted=row["user_new"] is not None,
+            assistant_inserted=row["assistant_new"] is not None,
+            assistant_status=str(assistant_status),
+        )
+
+    async def _open_turn_sqlite(
+        self,
+        thread_id: str,
+        owner_id: int,
+        turn_id: str,
+        content: str,
+        lease_owner: str,
+        lease_seconds: float,
+    ) -> TurnOpened:
+        now = _utcnow_text()
+        ids = {"thread_id": thread_id, "turn_id": turn_id}
+        async with self._db.connection() as conn, _sqlite_write(conn):
+            found = await conn.fetch_val(
+                "SELECT 1 FROM threads WHERE id = :thread_id AND owner_id = :owner_id",
+                {"thread_id": thread_id, "owner_id": owner_id},
+            )
+            if found is None:
+                return TurnOpened(status="thread_not_found")
+            mine = {
+                r["role"]: r
+                for r in await conn.fetch_all(
+                    "SELECT id, role, status FROM messages "
+                    "WHERE thread_id = :thread_id AND turn_id = :turn_id",
+                    ids,
+                )
+            }
+            if "assistant" not in mine:
+                holder = await conn.fetch_one(
+                    "SELECT id, thread_id, turn_id, content, lease_expires_at FROM messages "
+                    "WHERE thread_id = :thread_id AND status = 'streaming'",
+                    {"thread_id": thread_id},
+                )
+                if holder is not None:
+                    expires = holder["lease_expires_at"]
+                    if expires is None or expires >= now:
+                        return TurnOpened(status="busy", busy_turn_id=holder["turn_id"])
+                    await _sqlite_interrupt(conn, holder, owner_id, now)
+            user_new = await conn.fetch_val(
+                "INSERT INTO messages (thread_id, role, content, status, author_id, turn_id, "
+                "created_at, updated_at) VALUES (:thread_id, 'user', :content, 'complete', "
+                ":owner_id, :turn_id, :now, :now) "
+                "ON CONFLICT (thread_id, turn_id, role) WHERE turn_id IS NOT NULL DO NOTHING "
+                "RETURNING id",
+                {**ids, "content": content, "owner_id": owner_id, "now": now},
+            )
+            assistant_new = await conn.fetch_val(
+                "INSERT INTO messages (thread_id, role, content, status, turn_id, lease_owner, "
+                "lease_expires_at, created_at, updated_at) VALUES (:thread_id, 'assistant', "
+                ":shell, 'streaming', :turn_id, :lease_owner, :expires, :now, :now) "
+                "ON CONFLICT (thread_id, turn_id, role) WHERE turn_id IS NOT NULL DO NOTHING "
+                "RETURNING id",
+                {
+                    **ids,
+                    "shell": _dump_json(ASSISTANT_SHELL),
+                    "lease_owner": lease_owner,
+                    "expires": _plus_seconds(now, lease_seconds),
+                    "now": now,
+                },
+            )
+            if user_new is not None or assistant_new is not None:
+                await conn.execute(
+                    "UPDATE threads SET updated_at = :now WHERE id = :thread_id",
+                    {"thread_id": thread_id, "now": now},
+                )
+        return TurnOpened(
+            status="opened",
+            user_message_id=int(user_new if user_new is not None else mine["user"]["id"]),
+            assistant_message_id=int(
+                assistant_new if assistant_new is not None else mine["assistant"]["id"]
+            ),
+            user_inserted=user_new is not None,
+            assistant_inserted=assistant_new is not None,
+            assistant_status=(
+                "streaming" if assistant_new is not None else str(mine["assistant"]["status"])
+            ),
+        )
+
+
+def _open_outcome(opened: TurnOpened) -> str:
+    if opened.status == "thread_not_found":
+        return "row_missing"
+    if opened.status == "busy":
+        return "conflict_no_match"
+    if opened.user_inserted or opened.assistant_inserted:
+        return "inserted"
+    return "race_recovered"

@@ -1,0 +1,85 @@
+"""Schema migrations (alembic, configured in code) and the schema check."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from persistence._urls import _parse_url
+from turngate.exceptions import DatabaseUnavailable
+
+logger = logging.getLogger("turngate.persistence")
+
+_MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+SchemaStatus = Literal["current", "outdated", "empty"]
+
+
+def _alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS_DIR))
+    return config
+
+
+def _head() -> str | None:
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+def _upgrade(connection: Connection) -> None:
+    from alembic import command
+
+    config = _alembic_config()
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+
+
+def _current_revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+async def migrate(url: str) -> None:
+    """Bring the schema of the database at ``url`` to the newest revision.
+
+    On SQLite it also switches the file to WAL journaling, which persists in the
+    file, so concurrent readers and writers of the embedded default work.
+    """
+    parsed = _parse_url(url)
+    engine = create_async_engine(parsed.sqlalchemy_url)
+    try:
+        async with engine.begin() as conn:
+            if parsed.dialect == "sqlite":
+                await conn.execute(text("PRAGMA journal_mode=WAL"))
+            await conn.run_sync(_upgrade)
+    except OSError as exc:
+        raise DatabaseUnavailable(f"cannot migrate: database unreachable ({exc})") from exc
+    finally:
+        await engine.dispose()
+    logger.info("schema migrated to %s", _head(), extra={"event": "db_migrate"})
+
+
+async def schema_status(url: str) -> SchemaStatus:
+    """Tell whether the database at ``url`` is at the newest revision.
+
+    ``"empty"``: no turngate schema at all; ``"outdated"``: an older revision (run
+    ``turngate migrate``); ``"current"``: ready. Raises ``DatabaseUnavailable``
+    if the database cannot be reached.
+    """
+    parsed = _parse_url(url)
+    engine = create_async_engine(parsed.sqlalchemy_url)
+    try:
+        async with engine.connect() as conn:
+            current = await conn.run_sync(_current_revision)
+    except OSError as exc:
+        raise DatabaseUnavailable(f"database unreachable ({exc})") from exc
+    finally:
+        await engine.dispose()
+    if current is None:
+        return "empty"
+    return "current" if current == _head() else "outdated"

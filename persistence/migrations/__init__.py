@@ -1,0 +1,1 @@
+"""Alembic migrations of turngate's schema (configured in code, no alembic.ini)."""

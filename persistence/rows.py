@@ -1,0 +1,93 @@
+"""The small frozen records the store hands to its callers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+OpenStatus = Literal["opened", "thread_not_found", "busy", "unavailable"]
+AppendOutcome = Literal["inserted", "race_recovered", "conflict_no_match"]
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadRow:
+    id: str
+    owner_id: int
+    title: str | None
+    created_at: str
+    updated_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRow:
+    id: int
+    thread_id: str
+    role: str
+    content: list[dict[str, Any]]
+    status: str
+    turn_id: str | None
+    created_at: str
+    updated_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRows:
+    user: MessageRow | None
+    assistant: MessageRow | None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnOpened:
+    """What ``Store.open_turn`` did.
+
+    ``assistant_status`` is the status of the existing assistant row when it was
+    recovered (e.g. ``"complete"`` → replay, ``"streaming"`` → attach), else
+    ``"streaming"``. ``busy_turn_id`` names the turn that holds the thread when
+    ``status == "busy"``. The ids are ``None`` unless ``status == "opened"``.
+    """
+
+    status: OpenStatus
+    user_message_id: int | None = None
+    assistant_message_id: int | None = None
+    user_inserted: bool = False
+    assistant_inserted: bool = False
+    assistant_status: str | None = None
+    busy_turn_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    id: int | None
+    inserted: bool
+    outcome: AppendOutcome
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """The token usage of one turn, as ``finalize_turn`` stores it."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_micros: int = 0
+    model_breakdown: dict[str, Any] = field(default_factory=dict)
+    call_details: list[Any] = field(default_factory=list)
+    estimated: bool = False
+    usage_type: str = "chat"
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    id: int
+    usage_type: str
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_micros: int
+    model_breakdown: dict[str, Any]
+    call_details: list[Any]
+    estimated: bool
+    thread_id: str
+    message_id: int | None
+    user_id: int
+    created_at: str
