@@ -1,0 +1,225 @@
+"""The turn endpoint end to end over a real uvicorn server, on both databases."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import anyio
+import httpx
+import pytest
+
+from llm_adapters.scripted import TRACES
+from tests.fixtures_server import GatewayServer
+from tests.sse_client import stream_request, validate_ui_stream
+
+pytestmark = pytest.mark.anyio
+
+
+def _turn(model: str, text: str = "hello there world", turn_id: str | None = None) -> dict:
+    return {"turn_id": turn_id or uuid.uuid4().hex, "text": text, "model": model}
+
+
+async def _messages(client: httpx.AsyncClient, thread_id: str) -> list[dict]:
+    r = await client.get(f"/v1/threads/{thread_id}/messages")
+    assert r.status_code == 200, r.text
+    return r.json()["messages"]
+
+
+async def _usage(client: httpx.AsyncClient, thread_id: str) -> list[dict]:
+    r = await client.get("/v1/usage", params={"thread_id": thread_id})
+    assert r.status_code == 200, r.text
+    return r.json()["usage"]
+
+
+async def _wait_status(client: httpx.AsyncClient, thread_id: str, status: str,
+                       timeout: float = 1.0) -> dict:
+    with anyio.fail_after(timeout):
+        while True:
+            msgs = await _messages(client, thread_id)
+            assistant = [m for m in msgs if m["role"] == "assistant"]
+            if assistant and assistant[-1]["status"] == status:
+                return assistant[-1]
+            await anyio.sleep(0.02)
+
+
+async def test_full_turn_is_valid_and_persisted_as_streamed(gateway: GatewayServer) -> None:
+    async with gateway.client() as client:
+        thread = await gateway.new_thread(client)
+        body = _turn("scripted:tokens=12,reasoning=3,tools=2", "one two three four")
+        s = await stream_request(client, "POST", f"/v1/threads/{thread}/turns", json=body)
+        validate_ui_stream(s)
+        start = s.chunks[0]
+        assert start["messageMetadata"]["threadId"] == thread
+        assert start["messageMetadata"]["turnId"] == body["turn_id"]
+        assert s.text == "".join(f"w{i} " for i in range(1, 13))
+        assert s.reasoning == "r1 r2 r3 "
+        assert len(s.of_type("tool-input-available")) == 2
+        assert len(s.of_type("tool-output-available")) == 2
+        finish = s.of_type("finish")[0]
+        assert finish["finishReason"] == "stop"
+        usage = finish["messageMetadata"]["usage"]
+        # scripted: prompt = words of the prompt, completion = deltas sent
+        assert usage["inputTokens"] == 4
+        assert usage["estimated"] is False
+
+        msgs = await _messages(client, thread)
+        assert [m["role"] for m in msgs] == ["user", "assistant"]
+        user, assistant = msgs
+        assert user["content"] == [{"type": "text", "text": "one two three four"}]
+        assert assistant["id"] == int(start["messageId"])
+        assert assistant["status"] == "complete"
+        assert assistant["turn_id"] == body["turn_id"]
+        kinds = [p["type"] for p in assistant["content"]]
+        assert kinds == ["reasoning", "tool-call", "tool-call", "text"]
+        assert assistant["content"][0]["text"] == s.reasoning
+        assert assistant["content"][-1]["text"] == s.text
+        tool = assistant["content"][1]
+        streamed_input = s.of_type("tool-input-available")[0]
+        assert tool["toolCallId"] == streamed_input["toolCallId"]
+        assert tool["args"] == streamed_input["input"] == {"query": "q1", "n": 1}
+        assert tool["result"] == s.of_type("tool-output-available")[0]["output"]
+        rows = await _usage(client, thread)
+        assert len(rows) == 1
+        assert rows[0]["message_id"] == assistant["id"]
+        assert rows[0]["prompt_tokens"] == usage["inputTokens"]
+        assert rows[0]["completion_tokens"] == usage["outputTokens"]
+        assert rows[0]["estimated"] is False
+
+
+async def test_empty_reply_stores_status_marker(gateway: GatewayServer) -> None:
+    async with gateway.client() as client:
+        thread = await gateway.new_thread(client)
+        s = await stream_request(client, "POST", f"/v1/threads/{thread}/turns",
+                                 json=_turn("scripted:tokens=0"))
+        validate_ui_stream(s)
+        assistant = (await _messages(client, thread))[-1]
+        assert assistant["content"] == [{"type": "status", "text": "(no text response)"}]
+        assert assistant["status"] == "complete"
+
+
+CUTS = {
+    # name: (model, events to read before leaving)
+    "before_first_delta": ("scripted:tokens=200,delay_ms=20", 2),
+    "after_one_delta": ("scripted:tokens=200,delay_ms=20", 4),
+    "after_many_deltas": ("scripted:tokens=400,delay_ms=5", 60),
+    "during_reasoning": ("scripted:tokens=50,reasoning=100,delay_ms=10", 8),
+    "during_tool_call": ("scripted:tokens=50,tools=3,delay_ms=30", 6),
+}
+
+
+@pytest.mark.parametrize("cut", list(CUTS))
+async def test_disconnect_cancels_and_finalizes(gateway: GatewayServer, cut: str) -> None:
+    model, n_events = CUTS[cut]
+    trace = uuid.uuid4().hex
+    async with gateway.client() as client:
+        thread = await gateway.new_thread(client)
+        s = await stream_request(client, "POST", f"/v1/threads/{thread}/turns",
+                                 json=_turn(f"{model},trace={trace}"), limit=n_events)
+        assert len(s.events) == n_events
+        left = anyio.current_time()
+        assistant = await _wait_status(client, thread, "cancelled", timeout=1.0)
+        assert anyio.current_time() - left < 1.0
+        t = TRACES[trace]
+        assert t.closed and not t.finished
+        produced = t.deltas_sent
+        await anyio.sleep(0.2)
+        assert TRACES[trace].deltas_sent == produced, "the adapter kept producing"
+        # The row holds exactly what was generated: a prefix of the scripted reply.
+        text = "".join(p["text"] for p in assistant["content"] if p["type"] == "text")
+        full = "".join(f"w{i} " for i in range(1, 401))
+        assert full.startswith(text)
+        assert text.startswith(s.text)
+        assert len(text.split()) == t.text_deltas_sent
+        rows = await _usage(client, thread)
+        assert len(rows) == 1 and rows[0]["estimated"] is True
+        assert rows[0]["message_id"] == assistant["id"]
+        # The pool is whole: more turns work at once.
+        results = await asyncio.gather(*[
+            stream_request(client, "POST", f"/v1/threads/{await gateway.new_thread(client)}/turns",
+                           json=_turn("scripted:tokens=3"))
+            for _ in range(5)
+        ])
+        for r in results:
+            validate_ui_stream(r)
+
+
+async def test_adapter_failure_mid_stream(gateway: GatewayServer) -> None:
+    async with gateway.client() as client:
+        thread = await gateway.new_thread(client)
+        s = await stream_request(client, "POST", f"/v1/threads/{thread}/turns",
+                                 json=_turn("scripted:tokens=10,fail_after=3"))
+        validate_ui_stream(s)
+        errors = s.of_type("error")
+        assert len(errors) == 1
+        assert "scripted" not in errors[0]["errorText"]  # no internal text leaks
+        assert s.of_type("finish")[0]["finishReason"] == "error"
+        assistant = (await _messages(client, thread))[-1]
+        assert assistant["status"] == "error"
+        assert assistant["content"] == [{"type": "text", "text": "w1 w2 w3 "}]
+        rows = await _usage(client, thread)
+        assert len(rows) == 1 and rows[0]["estimated"] is True
+
+
+async def test_busy_thread_is_409(gateway: GatewayServer) -> None:
+    async with gateway.client() as client:
+        thread = await gateway.new_thread(client)
+        async with anyio.create_task_group() as tg:
+            first: dict = {}
+
+            async def long_turn() -> None:
+                first["s"] = await stream_request(
+                    client, "POST", f"/v1/threads/{thread}/turns",
+                    json=_turn("scripted:tokens=30,delay_ms=10"))
+
+            tg.start_soon(long_turn)
+            await anyio.sleep(0.15)
+            r = await client.post(f"/v1/threads/{thread}/turns", json=_turn("scripted:tokens=2"))
+            assert r.status_code == 409
+            assert r.json()["error"]["code"] == "thread_busy"
+            assert int(r.headers["retry-after"]) > 0
+        validate_ui_stream(first["s"])
+        msgs = await _messages(client, thread)
+        assert len(msgs) == 2  # the refused turn wrote nothing
+
+
+async def test_legacy_append_racing_stream_makes_no_duplicates(gateway: GatewayServer) -> None:
+    async with gateway.client() as client:
+        thread = await gateway.new_thread(client)
+        turn_id = uuid.uuid4().hex
+
+        async def append(role: str, text: str) -> int:
+            r = await client.post(f"/v1/threads/{thread}/messages",
+                                  json={"role": role, "content": text, "turn_id": turn_id})
+            assert r.status_code in (200, 201), r.text
+            return int(r.json()["id"])
+
+        results: dict = {}
+
+        async def turn() -> None:
+            results["s"] = await stream_request(
+                client, "POST", f"/v1/threads/{thread}/turns",
+                json=_turn("scripted:tokens=20,delay_ms=5", "hi there", turn_id))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(turn)
+            ids = []
+            for _ in range(3):
+                ids.append(await append("user", "hi there"))
+        s = results["s"]
+        validate_ui_stream(s)
+        msgs = await _messages(client, thread)
+        users = [m for m in msgs if m["role"] == "user"]
+        assistants = [m for m in msgs if m["role"] == "assistant"]
+        assert len(users) == 1 and len(assistants) == 1
+        assert set(ids) == {users[0]["id"]}
+        assert await append("assistant", "client copy") == assistants[0]["id"]
+        assert len(await _messages(client, thread)) == 2
+        assert len(await _usage(client, thread)) == 1
+
+
+async def test_unknown_thread_is_404_and_writes_nothing(gateway: GatewayServer) -> None:
+    async with gateway.client() as client:
+        r = await client.post("/v1/threads/nope/turns", json=_turn("scripted:tokens=2"))
+        assert r.status_code == 404
+        assert r.json() == {"error": {"code": "thread_not_found", "message": "thread not found"}}
