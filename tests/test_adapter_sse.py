@@ -1,0 +1,162 @@
+"""The incremental SSE parser used by the HTTP adapters, and the price table."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from llm_adapters._sse import SSEDecoder, SSEEvent, aiter_sse
+from llm_adapters.pricing import PriceTable
+from tests.upstream_fakes import RECORDINGS_DIR, split_events
+from turngate.exceptions import UpstreamProtocolError
+
+
+def parse(*chunks: bytes) -> list[SSEEvent]:
+    decoder = SSEDecoder()
+    events = [e for c in chunks for e in decoder.feed(c)]
+    return events + decoder.flush()
+
+
+def test_fields_comments_and_multiline_data() -> None:
+    body = (
+        b": a comment\n"
+        b"event: greet\n"
+        b"data: one\n"
+        b"data:two\n"
+        b"data\n"
+        b"id: 7\n"
+        b"retry: 100\n"
+        b"unknown: x\n"
+        b"\n"
+        b"data: plain\n\n"
+        b"event: no-data\n\n"
+        b"data: after\n\n"
+    )
+    decoder = SSEDecoder()
+    events = decoder.feed(body) + decoder.flush()
+    assert events == [
+        SSEEvent("greet", "one\ntwo\n"),
+        SSEEvent("message", "plain"),
+        SSEEvent("message", "after"),  # an event with no data is not dispatched
+    ]
+    assert decoder.last_event_id == "7" and decoder.retry_ms == 100
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+def test_line_endings_split_anywhere(newline: bytes) -> None:
+    body = b"event: e\ndata: caf\xc3\xa9 \xf0\x9f\x98\x8a\n\ndata: x\n\n".replace(b"\n", newline)
+    expected = [SSEEvent("e", "café 😊"), SSEEvent("message", "x")]
+    assert parse(body) == expected
+    for cut in range(1, len(body)):
+        assert parse(body[:cut], body[cut:]) == expected, cut
+    assert parse(*[body[i : i + 1] for i in range(len(body))]) == expected
+
+
+def test_bom_is_dropped_even_when_split() -> None:
+    assert parse(b"\xef\xbb", b"\xbfdata: a\n\n") == [SSEEvent("message", "a")]
+
+
+def test_last_event_without_blank_line_is_dispatched_at_eof() -> None:
+    assert parse(b"data: a\n\nevent: last\ndata: b") == [
+        SSEEvent("message", "a"),
+        SSEEvent("last", "b"),
+    ]
+    assert parse(b"data: a\n\ndata: b\r") == [SSEEvent("message", "a"), SSEEvent("message", "b")]
+    assert parse(b"data: a\n\n: trailing comment") == [SSEEvent("message", "a")]
+
+
+def test_oversized_event_is_a_protocol_error() -> None:
+    decoder = SSEDecoder(max_event_bytes=100)
+    with pytest.raises(UpstreamProtocolError):
+        decoder.feed(b"data: " + b"x" * 200)
+
+
+@pytest.mark.parametrize("path", sorted(RECORDINGS_DIR.glob("*.sse")), ids=lambda p: p.name)
+def test_every_recording_parses_the_same_whole_or_byte_by_byte(path: Path) -> None:
+    body = path.read_bytes()
+    whole = parse(body)
+    assert whole, "at least one event"
+    assert parse(*[body[i : i + 1] for i in range(len(body))]) == whole
+    assert b"".join(split_events(body)) == body
+    assert not any(e.data.startswith(":") for e in whole)
+
+
+@pytest.mark.anyio
+async def test_aiter_sse() -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for piece in (b"da", b"ta: 1\n", b"\ndata: 2"):
+            yield piece
+
+    assert [e async for e in aiter_sse(chunks())] == [
+        SSEEvent("message", "1"),
+        SSEEvent("message", "2"),
+    ]
+
+
+# --- pricing -------------------------------------------------------------------------
+
+
+def test_cost_micros_exact_and_longest_prefix() -> None:
+    table = PriceTable({"gpt-4o-mini": {"input": 0.15, "output": 0.6}}, include_defaults=False)
+    assert table.cost_micros("gpt-4o-mini", 1_000_000, 0) == 150_000
+    assert table.cost_micros("gpt-4o-mini", 10, 10) == 8  # 1.5 + 6 = 7.5 -> 8 (half up)
+    assert table.cost_micros("gpt-4o-mini-2024-07-18", 1000, 1000) == 750
+    table = PriceTable()
+    assert table.price("gpt-4o-2024-08-06") == table.price("gpt-4o")
+    assert table.price("gpt-4o-mini-2024-07-18") == table.price("gpt-4o-mini")
+    assert table.price("openai:gpt-4o-mini") == table.price("gpt-4o-mini")
+    assert table.price("claude-sonnet-4-5-20250929") == table.price("claude-sonnet-4")
+    assert table.cost_micros("deepseek-reasoner", 6, 212) == round(6 * 0.55 + 212 * 2.19)
+    assert table.cost_micros("scripted:tokens=5", 100, 100) == 0
+
+
+def test_unknown_model_costs_zero_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="turngate.adapters")
+    table = PriceTable()
+    assert table.cost_micros("mystery-model", 100, 100) == 0
+    assert table.cost_micros("mystery-model", 5, 5) == 0
+    assert table.cost_micros("other-mystery", 5, 5) == 0
+    warnings = [r for r in caplog.records if "price_unknown" in r.getMessage()]
+    assert len(warnings) == 2
+
+
+def test_load_from_json_text_and_file(tmp_path: Path) -> None:
+    text = '{"my-model": {"input": 1, "output": "2.5"}, "gpt-4o": {"input": 0, "output": 0}}'
+    inline = PriceTable.load(text)
+    assert inline.cost_micros("my-model-v2", 1000, 1000) == 3500
+    assert inline.cost_micros("gpt-4o", 1000, 1000) == 0  # overrides the default
+    assert inline.price("gpt-4o-mini") is not None  # defaults kept
+    path = tmp_path / "prices.json"
+    path.write_text(text)
+    from_file = PriceTable.load(str(path), include_defaults=False)
+    assert from_file.models == ["gpt-4o", "my-model"]
+    assert from_file.price("my-model") is not None
+    assert from_file.price("my-model").output == Decimal("2.5")  # type: ignore[union-attr]
+    assert PriceTable.load(None).models == PriceTable().models
+    assert PriceTable.load("").models == PriceTable().models
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "[1]",
+        "{not json",
+        '{"m": {"input": 1}}',
+        '{"m": {"input": -1, "output": 1}}',
+        '{"m": {"input": "abc", "output": 1}}',
+        '{"m": {"input": true, "output": 1}}',
+        '{"m": 3}',
+    ],
+)
+def test_bad_tables_are_rejected(bad: str) -> None:
+    with pytest.raises(ValueError):
+        PriceTable.from_json(bad)
+
+
+def test_missing_file_is_a_value_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot be read"):
+        PriceTable.load(str(tmp_path / "nope.json"))
