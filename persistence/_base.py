@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -88,6 +89,10 @@ class _StoreBase:
         else:
             options = {"timeout": statement_timeout}  # sqlite3 busy timeout
         self._db = Database(self.url, **options)
+        # SQLite has one writer at a time. Queueing our own writers here is far cheaper
+        # than letting them meet SQLite's busy handler, which sleeps in growing steps
+        # (50 racing opens took 3-4 s that way); other processes still get busy_timeout.
+        self._write_lock = anyio.Lock()
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -129,6 +134,22 @@ class _StoreBase:
     def _is_pg(self) -> bool:
         return self.dialect == "postgresql"
 
+    @asynccontextmanager
+    async def _sqlite_writer(self) -> AsyncIterator[Any]:
+        """One SQLite connection inside BEGIN IMMEDIATE … COMMIT (rolled back on error).
+
+        IMMEDIATE takes the write lock up front, so the checks and writes of one
+        operation cannot interleave with another writer's. Only call it shielded.
+        """
+        async with self._write_lock, self._db.connection() as conn:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                await conn.execute("ROLLBACK")
+                raise
+            await conn.execute("COMMIT")
+
     def _ts_param(self, value: str) -> Any:
         """A timestamp string as the driver wants it (asyncpg needs a datetime)."""
         return _parse_iso(value) if self._is_pg else value
@@ -155,9 +176,7 @@ class _StoreBase:
             logger.warning("database error: %r", exc)
             raise DatabaseUnavailable(f"database error: {type(exc).__name__}: {exc}") from exc
 
-    async def _shielded(
-        self, op: str, fn: Callable[[], Awaitable[tuple[T, str]]], **ids: Any
-    ) -> T:
+    async def _shielded(self, op: str, fn: Callable[[], Awaitable[tuple[T, str]]], **ids: Any) -> T:
         """Run a writer through ``_run``, then log its one line and tell the observer.
 
         ``fn`` returns ``(result, outcome)``; a failure is reported as ``failed`` and

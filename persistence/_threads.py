@@ -159,9 +159,7 @@ class _ThreadsMixin(_StoreBase):
                 raise ValueError("invalid cursor") from exc
             values["c_id"] = cursor[1]
             # Spelled out rather than a row comparison so both planners use the index.
-            where += (
-                " AND (updated_at < :c_updated OR (updated_at = :c_updated AND id < :c_id))"
-            )
+            where += " AND (updated_at < :c_updated OR (updated_at = :c_updated AND id < :c_id))"
         rows = await self._run(
             lambda: self._db.fetch_all(
                 "SELECT id, owner_id, title, created_at, updated_at FROM threads "

@@ -13,8 +13,6 @@ not the caller's), ``conflict_no_match`` (busy: another turn is streaming),
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -48,18 +46,6 @@ class _BusyRace(Exception):
 
 def _plus_seconds(iso: str, seconds: float) -> str:
     return (_parse_iso(iso) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-@asynccontextmanager
-async def _sqlite_write(conn: Any) -> AsyncIterator[None]:
-    """BEGIN IMMEDIATE … COMMIT, rolled back on any error (we are shielded here)."""
-    await conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        await conn.execute("ROLLBACK")
-        raise
-    await conn.execute("COMMIT")
 
 
 _SQLITE_USAGE_INSERT = (
@@ -214,7 +200,7 @@ class _TurnsMixin(_StoreBase):
     ) -> TurnOpened:
         now = _utcnow_text()
         ids = {"thread_id": thread_id, "turn_id": turn_id}
-        async with self._db.connection() as conn, _sqlite_write(conn):
+        async with self._sqlite_writer() as conn:
             found = await conn.fetch_val(
                 "SELECT 1 FROM threads WHERE id = :thread_id AND owner_id = :owner_id",
                 {"thread_id": thread_id, "owner_id": owner_id},

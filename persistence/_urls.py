@@ -25,9 +25,7 @@ def _parse_url(url: str | None) -> _ParsedUrl:
         raise ValueError(f"not a database URL: {raw!r}")
     scheme = scheme.lower()
     if scheme in ("postgres", "postgresql", "postgresql+asyncpg"):
-        return _ParsedUrl(
-            "postgresql", f"postgresql://{rest}", f"postgresql+asyncpg://{rest}"
-        )
+        return _ParsedUrl("postgresql", f"postgresql://{rest}", f"postgresql+asyncpg://{rest}")
     if scheme in ("sqlite", "sqlite+aiosqlite"):
         return _ParsedUrl("sqlite", f"sqlite://{rest}", f"sqlite+aiosqlite://{rest}")
     raise ValueError(

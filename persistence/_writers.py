@@ -12,7 +12,6 @@ from persistence._turns import (
     FINAL_STATUSES,
     _plus_seconds,
     _sqlite_interrupt,
-    _sqlite_write,
 )
 from persistence.content import NO_TEXT_MARKER, is_empty_assistant_content
 from persistence.rows import AppendOutcome, AppendResult, UsageRecord
@@ -76,7 +75,7 @@ class _WritersMixin(_StoreBase):
 
     async def _append_sqlite(self, values: dict[str, Any]) -> tuple[Any, Any, bool]:
         now = _utcnow_text()
-        async with self._db.connection() as conn, _sqlite_write(conn):
+        async with self._sqlite_writer() as conn:
             found = await conn.fetch_val(
                 "SELECT 1 FROM threads WHERE id = :thread_id AND owner_id = :owner_id",
                 {"thread_id": values["thread_id"], "owner_id": values["owner_id"]},
@@ -132,18 +131,19 @@ class _WritersMixin(_StoreBase):
                 )
             else:
                 now = _utcnow_text()
-                done = await self._db.fetch_val(
-                    "UPDATE messages SET content = :content, updated_at = :now, "
-                    "lease_expires_at = :expires WHERE id = :message_id "
-                    "AND status = 'streaming' AND lease_owner = :lease_owner RETURNING id",
-                    {
-                        "message_id": message_id,
-                        "content": payload,
-                        "lease_owner": lease_owner,
-                        "now": now,
-                        "expires": _plus_seconds(now, lease_seconds),
-                    },
-                )
+                async with self._sqlite_writer() as conn:
+                    done = await conn.fetch_val(
+                        "UPDATE messages SET content = :content, updated_at = :now, "
+                        "lease_expires_at = :expires WHERE id = :message_id "
+                        "AND status = 'streaming' AND lease_owner = :lease_owner RETURNING id",
+                        {
+                            "message_id": message_id,
+                            "content": payload,
+                            "lease_owner": lease_owner,
+                            "now": now,
+                            "expires": _plus_seconds(now, lease_seconds),
+                        },
+                    )
             return done is not None, "ok" if done is not None else "row_missing"
 
         return await self._shielded("checkpoint", op, message_id=message_id)
@@ -205,7 +205,7 @@ class _WritersMixin(_StoreBase):
 
     async def _finalize_sqlite(self, values: dict[str, Any]) -> bool:
         now = _utcnow_text()
-        async with self._db.connection() as conn, _sqlite_write(conn):
+        async with self._sqlite_writer() as conn:
             updated = await conn.fetch_val(
                 "UPDATE messages SET content = :content, status = :status, updated_at = :now, "
                 "lease_owner = NULL, lease_expires_at = NULL "
@@ -236,7 +236,7 @@ class _WritersMixin(_StoreBase):
 
     async def _recover_sqlite(self) -> list[int]:
         now = _utcnow_text()
-        async with self._db.connection() as conn, _sqlite_write(conn):
+        async with self._sqlite_writer() as conn:
             rows = await conn.fetch_all(
                 "SELECT m.id, m.thread_id, m.content, t.owner_id FROM messages m "
                 "JOIN threads t ON t.id = m.thread_id "

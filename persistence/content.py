@@ -37,9 +37,7 @@ def build_user_content(
     """
     parts: list[dict[str, Any]] = [{"type": "text", "text": text}]
     parts.extend({"type": "image", "image": image} for image in images or ())
-    documents = [
-        doc for doc in map(_valid_document, mentioned_documents or ()) if doc is not None
-    ]
+    documents = [doc for doc in map(_valid_document, mentioned_documents or ()) if doc is not None]
     if documents:
         parts.append({"type": "mentioned-documents", "documents": documents})
     return parts

@@ -7,9 +7,7 @@ from tests.fixtures_db import MakeThread
 
 
 @pytest.mark.anyio
-async def test_open_and_finalize_smoke(
-    store: Store, user_id: int, make_thread: MakeThread
-) -> None:
+async def test_open_and_finalize_smoke(store: Store, user_id: int, make_thread: MakeThread) -> None:
     thread_id = await make_thread()
     opened = await store.open_turn(
         thread_id, user_id, "t1", build_user_content("hi"), lease_owner="p1", lease_seconds=30

@@ -110,8 +110,12 @@ async def test_repeat_open_recovers_and_reports_assistant_status(
     assert first.assistant_message_id is not None
     assert (
         await store.finalize_turn(
-            first.assistant_message_id, thread_id, user_id, [{"type": "text", "text": "hi"}],
-            "complete", USAGE,
+            first.assistant_message_id,
+            thread_id,
+            user_id,
+            [{"type": "text", "text": "hi"}],
+            "complete",
+            USAGE,
         )
         == "ok"
     )
@@ -245,8 +249,12 @@ async def test_finalize_keeps_tool_call_only_content(
     thread_id = await make_thread()
     opened = await _open(store, thread_id, user_id, "t1")
     assert opened.assistant_message_id is not None
-    parts = [{"type": "tool-call", "toolCallId": "c1", "toolName": "x", "args": {}, "argsText": "{}"}]
-    await store.finalize_turn(opened.assistant_message_id, thread_id, user_id, parts, "complete", USAGE)
+    parts = [
+        {"type": "tool-call", "toolCallId": "c1", "toolName": "x", "args": {}, "argsText": "{}"}
+    ]
+    await store.finalize_turn(
+        opened.assistant_message_id, thread_id, user_id, parts, "complete", USAGE
+    )
     turn = await store.get_turn(thread_id, "t1")
     assert turn.assistant is not None and turn.assistant.content == parts
 
@@ -259,7 +267,9 @@ async def test_finalize_with_bad_status_fails_without_raising(
     opened = await _open(store, thread_id, user_id, "t1")
     assert opened.assistant_message_id is not None
     assert (
-        await store.finalize_turn(opened.assistant_message_id, thread_id, user_id, [], "weird", USAGE)
+        await store.finalize_turn(
+            opened.assistant_message_id, thread_id, user_id, [], "weird", USAGE
+        )
         == "failed"
     )
 
