@@ -427,3 +427,40 @@ async def test_adapter_reuses_one_client_and_aclose_closes_it() -> None:
         assert adapter._client is client and client is not None
         await adapter.aclose()
         assert client.is_closed
+
+
+async def test_concurrent_streams_on_one_adapter_do_not_mix() -> None:
+    async with FakeUpstream() as fake:
+        fake.enqueue(
+            FakeResponse.sse(recording("openai-tool-calls-parallel-fragmented.sse"), delay=0.003),
+            FakeResponse.sse(recording("deepseek-reasoning-content-usage.sse"), delay=0.001),
+        )
+        async with adapter_for(fake) as adapter:
+            runs: list = [None, None]
+
+            async def one(i: int) -> None:
+                runs[i] = await run_adapter(adapter, request(f"r{i}"))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(one, 0)
+                await fake.wait_for_request(1)
+                tg.start_soon(one, 1)
+    by_usage = {r.of(Usage)[0].model: r for r in runs}
+    assert by_usage["gpt-4o-2024-08-06"].text == ""
+    assert len(by_usage["gpt-4o-2024-08-06"].tool_calls) == 2
+    assert by_usage["deepseek-reasoner"].text == DEEPSEEK_TEXT
+    assert all(r.error is None for r in runs)
+
+
+async def test_empty_error_body_and_non_json_body() -> None:
+    async with FakeUpstream() as fake:
+        fake.enqueue(
+            FakeResponse(400, b""),
+            FakeResponse(404, b"<html>not found sk-secret-123</html>"),
+        )
+        async with adapter_for(fake, key="sk-secret-123") as adapter:
+            first = await run_adapter(adapter, request())
+            second = await run_adapter(adapter, request())
+    assert isinstance(first.error, UpstreamStatusError) and first.error.status_code == 400
+    assert isinstance(second.error, UpstreamStatusError) and second.error.status_code == 404
+    assert "html" not in str(second.error) and "sk-secret" not in str(second.error)

@@ -87,10 +87,10 @@ class FakeResponse:
 
     def pieces(self) -> list[bytes]:
         events = split_events(self.body) if self.status < 300 else [self.body]
-        if not self.chunk_size:
-            return events
-        size = self.chunk_size
-        return [e[i : i + size] for e in events for i in range(0, len(e), size)]
+        if self.chunk_size:
+            size = self.chunk_size
+            events = [e[i : i + size] for e in events for i in range(0, len(e), size)]
+        return [e for e in events if e]  # an empty chunk would end the chunked body
 
 
 @dataclass
