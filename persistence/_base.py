@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -98,6 +99,14 @@ class _StoreBase:
 
     async def connect(self) -> None:
         """Open the pool; raises ``DatabaseUnavailable`` if the database cannot be reached."""
+        if self.dialect == "sqlite":
+            # aiosqlite leaves its worker thread posting to a closed loop when the file
+            # cannot be opened, so refuse a missing directory before trying.
+            path = self._db.url.database
+            if path and path != ":memory:" and not Path(path).parent.is_dir():
+                raise DatabaseUnavailable(
+                    f"cannot open SQLite database {path!r}: no such directory"
+                )
         try:
             with anyio.fail_after(self._deadline, shield=True):
                 await self._db.connect()
