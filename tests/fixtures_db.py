@@ -165,7 +165,8 @@ class RoundTripProxy:
         self.port = 0
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        # A restarted proxy listens on the same port again (an outage that ends).
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def url(self, database: str) -> str:
