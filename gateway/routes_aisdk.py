@@ -1,0 +1,134 @@
+"""AI SDK-compatible routes: ``useChat`` and assistant-ui talk to turngate unchanged.
+
+- ``POST /api/chat``: the body ``DefaultChatTransport`` sends by default,
+  ``{id, messages, trigger, messageId?}`` (also the docs' variant
+  ``{id, message}`` that sends only the last message). The chat id is the
+  thread id (created for the caller when new; 404 when it is someone else's),
+  the last user message's id is the turn id, its text parts joined are the
+  text and its image file parts (data URLs) are the images. The server keeps
+  the history itself, so earlier messages in the body are ignored. The reply
+  is the turn stream of ``POST /v1/threads/{id}/turns``, byte for byte.
+- ``GET /api/chat/{id}/stream``: the ``useChat({resume: true})`` endpoint. 204
+  when no turn is generating on that thread in this process; else the turn's
+  stream replayed from its first chunk and then followed live (the SDK's
+  default ``resumeStreamIsReplay``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.auth import authenticate
+from gateway.context import context
+from gateway.errors import ApiError, not_found
+from gateway.limits import check_rate
+from gateway.routes_turns import _attach_or_replay, run_turn
+from gateway.validation import (
+    check_id,
+    check_thread_path_id,
+    parse_turn_request,
+    read_json,
+    require_object,
+)
+from persistence import ThreadIdTaken
+
+_TITLE_CHARS = 80
+
+
+def _last_user_message(body: dict[str, Any]) -> dict[str, Any]:
+    """The message to answer: the last user message of ``messages``, or ``message``."""
+    messages = body.get("messages")
+    if messages is None and isinstance(body.get("message"), dict):
+        messages = [body["message"]]
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(
+            400, "missing_messages",
+            "messages must be a non-empty array of UI messages (or send \"message\")",
+        )
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            return message
+    raise ApiError(400, "missing_user_message", "messages has no user message to answer")
+
+
+def _text_and_images(message: dict[str, Any]) -> tuple[str, list[Any]]:
+    parts = message.get("parts")
+    if parts is None and isinstance(message.get("content"), str):
+        parts = [{"type": "text", "text": message["content"]}]  # pre-v5 message shape
+    if not isinstance(parts, list):
+        raise ApiError(400, "invalid_message", "the user message must have a parts array")
+    texts: list[str] = []
+    images: list[Any] = []
+    for part in parts:
+        if not isinstance(part, dict):
+            raise ApiError(400, "invalid_message", "each message part must be an object")
+        kind = part.get("type")
+        if kind == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise ApiError(400, "invalid_message", "a text part must have a string text")
+            texts.append(text)
+        elif kind == "file":
+            media = part.get("mediaType")
+            if isinstance(media, str) and media.startswith("image/"):
+                images.append(part.get("url"))
+            else:
+                raise ApiError(
+                    400, "unsupported_file",
+                    f"file parts of type {str(media)[:40]!r} are not supported; send images",
+                )
+    return "\n".join(texts), images
+
+
+async def chat(request: Request) -> Response:
+    """``POST /api/chat``: the AI SDK request, answered by the turn stream."""
+    ctx = context(request)
+    started = time.monotonic()
+    user_id = await authenticate(request, ctx.store)
+    check_rate(ctx, user_id)
+    body = require_object(await read_json(request, ctx.settings.max_body_bytes))
+    if "id" not in body:
+        raise ApiError(400, "missing_id", "id (the chat id) is required")
+    thread_id = check_id(body["id"], "id", ctx.settings)
+    message = _last_user_message(body)
+    if "id" not in message:
+        raise ApiError(400, "missing_message_id", "the user message must have an id")
+    text, images = _text_and_images(message)
+    turn = parse_turn_request(
+        {"turn_id": message["id"], "text": text, "images": images, "model": body.get("model")},
+        ctx.settings,
+    )
+    if await ctx.store.get_thread(thread_id, user_id) is None:
+        title = " ".join(text.split())[:_TITLE_CHARS] or None
+        try:
+            await ctx.store.create_thread(user_id, thread_id, title)
+        except ThreadIdTaken:
+            raise not_found() from None
+    return await run_turn(ctx, user_id, thread_id, turn, started)
+
+
+async def chat_stream(request: Request) -> Response:
+    """``GET /api/chat/{id}/stream``: replay-then-follow the running turn, or 204."""
+    ctx = context(request)
+    thread_id = check_thread_path_id(request.path_params["chat_id"], ctx.settings)
+    user_id = await authenticate(request, ctx.store)
+    if await ctx.store.get_thread(thread_id, user_id) is None:
+        raise not_found()
+    live = ctx.relay.running_on_thread(thread_id)
+    if live is None or live.owner_id != user_id:
+        return Response(status_code=204)
+    response = await _attach_or_replay(ctx, user_id, thread_id, live.turn_id, -1)
+    return response if response is not None else Response(status_code=204)
+
+
+ROUTES: list[Route] = [
+    Route("/api/chat", chat, methods=["POST"]),
+    Route("/api/chat/{chat_id}/stream", chat_stream, methods=["GET"]),
+]
+
+__all__ = ["ROUTES", "chat", "chat_stream"]

@@ -1,0 +1,142 @@
+"""Stored messages → AI SDK ``UIMessage``s (``GET /v1/threads/{id}/messages?format=ui``).
+
+So that ``useChat({messages})`` (or assistant-ui) can start from stored
+history, and so that ids agree with what the stream told the client:
+
+- a user message's id is its ``turn_id`` (the id the client gave the message
+  when it sent it through ``POST /api/chat``), else the row id;
+- an assistant message's id is ``str(row id)``, the ``messageId`` of the
+  ``start`` chunk of its stream.
+
+Parts follow the shape the SDK's own stream processor builds: ``step-start``,
+``reasoning`` and ``text`` with ``state: "done"`` (``"streaming"`` while the
+turn is still generating), ``tool-<name>`` with a tool state, ``file`` for
+images and ``data-mentioned-documents`` for mentioned documents. The
+``status`` placeholder of an empty reply is not a part: it goes to
+``metadata.notice``. ``metadata`` also carries ``threadId``, ``turnId``,
+``status`` and ``createdAt``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+_DATA_URL_TYPE = re.compile(r"^data:([^;,]+)[;,]")
+
+_UNFINISHED_TOOL = "The tool call did not finish: the reply ended first."
+
+
+class MessageLike(Protocol):
+    """What a stored message row must have (``persistence.rows.MessageRow``)."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def thread_id(self) -> str: ...
+    @property
+    def role(self) -> str: ...
+    @property
+    def content(self) -> list[dict[str, Any]]: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def turn_id(self) -> str | None: ...
+    @property
+    def created_at(self) -> str: ...
+
+
+def _media_type(url: str) -> str:
+    match = _DATA_URL_TYPE.match(url)
+    return match.group(1) if match else "application/octet-stream"
+
+
+def _user_parts(content: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    parts: list[dict[str, Any]] = []
+    for part in content:
+        kind = part.get("type")
+        if kind == "text":
+            parts.append({"type": "text", "text": str(part.get("text", ""))})
+        elif kind == "image" and isinstance(part.get("image"), str):
+            url = part["image"]
+            parts.append({"type": "file", "mediaType": _media_type(url), "url": url})
+        elif kind == "mentioned-documents":
+            docs = part.get("documents")
+            parts.append({
+                "type": "data-mentioned-documents",
+                "data": {"documents": docs if isinstance(docs, list) else []},
+            })
+    if not parts:
+        parts.append({"type": "text", "text": ""})
+    return parts
+
+
+def _tool_part(part: dict[str, Any], streaming: bool) -> dict[str, Any]:
+    name = str(part.get("toolName") or "unknown")
+    args = part.get("args")
+    out: dict[str, Any] = {
+        "type": f"tool-{name}",
+        "toolCallId": str(part.get("toolCallId", "")),
+        "input": args if args is not None else {},
+    }
+    if "result" in part:
+        out["state"] = "output-available"
+        out["output"] = part["result"]
+    elif streaming:
+        out["state"] = "input-available"
+    else:
+        out["state"] = "output-error"
+        out["errorText"] = _UNFINISHED_TOOL
+    return out
+
+
+def _assistant_parts(
+    content: list[dict[str, Any]], streaming: bool
+) -> tuple[list[dict[str, Any]], str | None]:
+    parts: list[dict[str, Any]] = [{"type": "step-start"}]
+    notice: str | None = None
+    state = "streaming" if streaming else "done"
+    for part in content:
+        kind = part.get("type")
+        if kind in ("text", "reasoning"):
+            text = str(part.get("text", ""))
+            if text:
+                parts.append({"type": kind, "text": text, "state": state})
+        elif kind == "tool-call":
+            parts.append(_tool_part(part, streaming))
+        elif kind == "status":
+            notice = str(part.get("text", ""))
+    if len(parts) == 1:
+        parts = []
+    return parts, notice
+
+
+def to_ui_message(row: MessageLike) -> dict[str, Any]:
+    """One stored row as a ``UIMessage``."""
+    metadata: dict[str, Any] = {
+        "threadId": row.thread_id,
+        "status": row.status,
+        "createdAt": row.created_at,
+    }
+    if row.turn_id is not None:
+        metadata["turnId"] = row.turn_id
+    if row.role == "assistant":
+        parts, notice = _assistant_parts(row.content, row.status == "streaming")
+        if notice:
+            metadata["notice"] = notice
+        return {"id": str(row.id), "role": "assistant", "parts": parts, "metadata": metadata}
+    return {
+        "id": row.turn_id or str(row.id),
+        "role": "user" if row.role == "user" else "system",
+        "parts": _user_parts(row.content),
+        "metadata": metadata,
+    }
+
+
+def to_ui_messages(rows: Iterable[MessageLike]) -> list[dict[str, Any]]:
+    """Stored rows, in order, as AI SDK ``UIMessage``s."""
+    return [to_ui_message(row) for row in rows]
+
+
+__all__ = ["MessageLike", "to_ui_message", "to_ui_messages"]
