@@ -11,7 +11,13 @@ from gateway.auth import authenticate
 from gateway.context import context
 from gateway.errors import ApiError, not_found
 from gateway.limits import check_rate
-from gateway.validation import check_id, check_thread_path_id, read_json, require_object
+from gateway.validation import (
+    check_id,
+    check_thread_path_id,
+    parse_legacy_message,
+    read_json,
+    require_object,
+)
 from persistence import ThreadIdTaken
 
 _MAX_LIMIT = 200
@@ -21,9 +27,18 @@ def _limit(request: Request, default: int = 50) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= _MAX_LIMIT:
-        raise ApiError(400, "invalid_limit", f"limit {raw[:20]!r} must be an integer 1..{_MAX_LIMIT}")
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= _MAX_LIMIT:
+        raise ApiError(
+            400, "invalid_limit", f"limit {raw[:20]!r} must be an integer 1..{_MAX_LIMIT}"
+        )
     return int(raw)
+
+
+def _bad_cursor(request: Request) -> ApiError:
+    shown = request.query_params.get("before", "")[:40]
+    return ApiError(
+        400, "invalid_cursor", f"before {shown!r} is not a cursor returned by this API"
+    )
 
 
 def _cursor(request: Request) -> str | None:
@@ -66,9 +81,12 @@ async def list_threads(request: Request) -> Response:
     """``GET /v1/threads``: the caller's threads, newest first, paginated by ``before``."""
     ctx = context(request)
     user_id = await authenticate(request, ctx.store)
-    rows, next_cursor = await ctx.store.list_threads(
-        user_id, limit=_limit(request), before=_cursor(request)
-    )
+    try:
+        rows, next_cursor = await ctx.store.list_threads(
+            user_id, limit=_limit(request), before=_cursor(request)
+        )
+    except ValueError:
+        raise _bad_cursor(request) from None
     return JSONResponse({"threads": [thread_json(r) for r in rows], "next_cursor": next_cursor})
 
 
@@ -90,26 +108,6 @@ async def list_messages(request: Request) -> Response:
     return JSONResponse({"messages": [message_json(r) for r in rows]})
 
 
-def _legacy_content(role: str, content: Any) -> list[dict[str, Any]]:
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    if (
-        isinstance(content, list)
-        and len(content) <= 200
-        and all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in content)
-    ):
-        # Keep only known part types; client-sent usage or status fields are never trusted.
-        allowed = {"text", "image", "mentioned-documents"} if role == "user" else {
-            "text", "reasoning", "tool-call"}
-        parts = [p for p in content if p["type"] in allowed]
-        if len(parts) == len(content):
-            return parts
-    raise ApiError(
-        400, "invalid_content",
-        "content must be a string or an array of content parts {\"type\": ...}",
-    )
-
-
 async def append_message(request: Request) -> Response:
     """``POST /v1/threads/{id}/messages``: the legacy client's idempotent append."""
     ctx = context(request)
@@ -117,14 +115,7 @@ async def append_message(request: Request) -> Response:
     user_id = await authenticate(request, ctx.store)
     check_rate(ctx, user_id)
     body = require_object(await read_json(request, ctx.settings.max_body_bytes))
-    role = body.get("role")
-    if role not in ("user", "assistant"):
-        raise ApiError(400, "invalid_role", f"role {str(role)[:20]!r} must be \"user\" or \"assistant\"")
-    if "content" not in body:
-        raise ApiError(400, "missing_content", "content is required")
-    content = _legacy_content(role, body["content"])
-    if sum(len(str(p.get("text", ""))) for p in content) > ctx.settings.max_text_chars:
-        raise ApiError(400, "text_too_long", f"content exceeds {ctx.settings.max_text_chars} characters")
+    role, content = parse_legacy_message(body, ctx.settings)
     turn_id = body.get("turn_id")
     if turn_id is not None:
         turn_id = check_id(turn_id, "turn_id", ctx.settings)
@@ -145,9 +136,12 @@ async def list_usage(request: Request) -> Response:
         thread_id = check_thread_path_id(thread_id, ctx.settings)
         if await ctx.store.get_thread(thread_id, user_id) is None:
             raise not_found()
-    rows, next_cursor = await ctx.store.list_usage(
-        user_id, thread_id=thread_id, limit=_limit(request, 100), before=_cursor(request)
-    )
+    try:
+        rows, next_cursor = await ctx.store.list_usage(
+            user_id, thread_id=thread_id, limit=_limit(request, 100), before=_cursor(request)
+        )
+    except ValueError:
+        raise _bad_cursor(request) from None
     return JSONResponse({"usage": [_usage_json(r) for r in rows], "next_cursor": next_cursor})
 
 

@@ -58,7 +58,7 @@ def _last_event_id(request: Request) -> int:
     raw = request.headers.get("last-event-id", "").strip()
     if not raw:
         return -1
-    if not raw.isdigit() or len(raw) > 12:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 12:
         raise ApiError(400, "invalid_last_event_id", f"Last-Event-ID {raw[:20]!r} must be an integer")
     return int(raw)
 
