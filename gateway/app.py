@@ -93,6 +93,22 @@ def create_app(settings: Settings | None = None, *, migrate_sqlite: bool = True)
         instance_id=instance_id,
     )
 
+    async def _drain_on_signal(event: anyio.Event) -> None:
+        # The shutdown event is set as soon as SIGTERM arrives (by `turngate serve`'s
+        # server, or by sse-starlette's watcher), while uvicorn still waits for open
+        # connections: stop taking turns now and give running ones the grace period,
+        # so their streams end with a finish chunk and the connections close by
+        # themselves. The lifespan shutdown below then finds nothing left to drain.
+        await event.wait()
+        ctx.ready = False
+        logger.info("shutdown_started grace=%gs running=%d",
+                    settings.shutdown_grace_seconds, len(runner.relay.running()),
+                    extra={"event": "shutdown_started",
+                           "grace_seconds": settings.shutdown_grace_seconds,
+                           "running": len(runner.relay.running())})
+        with anyio.CancelScope(shield=True):
+            await runner.drain(settings.shutdown_grace_seconds)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if migrate_sqlite or not settings.database_url.startswith("sqlite"):
@@ -104,6 +120,7 @@ def create_app(settings: Settings | None = None, *, migrate_sqlite: bool = True)
                 runner.task_group = tg
                 await store.recover_expired_turns()
                 tg.start_soon(runner.maintain)
+                tg.start_soon(_drain_on_signal, ctx.shutdown_event)
                 ctx.ready = True
                 logger.info("started instance=%s", instance_id,
                             extra={"event": "started", "instance": instance_id})

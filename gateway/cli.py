@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
+import socket
 import sys
 from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+import uvicorn
 
 from gateway.settings import Settings, settings_help
 from turngate.exceptions import ConfigError, TurngateError
@@ -37,8 +43,6 @@ async def _first_start_key(settings: Settings) -> str | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from gateway.app import create_app
     from gateway.logs import configure_logging
 
@@ -53,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print("(the key is shown only this once; `turngate keys create NAME` makes more)")
             sys.stdout.flush()
     app = create_app(settings)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
@@ -61,9 +65,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
         http="httptools",
         log_config=None,
         lifespan="on",
-        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
+        # A backstop only: the app's drain ends every live stream within the grace
+        # period plus one finalize deadline; uvicorn then cancels what is left.
+        timeout_graceful_shutdown=math.ceil(
+            settings.shutdown_grace_seconds + settings.finalize_timeout + 2
+        ),
     )
+    _DrainingServer(config, app).run()
     return 0
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, telling the app the moment SIGTERM/SIGINT arrives.
+
+    uvicorn closes the listener, then waits for open connections before it runs
+    the lifespan shutdown. SSE streams of running turns would hold it there, so
+    the app must start draining at the signal: it stops taking turns (503), lets
+    running ones finish within the grace period, finalizes the rest as
+    ``interrupted`` and ends their streams with a finish chunk. sse-starlette's own
+    shutdown handling (cancel every stream after its grace period) is turned off:
+    it would race the drain and cut streams before their last chunk.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        event = getattr(self._app.state.ctx, "shutdown_event", None)
+        if event is not None and not event.is_set():
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                loop.call_soon_threadsafe(event.set)
+            else:
+                event.set()
+        super().handle_exit(sig, frame)
+
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        from sse_starlette.sse import AppStatus
+
+        AppStatus.enable_automatic_graceful_drain = False
+        super().run(sockets)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

@@ -82,6 +82,19 @@ class TurnRunner:
             )
         )
         self.relay.add(live)
+        logger.info(
+            "turn_start thread_id=%s turn_id=%s message_id=%s user_message_id=%s model=%s",
+            live.thread_id, live.turn_id, live.message_id, user_message_id, model_string,
+            extra={"event": "turn_start", "thread_id": live.thread_id, "turn_id": live.turn_id,
+                   "message_id": live.message_id, "user_message_id": user_message_id,
+                   "user_id": live.owner_id, "model": model_string},
+        )
+        if self.settings.log_content and request.messages:
+            # Message content only when asked for (TURNGATE_LOG_CONTENT), at debug level.
+            logger.debug("turn_content turn_id=%s text=%r", live.turn_id,
+                         request.messages[-1].text,
+                         extra={"event": "turn_content", "turn_id": live.turn_id,
+                                "text": request.messages[-1].text})
         self.metrics.generations_started.inc()
         self.metrics.active_generations.inc()
         self.task_group.start_soon(
@@ -193,7 +206,8 @@ class TurnRunner:
                 (time.monotonic() - started) * 1000,
                 extra={"event": "turn_end", "thread_id": live.thread_id,
                        "turn_id": live.turn_id, "message_id": live.message_id,
-                       "status": status, "prompt_tokens": usage.prompt_tokens,
+                       "status": status, "total_tokens": usage.total_tokens,
+                       "prompt_tokens": usage.prompt_tokens,
                        "completion_tokens": usage.completion_tokens,
                        "cost_micros": usage.cost_micros, "estimated": usage.estimated,
                        "finalize": outcome,
@@ -253,9 +267,9 @@ class TurnRunner:
                 await self._idle.wait()
         for live in self.relay.running():
             live.cancel("interrupted")
-        with anyio.move_on_after(self.settings.finalize_timeout + 1):
-            while self.relay.running():
-                await anyio.sleep(0.01)
+        if self.relay.running():
+            with anyio.move_on_after(self.settings.finalize_timeout + 1):
+                await self._idle.wait()  # set by the last _finish while draining
 
 
 def history_messages(rows: list[Any], turn_id: str) -> list[ChatMessage]:
