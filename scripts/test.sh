@@ -10,6 +10,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+# A third-party adapter package, to prove the `turngate.adapters` entry point works.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check ./tests/third_party_adapter
 
 # PostgreSQL (127.0.0.1:5432, trust auth) and Redis (127.0.0.1:6379).
 if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then

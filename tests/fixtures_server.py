@@ -89,3 +89,67 @@ async def gateway(database_url: str) -> AsyncIterator[GatewayServer]:
     """A running gateway on the parametrized database (SQLite and PostgreSQL)."""
     async with run_gateway(database_url) as gw:
         yield gw
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServerProcess:
+    """``turngate serve`` in its own process, for crash and signal tests."""
+
+    def __init__(self, database_url: str, port: int | None = None, **env: str) -> None:
+        import os
+        import sys
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "DATABASE_URL": database_url, **env}
+        self.bin = os.path.join(os.path.dirname(sys.executable), "turngate")
+        self.proc: Any = None
+
+    async def cli(self, *args: str) -> str:
+        """Run a ``turngate`` subcommand against the same database; its stdout."""
+        result = await anyio.run_process([self.bin, *args], env=self.env)
+        return result.stdout.decode().strip()
+
+    async def start(self) -> None:
+        import subprocess
+
+        self.proc = subprocess.Popen(
+            [self.bin, "serve", "--port", str(self.port)], env=self.env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        async with httpx.AsyncClient() as client:
+            with anyio.fail_after(20):
+                while True:
+                    if self.proc.poll() is not None:
+                        raise RuntimeError(f"turngate serve exited with {self.proc.returncode}")
+                    try:
+                        if (await client.get(f"{self.url}/healthz")).status_code == 200:
+                            return
+                    except httpx.TransportError:
+                        pass
+                    await anyio.sleep(0.1)
+
+    def kill(self, sig: int = 9) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float) -> int | None:
+        with anyio.move_on_after(timeout):
+            while self.proc.poll() is None:
+                await anyio.sleep(0.05)
+        code: int | None = self.proc.poll()
+        return code
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            await self.wait(10)
