@@ -1,0 +1,121 @@
+"""``/healthz`` and ``/readyz``: liveness always, readiness tracks the database,
+its schema, Redis (when configured) and draining."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import anyio
+import httpx
+import pytest
+
+from persistence.migrate import _head
+from tests.fixtures_db import RoundTripProxy
+from tests.fixtures_server import run_gateway
+
+pytestmark = pytest.mark.anyio
+
+
+class OutageProxy(RoundTripProxy):
+    """The suite's PostgreSQL proxy, which can come back on the same port after ``close``."""
+
+    async def reopen(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+
+async def _ready(client: httpx.AsyncClient) -> httpx.Response:
+    return await client.get("/readyz")
+
+
+async def test_readyz_when_database_is_down_and_back(_pg_session_database: str,
+                                                     pg_url: str) -> None:
+    proxy = OutageProxy()
+    await proxy.start()
+    try:
+        async with run_gateway(proxy.url(_pg_session_database)) as gw, httpx.AsyncClient(
+            base_url=gw.url, timeout=30
+        ) as client:
+            r = await _ready(client)
+            assert r.status_code == 200, r.text
+            assert r.json()["checks"] == {"server": "ok", "database": "ok", "schema": "ok"}
+
+            await proxy.close()  # the database goes away, open connections are cut
+            for _ in range(2):  # the first probe meets the dead pooled connections
+                r = await _ready(client)
+                assert r.status_code == 503, r.text
+                assert r.json()["checks"]["database"] == "unreachable"
+            assert (await client.get("/healthz")).status_code == 200
+
+            await proxy.reopen()
+            for _ in range(150):
+                r = await _ready(client)
+                if r.status_code == 200:
+                    break
+                await anyio.sleep(0.1)
+            assert r.json()["status"] == "ready"
+            # And the gateway works again: a turn runs to the end.
+            async with gw.client() as api:
+                thread_id = await gw.new_thread(api)
+                turn = await api.post(f"/v1/threads/{thread_id}/turns",
+                                      json={"turn_id": "t1", "text": "back again"})
+                assert turn.status_code == 200
+                assert '"type":"finish"' in turn.text.replace(" ", "")
+    finally:
+        await proxy.close()
+
+
+async def test_readyz_schema_not_current(database_url: str) -> None:
+    async with run_gateway(database_url) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+        assert (await _ready(client)).status_code == 200
+        await gw.store._db.execute("UPDATE alembic_version SET version_num = '0000_older'")
+        try:
+            r = await _ready(client)
+            assert r.status_code == 503
+            assert r.json()["checks"]["schema"] == "outdated"
+            assert r.json()["checks"]["database"] == "ok"
+        finally:
+            rows = await gw.store._db.fetch_all("SELECT version_num FROM alembic_version")
+            assert len(rows) == 1
+            await gw.store._db.execute(
+                "UPDATE alembic_version SET version_num = :v", {"v": _head()}
+            )
+        assert (await _ready(client)).status_code == 200
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_readyz_checks_redis_only_when_configured(pg_url: str) -> None:
+    async with run_gateway(pg_url, REDIS_URL="redis://127.0.0.1:6379/0") as gw, \
+            httpx.AsyncClient(base_url=gw.url) as client:
+        r = await _ready(client)
+        assert r.status_code == 200, r.text
+        assert r.json()["checks"]["redis"] == "ok"
+    port = _closed_port()
+    async with run_gateway(pg_url, REDIS_URL=f"redis://127.0.0.1:{port}/0") as gw, \
+            httpx.AsyncClient(base_url=gw.url) as client:
+        r = await _ready(client)
+        assert r.status_code == 503
+        assert r.json()["checks"] == {
+            "server": "ok", "database": "ok", "schema": "ok", "redis": "unreachable"
+        }
+        assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_readyz_503_while_draining(database_url: str) -> None:
+    async with run_gateway(database_url) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+        assert (await _ready(client)).status_code == 200
+        gw.ctx.runner.draining = True
+        r = await _ready(client)
+        assert r.status_code == 503 and r.json()["checks"]["server"] == "draining"
+        async with gw.client() as api:
+            thread_id = await gw.new_thread(api)
+            turn = await api.post(f"/v1/threads/{thread_id}/turns",
+                                  json={"turn_id": "t1", "text": "hi"})
+            assert turn.status_code == 503
+            assert turn.json()["error"]["code"] == "shutting_down"
+        gw.ctx.runner.draining = False
