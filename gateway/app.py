@@ -153,7 +153,7 @@ def create_app(settings: Settings | None = None, *, migrate_sqlite: bool = True)
     app = Starlette(
         routes=_routes(),
         middleware=middleware,
-        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
     app.state.ctx = ctx

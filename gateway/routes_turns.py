@@ -169,6 +169,7 @@ async def run_turn(
             raise _unavailable()
         return response
 
+    assert opened.assistant_message_id is not None and opened.user_message_id is not None
     try:
         rows = await ctx.store.list_messages(thread_id, user_id)
     except Exception:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -179,7 +179,7 @@ class AnthropicAdapter(HTTPAdapter):
             headers["x-api-key"] = self.api_key
         return headers
 
-    async def stream(self, request: AdapterRequest) -> AsyncIterator[AdapterEvent]:
+    async def stream(self, request: AdapterRequest) -> AsyncGenerator[AdapterEvent, None]:
         body = self.build_body(request)
         model: str = body["model"]
         counts: dict[str, int] = {}

@@ -13,7 +13,7 @@ cancelled turn stops within one event.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -61,7 +61,7 @@ class Adapter(Protocol):
 
     name: str
 
-    def stream(self, request: AdapterRequest) -> AsyncIterator[AdapterEvent]:
+    def stream(self, request: AdapterRequest) -> AsyncGenerator[AdapterEvent, None]:
         """Yield the events of one generation; raise ``UpstreamError`` on failure."""
         ...
 
@@ -93,7 +93,7 @@ class BaseAdapter(ABC):
         self.env: Mapping[str, str] = env or {}
 
     @abstractmethod
-    def stream(self, request: AdapterRequest) -> AsyncIterator[AdapterEvent]:
+    def stream(self, request: AdapterRequest) -> AsyncGenerator[AdapterEvent, None]:
         """Yield the events of one generation; raise ``UpstreamError`` on failure."""
 
     async def aclose(self) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -189,7 +189,7 @@ class OpenAIAdapter(HTTPAdapter):
     def _headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    async def stream(self, request: AdapterRequest) -> AsyncIterator[AdapterEvent]:
+    async def stream(self, request: AdapterRequest) -> AsyncGenerator[AdapterEvent, None]:
         body = self.build_body(request)
         model: str = body["model"]
         usage: tuple[int, int] | None = None

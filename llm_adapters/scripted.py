@@ -14,7 +14,7 @@ generation got and whether it was closed.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 
 import anyio
@@ -100,7 +100,7 @@ class ScriptedAdapter(BaseAdapter):
         """Raise ``ValueError`` if ``model`` is not a valid option string."""
         parse_options(model)
 
-    async def stream(self, request: AdapterRequest) -> AsyncIterator[AdapterEvent]:
+    async def stream(self, request: AdapterRequest) -> AsyncGenerator[AdapterEvent, None]:
         opts = parse_options(request.model)
         trace = Trace()
         if opts.trace:
