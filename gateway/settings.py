@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -40,9 +40,11 @@ def _non_negative_float(name: str, raw: str) -> float:
 
 
 def _positive_int(name: str, raw: str) -> int:
-    if not raw.strip().isdigit() or int(raw) <= 0:
+    text = raw.strip()
+    value = int(text) if text.isascii() and text.isdecimal() else 0
+    if value <= 0:
         raise ConfigError(f"{name}={raw!r}: must be a positive integer, e.g. \"8\"")
-    return int(raw)
+    return value
 
 
 def _choice(*choices: str) -> Callable[[str, str], str]:
@@ -82,6 +84,22 @@ def _redis_url(name: str, raw: str) -> str | None:
     return raw
 
 
+def _http_url(name: str, raw: str) -> str:
+    parts = urlsplit(raw.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{name}={raw!r}: must be in format \"http[s]://<host>[:<port>][/<path>]\"")
+    return raw.strip().rstrip("/")
+
+
+def _secret(name: str, raw: str) -> str | None:
+    # Never echo a secret in an error message.
+    if not raw:
+        return None
+    if any(c.isspace() or not c.isprintable() for c in raw.strip()):
+        raise ConfigError(f"{name}: must be a key without spaces or line breaks (value not shown)")
+    return raw.strip()
+
+
 def _model(name: str, raw: str) -> str:
     adapter = raw.partition(":")[0].strip()
     if not adapter:
@@ -115,7 +133,9 @@ def _prices(name: str, raw: str) -> dict[str, Any] | None:
     try:
         table = json.loads(text)
     except ValueError as exc:
-        raise ConfigError(f"{name}: must be JSON like {{\"gpt-4o\": {{\"input\": 2.5, \"output\": 10}}}}") from exc
+        raise ConfigError(
+            f"{name}: must be JSON like {{\"gpt-4o\": {{\"input\": 2.5, \"output\": 10}}}}"
+        ) from exc
     if not isinstance(table, dict) or not all(
         isinstance(v, dict)
         and isinstance(v.get("input"), int | float)
@@ -144,6 +164,14 @@ SETTINGS: tuple[Setting, ...] = (
             "Database: the embedded SQLite file, or postgresql://... for production."),
     Setting("TURNGATE_DEFAULT_MODEL", "default_model", "scripted", _model,
             "Model used when a turn names none, as \"<adapter>:<model>\"."),
+    Setting("OPENAI_BASE_URL", "openai_base_url", "https://api.openai.com/v1", _http_url,
+            "OpenAI-compatible endpoint, including /v1 (OpenAI, vLLM, Ollama, llama.cpp)."),
+    Setting("OPENAI_API_KEY", "openai_api_key", "", _secret,
+            "Key for the openai adapter; never logged."),
+    Setting("ANTHROPIC_BASE_URL", "anthropic_base_url", "https://api.anthropic.com", _http_url,
+            "Anthropic Messages API endpoint, without /v1."),
+    Setting("ANTHROPIC_API_KEY", "anthropic_api_key", "", _secret,
+            "Key for the anthropic adapter; never logged."),
     Setting("TURNGATE_ON_DISCONNECT", "on_disconnect", "cancel", _choice("cancel", "continue"),
             "When the browser leaves mid-stream: cancel the generation, or continue "
             "it to the end so it can be resumed."),
@@ -161,7 +189,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TURNGATE_SHUTDOWN_GRACE_SECONDS", "shutdown_grace_seconds", "10", _non_negative_float,
             "On SIGTERM, how long running turns may finish before they are finalized "
             "as interrupted."),
-    Setting("TURNGATE_RELAY_RETENTION_SECONDS", "relay_retention_seconds", "60", _non_negative_float,
+    Setting("TURNGATE_RELAY_RETENTION_SECONDS", "relay_retention_seconds", "60",
+            _non_negative_float,
             "How long a finished turn's events stay in memory for attach and resume."),
     Setting("TURNGATE_MAX_TEXT_CHARS", "max_text_chars", "100000", _positive_int,
             "Longest accepted user text, in characters."),
@@ -199,6 +228,10 @@ class Settings:
 
     database_url: str = "sqlite:///./turngate.db"
     default_model: str = "scripted"
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_api_key: str | None = field(default=None, repr=False)
+    anthropic_base_url: str = "https://api.anthropic.com"
+    anthropic_api_key: str | None = field(default=None, repr=False)
     on_disconnect: str = "cancel"
     checkpoint_seconds: float = 2.0
     lease_seconds: float = 15.0
@@ -220,7 +253,7 @@ class Settings:
     log_level: str = "info"
     log_content: bool = False
     redis_url: str | None = None
-    env: Mapping[str, str] | None = None
+    env: Mapping[str, str] | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -259,6 +292,24 @@ def settings_help() -> str:
     return "\n".join(lines)
 
 
+def settings_markdown() -> str:
+    """The README's configuration table (``python -m gateway.settings`` prints it)."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for s in SETTINGS:
+        default = f"`{cell(s.default)}`" if s.default else "(unset)"
+        rows.append(f"| `{s.env}` | {default} | {cell(s.help)} |")
+    return "\n".join(rows) + "\n"
+
+
 assert {s.field for s in SETTINGS} <= {f.name for f in fields(Settings)}
 
-__all__ = ["SETTINGS", "Setting", "Settings", "settings_help"]
+__all__ = ["SETTINGS", "Setting", "Settings", "settings_help", "settings_markdown"]
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(settings_markdown())
