@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -68,6 +69,16 @@ def _dump_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+class _TunedSQLiteConnection(sqlite3.Connection):
+    """WAL with ``synchronous=NORMAL``: a commit no longer waits for fsync (1.8 ms
+    each here). A killed process loses nothing; only an OS crash or power loss can
+    drop the last commits, never corrupt the file."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.execute("PRAGMA synchronous=NORMAL")
+
+
 class _StoreBase:
     """Connection handling, timestamps and ``_shielded``; the mixins add the operations."""
 
@@ -88,7 +99,9 @@ class _StoreBase:
                 "reset": _cheap_reset,
             }
         else:
-            options = {"timeout": statement_timeout}  # sqlite3 busy timeout
+            # sqlite3's timeout is the busy timeout; every acquire opens a new connection,
+            # so per-connection pragmas go in the connection class.
+            options = {"timeout": statement_timeout, "factory": _TunedSQLiteConnection}
         self._db = Database(self.url, **options)
         # SQLite has one writer at a time. Queueing our own writers here is far cheaper
         # than letting them meet SQLite's busy handler, which sleeps in growing steps
