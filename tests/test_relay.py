@@ -1,0 +1,81 @@
+"""The in-process relay: replay from any id, live follow, bounded memory and retention."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from gateway.relay import LiveTurn, LocalRelay
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_follow_replays_after_id_then_follows_live() -> None:
+    live = LiveTurn("th", "t1", 1, 10)
+    live.publish([b"a", b"b", b"c"])
+    got: list[bytes] = []
+
+    async def reader() -> None:
+        async for data in live.follow(after=0):
+            got.append(data)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader)
+        await anyio.sleep(0.01)
+        live.publish([b"d"])
+        await anyio.sleep(0.01)
+        live.publish([b"e", b"f"])
+        live.finish("complete")
+    assert b"".join(got) == b"bcdef"
+    assert got[0] == b"bc"  # what was there already goes out in one write
+
+
+async def test_cancel_only_while_running() -> None:
+    live = LiveTurn("th", "t1", 1, 10)
+    assert live.cancel("cancelled") is False  # no generation scope yet
+    with anyio.CancelScope() as scope:
+        live.cancel_scope = scope
+        assert live.cancel("cancelled") is True
+        await anyio.sleep(1)
+    assert scope.cancelled_caught and live.cancel_reason == "cancelled"
+    live.finish("cancelled")
+    assert live.cancel("cancelled") is False
+
+
+def test_memory_per_turn_is_bounded() -> None:
+    live = LiveTurn("th", "t1", 1, 10, max_bytes=100)
+    live.publish([b"x" * 60])
+    assert not live.overflowed
+    live.publish([b"x" * 60])
+    assert live.overflowed  # late readers are refused instead of the process growing
+
+
+async def test_finished_turns_are_retained_then_dropped() -> None:
+    relay = LocalRelay(retention_seconds=0.05, max_finished=3)
+    turns = [LiveTurn("th%d" % i, "t", 1, i) for i in range(5)]
+    for live in turns:
+        relay.add(live)
+    assert relay.running_on_thread("th0") is turns[0]
+    for live in turns:
+        live.finish("complete")
+        relay.ended(live)
+    assert relay.running() == []
+    assert relay.sweep() == 2  # over max_finished: the oldest go first
+    assert len(relay) == 3
+    await anyio.sleep(0.06)
+    assert relay.sweep() == 3
+    assert len(relay) == 0
+
+
+async def test_wait_for_a_racing_registration() -> None:
+    relay = LocalRelay()
+    live = LiveTurn("th", "t1", 1, 10)
+
+    async def register() -> None:
+        await anyio.sleep(0.02)
+        relay.add(live)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(register)
+        assert await relay.wait_for("th", "t1", timeout=1) is live
+    assert await relay.wait_for("th", "other", timeout=0.05) is None
