@@ -35,6 +35,29 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
+# Libraries whose debug lines carry request data: `databases` logs every query with its
+# arguments (message content, key hashes), sse-starlette every chunk it sends (the
+# reply), httpx/httpcore every upstream request. Their debug output never reaches our
+# log, whatever TURNGATE_LOG_LEVEL says; content is logged only by turngate itself,
+# at debug level, when TURNGATE_LOG_CONTENT is true.
+THIRD_PARTY_LEVELS = {
+    "databases": logging.INFO,
+    "aiosqlite": logging.INFO,
+    "asyncpg": logging.INFO,
+    "sqlalchemy": logging.WARNING,
+    "sse_starlette": logging.INFO,
+    "httpx": logging.WARNING,
+    "httpcore": logging.WARNING,
+    "asyncio": logging.INFO,
+}
+
+
+def quiet_third_party() -> None:
+    """Hold the libraries above at their floor levels."""
+    for name, floor in THIRD_PARTY_LEVELS.items():
+        logging.getLogger(name).setLevel(floor)
+
+
 def configure_logging(fmt: str = "text", level: str = "info") -> None:
     """Send turngate's and uvicorn's logs to stderr in the chosen format."""
     handler = logging.StreamHandler(sys.stderr)
@@ -50,9 +73,10 @@ def configure_logging(fmt: str = "text", level: str = "info") -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    quiet_third_party()
     # Access logs repeat every request; keep them at warning unless debugging.
     if level != "debug":
         logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
 
 
-__all__ = ["JsonFormatter", "configure_logging"]
+__all__ = ["THIRD_PARTY_LEVELS", "JsonFormatter", "configure_logging", "quiet_third_party"]
