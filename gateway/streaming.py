@@ -38,7 +38,10 @@ def sse_response(ctx: AppContext, body: AsyncIterator[bytes], status: int = 200)
         sep="\n",
         send_timeout=ctx.settings.send_timeout,
         shutdown_event=ctx.shutdown_event,
-        shutdown_grace_period=ctx.settings.shutdown_grace_seconds,
+        # Our drain finalizes turns within grace + finalize timeout; sse-starlette's own
+        # cut-off must come after it, or in-process servers race it.
+        shutdown_grace_period=ctx.settings.shutdown_grace_seconds
+        + ctx.settings.finalize_timeout + 1,
     )
 
 
