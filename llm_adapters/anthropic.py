@@ -114,7 +114,7 @@ def to_anthropic_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """
     out: list[dict[str, Any]] = []
     for message in messages:
-        text = message.text
+        text = message.prompt_text
         if message.role == "user":
             blocks = [
                 block

@@ -41,6 +41,17 @@ class ChatMessage:
         """The concatenated text parts (what most providers need)."""
         return "".join(p.get("text", "") for p in self.parts if p.get("type") == "text")
 
+    @property
+    def prompt_text(self) -> str:
+        """The text parts as a provider should read them: separate parts (an
+        assistant's text before and after a tool call) joined by a blank line
+        instead of being glued together."""
+        return "\n\n".join(
+            p["text"]
+            for p in self.parts
+            if p.get("type") == "text" and isinstance(p.get("text"), str) and p["text"]
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class AdapterRequest:

@@ -102,7 +102,7 @@ def to_openai_messages(
     if system:
         out.append({"role": "system", "content": system})
     for message in messages:
-        text = message.text
+        text = message.prompt_text
         if message.role == "user":
             images = [
                 p["image"]

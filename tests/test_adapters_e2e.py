@@ -86,9 +86,9 @@ async def usage_rows(client: httpx.AsyncClient, thread_id: str) -> list[dict]:
     return list(r.json()["usage"])
 
 
-async def wait_final(client: httpx.AsyncClient, thread_id: str, timeout: float = 3.0) -> dict:
+async def wait_final(client: httpx.AsyncClient, thread_id: str, within: float = 3.0) -> dict:
     """The thread's last assistant row, once it is no longer streaming."""
-    with anyio.fail_after(timeout):
+    with anyio.fail_after(within):
         while True:
             assistants = [m for m in await messages(client, thread_id) if m["role"] == "assistant"]
             if assistants and assistants[-1]["status"] != "streaming":
@@ -153,7 +153,8 @@ CASES = {
     ),
     "deepseek-reasoning": Case(
         "deepseek-reasoning-content-usage.sse", "openai:deepseek-reasoner",
-        [{"type": "reasoning", "text": ("Hmm, the user just said \"Hello\". It's a simple greeting", 882)},
+        [{"type": "reasoning",
+          "text": ("Hmm, the user just said \"Hello\". It's a simple greeting", 882)},
          {"type": "text", "text": "Hello there! 😊 How can I help you today?"}],
         # 6 * 0.55 + 212 * 2.19 = 467.58 -> 468
         "complete", "stop", 6, 212, 468, "deepseek-reasoner",
@@ -166,7 +167,8 @@ CASES = {
     ),
     "groq-error-event": Case(
         "groq-reasoning-error-event-midstream.sse", "openai:openai/gpt-oss-120b",
-        [{"type": "reasoning", "text": ("We need to call the tool with invalid parameters first", None)}],
+        [{"type": "reasoning",
+          "text": ("We need to call the tool with invalid parameters first", None)}],
         "error", "error", None, None, None, "openai/gpt-oss-120b",
         error=UpstreamProtocolError,
         secret_texts=["Tool call validation failed", "tool_use_failed", "failed_generation"],
@@ -529,3 +531,75 @@ async def test_upstream_unreachable_is_a_safe_error(database_url: str) -> None:
     ]
     assert assistant["status"] == "error"
     assert "127.0.0.1" not in json.dumps([e.data for e in s.events])
+
+
+async def test_history_after_tool_turn_keeps_text_parts_apart(database_url: str) -> None:
+    """An assistant turn with text, tool calls and more text is sent back as its text
+    parts separated by a blank line (not glued into one run-on sentence); the
+    calls are not sent (no tool results to pair them with in the Messages API)."""
+    model = "anthropic:claude-sonnet-4-6"
+    async with FakeUpstream() as fake:
+        fake.enqueue(
+            FakeResponse.sse(recording("anthropic-server-tool-then-tool-use.sse"), delay=0.001),
+            FakeResponse.sse(recording("anthropic-text-usage.sse"), delay=0.001),
+        )
+        async with run_gateway(database_url, **gateway_env(fake)) as gw, gw.client() as client:
+            thread = await gw.new_thread(client)
+            url = f"/v1/threads/{thread}/turns"
+            validate_ui_stream(await stream_request(client, "POST", url, json=turn(model, "USD?")))
+            await wait_final(client, thread)
+            validate_ui_stream(await stream_request(client, "POST", url, json=turn(model, "Ok")))
+            await wait_final(client, thread)
+    assert fake.requests[1].json["messages"] == [
+        {"role": "user", "content": "USD?"},
+        {"role": "assistant", "content":
+            "Let me search for a tool that can provide current exchange rate information."
+            "\n\nI found the right tool! Let me fetch the current USD to EUR exchange rate "
+            "for you."},
+        {"role": "user", "content": "Ok"},
+    ]
+
+
+PIXEL = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNk"
+         "YAAAAAYAAjCB0C8AAAAASUVORK5CYII=")
+
+
+@pytest.mark.parametrize("model", ["openai:gpt-4o", "anthropic:claude-sonnet-4-5"])
+async def test_user_images_reach_the_upstream(database_url: str, model: str) -> None:
+    name = "openai-text-usage.sse" if model.startswith("openai") else "anthropic-text-usage.sse"
+    async with FakeUpstream() as fake:
+        fake.enqueue(FakeResponse.sse(recording(name), delay=0.001))
+        async with run_gateway(database_url, **gateway_env(fake)) as gw, gw.client() as client:
+            thread = await gw.new_thread(client)
+            body = {**turn(model, "What is this?"), "images": [PIXEL]}
+            s = await stream_request(client, "POST", f"/v1/threads/{thread}/turns", json=body)
+            validate_ui_stream(s)
+            await wait_final(client, thread)
+    content = fake.requests[0].json["messages"][-1]["content"]
+    if model.startswith("openai"):
+        assert content == [{"type": "text", "text": "What is this?"},
+                           {"type": "image_url", "image_url": {"url": PIXEL}}]
+    else:
+        media, _, data = PIXEL[len("data:"):].partition(";base64,")
+        assert content == [{"type": "text", "text": "What is this?"},
+                           {"type": "image", "source": {"type": "base64", "media_type": media,
+                                                        "data": data}}]
+
+
+async def test_upstream_5xx_twice_is_retried_once_then_a_safe_error(database_url: str) -> None:
+    async with FakeUpstream() as fake:
+        fake.enqueue(*[FakeResponse.json(503, {"error": {"type": "overloaded_error",
+                                                         "message": "internal detail"}},
+                                         headers={"retry-after": "0"})] * 2)
+        async with run_gateway(database_url, **gateway_env(fake)) as gw, gw.client() as client:
+            thread = await gw.new_thread(client)
+            s = await stream_request(client, "POST", f"/v1/threads/{thread}/turns",
+                                     json=turn("anthropic:claude-sonnet-4-5"))
+            validate_ui_stream(s)
+            assistant = await wait_final(client, thread)
+    assert len(fake.requests) == 2
+    assert [e["errorText"] for e in s.of_type("error")] == [
+        UpstreamStatusError("", 503).safe_message
+    ]
+    assert "internal detail" not in json.dumps([e.data for e in s.events])
+    assert assistant["status"] == "error"
