@@ -20,6 +20,7 @@ from gateway import routes_ops, routes_threads, routes_turns
 from gateway.context import AppContext
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.metrics import Metrics
+from gateway.redis_relay import RedisRelay, connect_shared
 from gateway.relay import LocalRelay
 from gateway.settings import Settings
 from gateway.turns import TurnRunner
@@ -115,9 +116,15 @@ def create_app(settings: Settings | None = None, *, migrate_sqlite: bool = True)
             await prepare_database(settings)
         await store.connect()
         ctx.shutdown_event = anyio.Event()
+        shared: RedisRelay | None = None
         try:
+            # With REDIS_URL: Redis must answer now (RelayError stops start-up).
+            shared = await connect_shared(settings)
+            ctx.shared = runner.mirror = shared
             async with anyio.create_task_group() as tg:
                 runner.task_group = tg
+                if shared is not None:
+                    tg.start_soon(shared.run, relay)
                 await store.recover_expired_turns()
                 tg.start_soon(runner.maintain)
                 tg.start_soon(_drain_on_signal, ctx.shutdown_event)
@@ -134,6 +141,8 @@ def create_app(settings: Settings | None = None, *, migrate_sqlite: bool = True)
                     tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
+                if shared is not None:
+                    await shared.aclose()
                 await ctx.adapters.aclose()
                 with anyio.move_on_after(10):
                     await store.disconnect()

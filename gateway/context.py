@@ -8,7 +8,7 @@ import anyio
 from starlette.requests import Request
 
 from gateway.metrics import Metrics
-from gateway.relay import LocalRelay
+from gateway.relay import LocalRelay, SharedRelay
 from gateway.settings import Settings
 from gateway.turns import TurnRunner
 from llm_adapters.pricing import PriceTable
@@ -29,6 +29,7 @@ class AppContext:
     prices: PriceTable
     instance_id: str
     shutdown_event: anyio.Event | None = None
+    shared: SharedRelay | None = None  # the relay between replicas (REDIS_URL)
     ready: bool = False
     rate_windows: dict[int, list[float]] = field(default_factory=dict)
 

@@ -11,9 +11,9 @@ rather than the process growing) and after the turn ends
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 
@@ -73,6 +73,23 @@ class LiveTurn:
             self.cancel_reason = reason
         self.cancel_scope.cancel()
         return True
+
+    async def batches(self, after: int = -1) -> AsyncIterator[tuple[int, list[bytes]]]:
+        """Like ``follow``, as ``(SSE id of the first chunk, chunks)`` (for a mirror)."""
+        index = after + 1
+        while True:
+            end = len(self.events)
+            if index < end:
+                yield index, self.events[index:end]
+                index = end
+                continue
+            if self.done:
+                return
+            self._waiting += 1
+            try:
+                await self._changed.wait()
+            finally:
+                self._waiting -= 1
 
     async def follow(self, after: int = -1) -> AsyncIterator[bytes]:
         """Yield every chunk after SSE id ``after``, then live ones, until the end.
@@ -167,4 +184,31 @@ class LocalRelay:
         return len(self._turns)
 
 
-__all__ = ["LiveTurn", "LocalRelay"]
+class SharedRelay(Protocol):
+    """A relay between replicas (``gateway.redis_relay.RedisRelay`` when REDIS_URL is set).
+
+    The one-process path never touches it; with it, turns generated here are
+    mirrored out, and turns generated elsewhere can be followed and cancelled.
+    """
+
+    @property
+    def available(self) -> bool:
+        """Whether the shared relay answers (new turns are refused while it does not)."""
+
+    async def mirror(self, live: LiveTurn) -> None:
+        """Copy a turn generated here to the shared relay until it ends (a task)."""
+
+    async def run(self, relay: LocalRelay) -> None:
+        """Per-process upkeep: health checks and cancel requests for ``relay``'s turns."""
+
+    async def open(
+        self, thread_id: str, turn_id: str, after: int, wait: float,
+        still_streaming: Callable[[], Awaitable[bool]],
+    ) -> AsyncIterator[bytes] | None:
+        """The turn's chunks after SSE id ``after``, then live; None if not relayed."""
+
+    async def request_cancel(self, thread_id: str, turn_id: str, owner_id: int) -> None:
+        """Ask whichever replica generates the turn to cancel it."""
+
+
+__all__ = ["LiveTurn", "LocalRelay", "SharedRelay"]

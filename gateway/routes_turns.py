@@ -8,6 +8,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from gateway._redis_routes import attach_shared, cancel_shared, check_relay
 from gateway.auth import authenticate
 from gateway.context import AppContext, context
 from gateway.errors import ApiError, not_found
@@ -95,8 +96,17 @@ async def _attach_or_replay(
     assistant = rows.assistant
     if assistant is None:
         return None
+    if ctx.shared is not None and ctx.relay.get(thread_id, turn_id) is None:
+        # Several replicas: the turn's stream as its generating replica relays it.
+        shared = await attach_shared(
+            ctx, thread_id, turn_id, after, assistant.status == "streaming"
+        )
+        if shared is not None:
+            return shared
     if assistant.status == "streaming":
-        live = await ctx.relay.wait_for(thread_id, turn_id, timeout=2.0)
+        live = await ctx.relay.wait_for(
+            thread_id, turn_id, timeout=2.0 if ctx.shared is None else 0.0
+        )
         if live is not None and live.owner_id == user_id:
             return sse_response(ctx, follow_live(ctx, live, after))
         raise ApiError(
@@ -147,6 +157,7 @@ async def run_turn(
     if ctx.runner.draining:
         raise ApiError(503, "shutting_down", "the server is shutting down", {"Retry-After": "5"})
     check_stream_quota(ctx, user_id)
+    check_relay(ctx)
 
     content = build_user_content(body.text, body.images, body.mentioned_documents)
     opened = await ctx.store.open_turn(
@@ -214,6 +225,8 @@ async def cancel_turn(request: Request) -> Response:
     rows = await ctx.store.get_turn(thread_id, turn_id)
     if rows.assistant is None:
         raise not_found("turn")
+    if rows.assistant.status == "streaming" and ctx.shared is not None:
+        return await cancel_shared(ctx, thread_id, turn_id, user_id)
     return JSONResponse({"cancelled": False, "status": rows.assistant.status})
 
 

@@ -20,7 +20,7 @@ from anyio.abc import TaskGroup
 
 from gateway.accumulator import ContentBuilder, TurnUsage, estimate_tokens
 from gateway.chunks import ChunkEncoder
-from gateway.relay import LiveTurn, LocalRelay
+from gateway.relay import LiveTurn, LocalRelay, SharedRelay
 from llm_adapters.base import Adapter, AdapterRequest, ChatMessage
 from llm_adapters.events import FinishReason, Usage
 from persistence import Store, UsageRecord
@@ -55,6 +55,7 @@ class TurnRunner:
         self.metrics = metrics
         self.instance_id = instance_id
         self.task_group: TaskGroup | None = None
+        self.mirror: SharedRelay | None = None  # copies turns to other replicas
         self.draining = False
         self._idle = anyio.Event()
 
@@ -82,6 +83,8 @@ class TurnRunner:
             )
         )
         self.relay.add(live)
+        if self.mirror is not None:
+            self.task_group.start_soon(self.mirror.mirror, live)
         logger.info(
             "turn_start thread_id=%s turn_id=%s message_id=%s user_message_id=%s model=%s",
             live.thread_id, live.turn_id, live.message_id, user_message_id, model_string,

@@ -1,0 +1,91 @@
+"""The turn routes' side of the shared relay: attach to, resume and cancel a
+turn that another replica generates. Used only when ``REDIS_URL`` is set."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import anyio
+from starlette.responses import JSONResponse, Response
+
+from gateway.context import AppContext
+from gateway.errors import ApiError
+from gateway.streaming import sse_response
+from turngate.exceptions import RelayError
+
+# How long a cancel from another replica waits to see the turn finalized.
+CANCEL_WAIT_SECONDS = 1.5
+
+
+def relay_unavailable() -> ApiError:
+    return ApiError(
+        503, "relay_unavailable", "the relay between replicas (Redis) is unavailable; "
+        "retry later", {"Retry-After": "2"},
+    )
+
+
+def check_relay(ctx: AppContext) -> None:
+    """Refuse a new turn (503) while the shared relay does not answer."""
+    if ctx.shared is not None and not ctx.shared.available:
+        raise relay_unavailable()
+
+
+def _streaming_check(
+    ctx: AppContext, thread_id: str, turn_id: str
+) -> Callable[[], Awaitable[bool]]:
+    async def still_streaming() -> bool:
+        try:
+            rows = await ctx.store.get_turn(thread_id, turn_id)
+        except Exception:
+            return True  # the database is away for a moment: keep following
+        return rows.assistant is not None and rows.assistant.status == "streaming"
+
+    return still_streaming
+
+
+async def _counted(ctx: AppContext, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    ctx.metrics.active_streams.inc()
+    try:
+        async for data in body:
+            yield data
+    finally:
+        ctx.metrics.active_streams.dec()
+
+
+async def attach_shared(
+    ctx: AppContext, thread_id: str, turn_id: str, after: int, streaming: bool
+) -> Response | None:
+    """Follow the turn through the shared relay; None when it has no copy there.
+
+    The caller has checked that the thread is the caller's. A reader here does
+    not count as one of the turn's readers on its replica: leaving does not
+    cancel the generation.
+    """
+    if ctx.shared is None:
+        return None
+    body = await ctx.shared.open(
+        thread_id, turn_id, after, 2.0 if streaming else 0.0,
+        _streaming_check(ctx, thread_id, turn_id),
+    )
+    if body is None:
+        return None
+    return sse_response(ctx, _counted(ctx, body))
+
+
+async def cancel_shared(ctx: AppContext, thread_id: str, turn_id: str, owner_id: int) -> Response:
+    """Ask the generating replica to cancel; answer once the row is finalized (or ~1.5 s)."""
+    assert ctx.shared is not None
+    try:
+        await ctx.shared.request_cancel(thread_id, turn_id, owner_id)
+    except RelayError:
+        raise relay_unavailable() from None
+    status = "streaming"
+    with anyio.move_on_after(CANCEL_WAIT_SECONDS):
+        while status == "streaming":
+            await anyio.sleep(0.05)
+            rows = await ctx.store.get_turn(thread_id, turn_id)
+            status = rows.assistant.status if rows.assistant is not None else "streaming"
+    return JSONResponse({"cancelled": status == "cancelled", "status": status})
+
+
+__all__ = ["attach_shared", "cancel_shared", "check_relay", "relay_unavailable"]

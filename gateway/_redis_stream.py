@@ -1,0 +1,154 @@
+"""One turn as a Redis stream: the entry format, the writer and the reader.
+
+A turn's stream (key ``<prefix>:turn:<thread_id>:<turn_id>``) holds one entry
+per published batch: ``f`` (SSE id of the first chunk), ``n`` (how many chunks)
+and ``d`` (the chunks, already SSE-encoded, concatenated). The last entry is
+the end marker ``end`` (the final status). Redis entry ids keep the order; the
+SSE ids in ``f``/``n`` are what ``Last-Event-ID`` is matched against.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from gateway.relay import LiveTurn
+
+logger = logging.getLogger("turngate.redis")
+
+# Fields of a stream entry.
+FIRST, COUNT, DATA, END = b"f", b"n", b"d", b"end"
+
+
+def cut(data: bytes, seq: int) -> bytes:
+    """``data`` (concatenated SSE events) from the event with id ``seq`` on.
+
+    Every event starts with ``id: <seq>\\n`` at the start of ``data`` or right
+    after the blank line ending the previous one (JSON never holds a raw
+    newline), so the boundary is found without parsing.
+    """
+    head = b"id: %d\n" % seq
+    if data.startswith(head):
+        return data
+    pos = data.find(b"\n\n" + head)
+    return data[pos + 2 :] if pos >= 0 else b""
+
+
+class StreamWriter:
+    """Mirrors one ``LiveTurn`` into its Redis stream, a few XADDs per second at most.
+
+    Chunks published while an XADD is in flight, or during the short pause
+    after it (``flush_interval``), go out together in the next one, so the hot
+    path (``LiveTurn.publish``) never waits for Redis and a fast stream costs
+    one round trip per ``flush_interval``, not one per token.
+    """
+
+    def __init__(
+        self, client: Any, key: str, *, maxlen: int, ttl_running: int, ttl_done: int,
+        flush_interval: float,
+    ) -> None:
+        self.client = client
+        self.key = key
+        self.maxlen = maxlen
+        self.ttl_running = ttl_running
+        self.ttl_done = ttl_done
+        self.flush_interval = flush_interval
+        self.written = -1  # SSE id of the last chunk written
+
+    async def _xadd(self, fields: dict[bytes, Any], ttl: int) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xadd(self.key, fields, maxlen=self.maxlen, approximate=True)
+        pipe.expire(self.key, ttl)
+        await pipe.execute()
+
+    async def write_batch(self, first: int, chunks: list[bytes]) -> None:
+        await self._xadd(
+            {FIRST: first, COUNT: len(chunks), DATA: b"".join(chunks)}, self.ttl_running
+        )
+        self.written = first + len(chunks) - 1
+
+    async def run(self, live: LiveTurn) -> None:
+        """Write every batch of ``live``, then the end marker. Raises on Redis errors."""
+        try:
+            async for first, chunks in live.batches():
+                await self.write_batch(first, chunks)
+                await anyio.sleep(self.flush_interval)
+        finally:
+            # At shutdown the task group is cancelled right after the drain: the
+            # last chunks and the end marker still go out (briefly, shielded).
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                rest = live.events[self.written + 1 :]
+                if rest:
+                    await self.write_batch(self.written + 1, rest)
+                if live.done:
+                    await self._xadd({END: live.status or "interrupted"}, self.ttl_done)
+
+
+async def first_entry(
+    client: Any, key: str, wait: float
+) -> tuple[bytes, dict[bytes, bytes]] | None:
+    """The oldest entry of ``key``, waiting up to ``wait`` seconds for one to appear."""
+    entries = await client.xrange(key, "-", "+", count=1)
+    if not entries and wait > 0:
+        found = await client.xread({key: b"0-0"}, count=1, block=max(1, int(wait * 1000)))
+        entries = found[0][1] if found else []
+    if not entries:
+        return None
+    entry_id, fields = entries[0]
+    return entry_id, fields
+
+
+async def read_turn(
+    client: Any,
+    key: str,
+    after: int,
+    still_streaming: Callable[[], Awaitable[bool]],
+    *,
+    block_ms: int = 1000,
+) -> AsyncIterator[bytes]:
+    """Every chunk of the turn after SSE id ``after``, then live ones, up to the end marker.
+
+    A stream that stays silent for ``block_ms`` while the database says the turn
+    is no longer streaming (its replica died, or lost Redis) just ends: the
+    client resumes or reloads from the stored row. So does a gap (trimmed
+    entries) and a Redis failure.
+    """
+    last_id = b"0-0"
+    delivered = after
+    while True:
+        try:
+            found = await client.xread({key: last_id}, count=512, block=block_ms)
+        except Exception:
+            logger.warning("redis_read_failed key=%s", key, extra={"event": "redis_read_failed"})
+            return
+        if not found:
+            if not await still_streaming():
+                return
+            continue
+        out: list[bytes] = []
+        ended = False
+        for entry_id, fields in found[0][1]:
+            last_id = entry_id
+            if END in fields:
+                ended = True
+                break
+            first = int(fields[FIRST])
+            last = first + int(fields[COUNT]) - 1
+            if last <= delivered:
+                continue
+            if first > delivered + 1:  # trimmed away: cannot continue without a hole
+                ended = True
+                break
+            data = fields[DATA]
+            out.append(data if first == delivered + 1 else cut(data, delivered + 1))
+            delivered = last
+        if out:
+            yield out[0] if len(out) == 1 else b"".join(out)
+        if ended:
+            return
+
+
+__all__ = ["StreamWriter", "cut", "first_entry", "read_turn"]

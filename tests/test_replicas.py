@@ -1,0 +1,277 @@
+"""Several replicas over one PostgreSQL and one Redis behave as one gateway (issue 7).
+
+Real ``turngate serve`` processes on different ports. Redis db 15 is flushed
+before each test. Redis missing is a skip on a laptop and a failure under
+``CI=true``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from tests.fixtures_db import RoundTripProxy
+from tests.fixtures_server import ServerProcess
+from tests.sse_client import Stream, stream_request, validate_ui_stream
+
+pytestmark = pytest.mark.anyio
+
+REDIS_HOST = os.environ.get("TURNGATE_TEST_REDIS_HOST", "127.0.0.1")
+REDIS_PORT = int(os.environ.get("TURNGATE_TEST_REDIS_PORT", "6379"))
+REDIS_DB = 15
+CHECKPOINT = 0.3
+LEASE = 1.5
+
+
+@pytest.fixture
+async def redis_url() -> str:
+    """A flushed Redis database for this test."""
+    import redis.asyncio as redis_asyncio
+
+    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
+    client = redis_asyncio.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        await client.flushdb()
+    except Exception as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"Redis at {REDIS_HOST}:{REDIS_PORT} is required under CI: {exc}")
+        pytest.skip(f"Redis at {REDIS_HOST}:{REDIS_PORT} is not running")
+    finally:
+        await client.aclose()
+    return url
+
+
+@asynccontextmanager
+async def replicas(
+    pg_url: str, redis: str, n: int, **env: str
+) -> AsyncIterator[tuple[list[ServerProcess], dict[str, str]]]:
+    """``n`` replicas on one database and one Redis, and the auth header of one user."""
+    procs = [ServerProcess(pg_url, REDIS_URL=redis, **env) for _ in range(n)]
+    key = (await procs[0].cli("keys", "create", "alice")).splitlines()[-1]
+    try:
+        async with anyio.create_task_group() as tg:
+            for p in procs:
+                tg.start_soon(p.start)
+        yield procs, {"authorization": f"Bearer {key}"}
+    finally:
+        for p in procs:
+            await p.stop()
+
+
+def _client(p: ServerProcess, headers: dict[str, str]) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=p.url, headers=headers, timeout=20)
+
+
+def _full(n: int) -> str:
+    return "".join(f"w{i} " for i in range(1, n + 1))
+
+
+async def _generations(procs: list[ServerProcess]) -> float:
+    total = 0.0
+    async with httpx.AsyncClient() as client:
+        for p in procs:
+            for line in (await client.get(f"{p.url}/metrics")).text.splitlines():
+                if line.startswith("turngate_generations_started_total "):
+                    total += float(line.split()[1])
+    return total
+
+
+async def _last_message(client: httpx.AsyncClient, thread: str) -> dict[str, Any]:
+    msgs: list[dict[str, Any]] = (await client.get(f"/v1/threads/{thread}/messages")).json()[
+        "messages"
+    ]
+    return msgs[-1]
+
+
+async def test_attach_resume_cancel_from_another_replica(pg_url: str, redis_url: str) -> None:
+    async with replicas(pg_url, redis_url, 2) as (procs, headers), \
+            _client(procs[0], headers) as a, _client(procs[1], headers) as b:
+        thread = (await a.post("/v1/threads", json={})).json()["id"]
+        turns = f"/v1/threads/{thread}/turns"
+        body = {"turn_id": "t1", "text": "x", "model": "scripted:tokens=80,delay_ms=10"}
+        box: dict[str, Stream] = {}
+
+        async def on_a() -> None:
+            box["a"] = await stream_request(a, "POST", turns, json=body)
+
+        async def attach_on_b() -> None:
+            await anyio.sleep(0.2)
+            box["b"] = await stream_request(b, "POST", turns, json=body)
+
+        async def resume_on_b() -> None:
+            await anyio.sleep(0.35)
+            box["r"] = await stream_request(
+                b, "GET", f"{turns}/t1/stream", headers={"last-event-id": "5"})
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(on_a)
+            tg.start_soon(attach_on_b)
+            tg.start_soon(resume_on_b)
+        full_a, attached, resumed = box["a"], box["b"], box["r"]
+        for s in (full_a, attached):
+            validate_ui_stream(s)
+            assert s.text == _full(80)
+        # Attached on B: the very same events (ids and bytes) as the first client on A.
+        assert [(e.id, e.data) for e in attached.events] == [
+            (e.id, e.data) for e in full_a.events]
+        # Resumed on B live from Last-Event-ID 5: the rest, none missing, none repeated.
+        assert [(e.id, e.data) for e in resumed.events] == [
+            (e.id, e.data) for e in full_a.events[6:]]
+        assert await _generations(procs) == 1
+
+        # Resume on B after the end, from the relayed copy (same ids as live).
+        after = await stream_request(b, "GET", f"{turns}/t1/stream",
+                                     headers={"last-event-id": "10"})
+        assert [e.id for e in after.events] == [e.id for e in full_a.events[11:]]
+        assert (await _last_message(b, thread))["status"] == "complete"
+
+        # Cancel on B a turn that A generates.
+        body2 = {"turn_id": "t2", "text": "x", "model": "scripted:tokens=500,delay_ms=10"}
+
+        async def long_on_a() -> None:
+            box["c"] = await stream_request(a, "POST", turns, json=body2)
+            box["ended_at"] = anyio.current_time()  # type: ignore[assignment]
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(long_on_a)
+            await anyio.sleep(0.4)
+            sent = anyio.current_time()
+            r = await b.post(f"{turns}/t2/cancel")
+            assert r.status_code == 200, r.text
+            assert r.json() == {"cancelled": True, "status": "cancelled"}
+        assert box["ended_at"] - sent < 1.0  # type: ignore[operator]
+        cancelled = box["c"]
+        validate_ui_stream(cancelled)
+        assert cancelled.of_type("abort") and len(cancelled.text) < len(_full(500))
+        last = await _last_message(b, thread)
+        assert last["status"] == "cancelled" and last["content"][0]["text"] == cancelled.text
+        assert await _generations(procs) == 2
+
+
+async def test_same_turn_at_two_replicas_at_once_twenty_times(
+    pg_url: str, redis_url: str
+) -> None:
+    async with replicas(pg_url, redis_url, 2) as (procs, headers), \
+            _client(procs[0], headers) as a, _client(procs[1], headers) as b:
+        thread = (await a.post("/v1/threads", json={})).json()["id"]
+        for i in range(20):
+            body = {"turn_id": f"same-{i}", "text": "x", "model": "scripted:tokens=12,delay_ms=3"}
+            streams: list[Stream] = []
+
+            async def send(client: httpx.AsyncClient, body: dict[str, str] = body) -> None:
+                streams.append(await stream_request(
+                    client, "POST", f"/v1/threads/{thread}/turns", json=body))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(send, a)
+                tg.start_soon(send, b)
+            for s in streams:
+                validate_ui_stream(s)
+                assert s.text == _full(12)
+            assert streams[0].chunks[0]["messageId"] == streams[1].chunks[0]["messageId"]
+        assert await _generations(procs) == 20
+        msgs = (await a.get(f"/v1/threads/{thread}/messages")).json()["messages"]
+        assert len(msgs) == 40
+        usage = (await a.get("/v1/usage", params={"thread_id": thread})).json()["usage"]
+        assert len(usage) == 20
+
+
+async def test_sigkill_one_replica_mid_turn_another_recovers(pg_url: str, redis_url: str) -> None:
+    env = {"TURNGATE_CHECKPOINT_SECONDS": str(CHECKPOINT), "TURNGATE_LEASE_SECONDS": str(LEASE)}
+    async with replicas(pg_url, redis_url, 2, **env) as (procs, headers), \
+            _client(procs[0], headers) as a, _client(procs[1], headers) as b:
+        thread = (await a.post("/v1/threads", json={})).json()["id"]
+        body = {"turn_id": "doomed", "text": "x", "model": "scripted:tokens=1000,delay_ms=10"}
+        box: dict[str, Stream] = {}
+
+        async def on_a() -> None:
+            try:
+                await stream_request(a, "POST", f"/v1/threads/{thread}/turns", json=body)
+            except httpx.TransportError:
+                pass  # the replica died under it
+
+        async def attached_on_b() -> None:
+            await anyio.sleep(0.2)
+            box["b"] = await stream_request(b, "POST", f"/v1/threads/{thread}/turns", json=body)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(on_a)
+            tg.start_soon(attached_on_b)
+            await anyio.sleep(CHECKPOINT * 3)
+            procs[0].kill(signal.SIGKILL)
+            assert await procs[0].wait(5) is not None
+            killed_at = anyio.current_time()
+            with anyio.fail_after(LEASE + CHECKPOINT + 3):
+                while (last := await _last_message(b, thread))["status"] != "interrupted":
+                    assert last["status"] == "streaming"
+                    await anyio.sleep(0.1)
+        assert anyio.current_time() - killed_at <= LEASE + CHECKPOINT + 3
+        assert last["content"][0]["text"].startswith("w1 w2 "), "checkpointed content lost"
+        # The reader attached on B was not left hanging: its stream ended.
+        assert box["b"].text.startswith("w1 w2 ")
+        usage = (await b.get("/v1/usage", params={"thread_id": thread})).json()["usage"]
+        assert len(usage) == 1 and usage[0]["estimated"] is True
+        nxt = await stream_request(b, "POST", f"/v1/threads/{thread}/turns",
+                                   json={"turn_id": "after", "text": "y",
+                                         "model": "scripted:tokens=3"})
+        validate_ui_stream(nxt)
+        assert nxt.text == "w1 w2 w3 "
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_redis_down_at_start_up_stops_serve(pg_url: str, redis_url: str) -> None:
+    p = ServerProcess(pg_url, REDIS_URL=f"redis://127.0.0.1:{_closed_port()}/0")
+    with anyio.fail_after(20):
+        result = await anyio.run_process(
+            [p.bin, "serve", "--port", str(p.port)], env=p.env, check=False)
+    assert result.returncode != 0
+    err = result.stderr.decode()
+    assert "RelayError" in err and "REDIS_URL" in err and "Redis does not answer" in err, err
+
+
+async def test_redis_lost_while_running(pg_url: str, redis_url: str) -> None:
+    proxy = RoundTripProxy(REDIS_HOST, REDIS_PORT)
+    await proxy.start()
+    url = f"redis://127.0.0.1:{proxy.port}/{REDIS_DB}"
+    try:
+        async with replicas(pg_url, url, 1) as (procs, headers), \
+                _client(procs[0], headers) as a:
+            thread = (await a.post("/v1/threads", json={})).json()["id"]
+            other = (await a.post("/v1/threads", json={})).json()["id"]
+            body = {"turn_id": "running", "text": "x", "model": "scripted:tokens=150,delay_ms=10"}
+            box: dict[str, Stream] = {}
+
+            async def running() -> None:
+                box["s"] = await stream_request(a, "POST", f"/v1/threads/{thread}/turns",
+                                                json=body)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(running)
+                await anyio.sleep(0.3)
+                await proxy.close()
+                await anyio.sleep(1.5)  # the health check notices within a second
+                r = await a.post(f"/v1/threads/{other}/turns",
+                                 json={"turn_id": uuid.uuid4().hex, "text": "y"})
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["code"] == "relay_unavailable"
+            validate_ui_stream(box["s"])
+            assert box["s"].text == _full(150)
+            assert (await _last_message(a, thread))["status"] == "complete"
+            msgs = (await a.get(f"/v1/threads/{other}/messages")).json()["messages"]
+            assert msgs == []  # nothing written for the refused turn
+    finally:
+        await proxy.close()
