@@ -10,10 +10,12 @@ from gateway.errors import ApiError
 
 def check_stream_quota(ctx: AppContext, user_id: int) -> None:
     """429 if the user already has the most concurrent generations allowed."""
-    if ctx.relay.running_for_owner(user_id) >= ctx.settings.max_streams_per_user:
+    running = ctx.relay.running_for_owner(user_id)
+    if running >= ctx.settings.max_streams_per_user:
         raise ApiError(
             429, "too_many_streams",
-            f"at most {ctx.settings.max_streams_per_user} concurrent turns per user",
+            f"{running} turns of this user are generating; at most "
+            f"{ctx.settings.max_streams_per_user} at once (TURNGATE_MAX_STREAMS_PER_USER)",
             {"Retry-After": "2"},
         )
 
@@ -25,11 +27,17 @@ def check_rate(ctx: AppContext, user_id: int) -> None:
     cutoff = now - 60.0
     if window and window[0] < cutoff:
         window[:] = [t for t in window if t >= cutoff]
+        if not window and len(ctx.rate_windows) > 10_000:
+            # Forget idle users so the table cannot grow without bound.
+            for uid in [u for u, w in ctx.rate_windows.items() if not w or w[-1] < cutoff]:
+                del ctx.rate_windows[uid]
+            window = ctx.rate_windows.setdefault(user_id, [])
     if len(window) >= ctx.settings.rate_limit_per_minute:
         retry = max(1, int(window[0] - cutoff) + 1)
         raise ApiError(
             429, "rate_limited",
-            f"more than {ctx.settings.rate_limit_per_minute} requests per minute",
+            f"more than {ctx.settings.rate_limit_per_minute} requests in the last minute "
+            f"(TURNGATE_RATE_LIMIT_PER_MINUTE); retry in {retry} s",
             {"Retry-After": str(retry)},
         )
     window.append(now)
