@@ -207,6 +207,7 @@ async def test_body_over_the_limit_is_refused_without_reading_it(database_url: s
         assert response.startswith(b"HTTP/1.1 413"), response[:200]
         assert b'"body_too_large"' in response
         assert sent < 4 * limit, f"the server read {sent} bytes before refusing"
+        print(f"chunked upload refused after {sent} bytes sent (limit {limit})")
 
         # The declared length is what is read: a short body is simply not JSON.
         response, _ = await _raw_request(
