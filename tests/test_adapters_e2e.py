@@ -603,3 +603,61 @@ async def test_upstream_5xx_twice_is_retried_once_then_a_safe_error(database_url
     ]
     assert "internal detail" not in json.dumps([e.data for e in s.events])
     assert assistant["status"] == "error"
+
+
+async def test_disconnect_before_the_first_token_closes_upstream(database_url: str) -> None:
+    async with FakeUpstream() as fake:
+        fake.enqueue(FakeResponse.sse(b"", hold_open=True))  # headers, then silence
+        async with run_gateway(database_url, **gateway_env(fake)) as gw, gw.client() as client:
+            thread = await gw.new_thread(client)
+            async with client.stream("POST", f"/v1/threads/{thread}/turns",
+                                     json=turn("openai:gpt-4o")) as response:
+                stream = Stream(response.status_code, dict(response.headers))
+                await parse_sse(response.aiter_lines(), stream, limit=2)  # start, start-step
+                await fake.wait_for_request()
+                left = time.monotonic()
+            gone = await fake.requests[0].wait_disconnected(within=1.0)
+            assert gone - left < 0.1
+            assistant = await wait_final(client, thread)
+    assert assistant["status"] == "cancelled"
+    assert assistant["content"] == [{"type": "status", "text": "(no text response)"}]
+
+
+async def test_disconnect_during_the_retry_wait_sends_no_second_request(
+    database_url: str,
+) -> None:
+    async with FakeUpstream() as fake:
+        fake.enqueue(FakeResponse.json(429, {"error": {"type": "rate_limit"}},
+                                       headers={"retry-after": "2"}))
+        async with run_gateway(database_url, **gateway_env(fake)) as gw, gw.client() as client:
+            thread = await gw.new_thread(client)
+            async with client.stream("POST", f"/v1/threads/{thread}/turns",
+                                     json=turn("openai:gpt-4o")) as response:
+                s = Stream(response.status_code, dict(response.headers))
+                await parse_sse(response.aiter_lines(), s, limit=2)
+                await fake.wait_for_request()  # the 429 came; the adapter waits to retry
+                await anyio.sleep(0.1)
+            validate_ui_stream(s, complete=False)
+            assistant = await wait_final(client, thread)
+            await anyio.sleep(2.2)  # past the Retry-After
+    assert len(fake.requests) == 1
+    assert assistant["status"] == "cancelled"
+
+
+async def test_upstream_cut_mid_stream_keeps_the_partial_reply(database_url: str) -> None:
+    body = recording("openai-text-usage.sse")
+    cut = body[: body.index(b"\" weather\"")]  # ends inside an event: no usage, no [DONE]
+    async with FakeUpstream() as fake:
+        fake.enqueue(FakeResponse.sse(cut, delay=0.001))
+        async with run_gateway(database_url, **gateway_env(fake)) as gw, gw.client() as client:
+            thread = await gw.new_thread(client)
+            s = await stream_request(client, "POST", f"/v1/threads/{thread}/turns",
+                                     json=turn("openai:gpt-4o"))
+            validate_ui_stream(s)
+            assistant = await wait_final(client, thread)
+            rows = await usage_rows(client, thread)
+    assert [e["errorText"] for e in s.of_type("error")] == [UpstreamProtocolError.safe_message]
+    assert assistant["status"] == "error"
+    assert s.text and OPENAI_TEXT.startswith(s.text)
+    assert assistant["content"] == [{"type": "text", "text": s.text}]
+    assert rows[0]["estimated"] is True
