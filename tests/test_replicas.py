@@ -55,7 +55,8 @@ async def replicas(
     pg_url: str, redis: str, n: int, **env: str
 ) -> AsyncIterator[tuple[list[ServerProcess], dict[str, str]]]:
     """``n`` replicas on one database and one Redis, and the auth header of one user."""
-    procs = [ServerProcess(pg_url, REDIS_URL=redis, **env) for _ in range(n)]
+    environ = {"REDIS_URL": redis, **env}
+    procs = [ServerProcess(pg_url, None, **environ) for _ in range(n)]
     key = (await procs[0].cli("keys", "create", "alice")).splitlines()[-1]
     try:
         async with anyio.create_task_group() as tg:
@@ -167,7 +168,10 @@ async def test_same_turn_at_two_replicas_at_once_twenty_times(
             body = {"turn_id": f"same-{i}", "text": "x", "model": "scripted:tokens=12,delay_ms=3"}
             streams: list[Stream] = []
 
-            async def send(client: httpx.AsyncClient, body: dict[str, str] = body) -> None:
+            async def send(
+                client: httpx.AsyncClient, body: dict[str, str] = body,
+                streams: list[Stream] = streams,
+            ) -> None:
                 streams.append(await stream_request(
                     client, "POST", f"/v1/threads/{thread}/turns", json=body))
 
