@@ -83,7 +83,9 @@ class ChunkEncoder:
     def start(self, message_id: int, metadata: dict[str, Any]) -> list[bytes]:
         """The opening chunks: ``start`` (server-made message id) and ``start-step``."""
         return [
-            self.chunk({"type": "start", "messageId": str(message_id), "messageMetadata": metadata}),
+            self.chunk(
+                {"type": "start", "messageId": str(message_id), "messageMetadata": metadata}
+            ),
             self.chunk({"type": "start-step"}),
         ]
 

@@ -154,9 +154,9 @@ class LocalRelay:
         if self.retention_seconds == 0:
             self._turns.pop((live.thread_id, live.turn_id), None)
 
-    async def wait_for(self, thread_id: str, turn_id: str, timeout: float) -> LiveTurn | None:
+    async def wait_for(self, thread_id: str, turn_id: str, within: float) -> LiveTurn | None:
         """Wait until the turn is registered (a racing request is about to start it)."""
-        with anyio.move_on_after(timeout):
+        with anyio.move_on_after(within):
             while (live := self.get(thread_id, turn_id)) is None:
                 await self._registered.wait()
             return live

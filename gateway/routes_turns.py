@@ -60,11 +60,15 @@ def _last_event_id(request: Request) -> int:
     if not raw:
         return -1
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 12:
-        raise ApiError(400, "invalid_last_event_id", f"Last-Event-ID {raw[:20]!r} must be an integer")
+        raise ApiError(
+            400, "invalid_last_event_id", f"Last-Event-ID {raw[:20]!r} must be an integer"
+        )
     return int(raw)
 
 
-async def _stored_usage(ctx: AppContext, user_id: int, thread_id: str, message_id: int) -> dict[str, Any]:
+async def _stored_usage(
+    ctx: AppContext, user_id: int, thread_id: str, message_id: int
+) -> dict[str, Any]:
     rows, _ = await ctx.store.list_usage(user_id, thread_id=thread_id, limit=1000)
     for row in rows:
         if row.message_id == message_id:
@@ -105,7 +109,7 @@ async def _attach_or_replay(
             return shared
     if assistant.status == "streaming":
         live = await ctx.relay.wait_for(
-            thread_id, turn_id, timeout=2.0 if ctx.shared is None else 0.0
+            thread_id, turn_id, within=2.0 if ctx.shared is None else 0.0
         )
         if live is not None and live.owner_id == user_id:
             return sse_response(ctx, follow_live(ctx, live, after))

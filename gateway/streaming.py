@@ -27,7 +27,9 @@ def _ping() -> ServerSentEvent:
     return ServerSentEvent(comment="ping", sep="\n")
 
 
-def sse_response(ctx: AppContext, body: AsyncIterator[bytes], status: int = 200) -> EventSourceResponse:
+def sse_response(
+    ctx: AppContext, body: AsyncIterator[bytes], status: int = 200
+) -> EventSourceResponse:
     """An SSE response with the AI SDK headers, pings and a send timeout."""
     return EventSourceResponse(
         body,

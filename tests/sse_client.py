@@ -167,7 +167,7 @@ def validate_ui_stream(stream: Stream, *, complete: bool = True) -> None:
             assert reason is None or reason in FINISH_REASONS, reason
             saw_finish = True
     if complete:
-        assert stream.events and stream.events[-1].data == "[DONE]", "stream does not end with [DONE]"
+        assert stream.events and stream.events[-1].data == "[DONE]", "no [DONE] at the end"
         assert not open_parts, f"parts left open: {open_parts}"
 
 

@@ -52,7 +52,7 @@ def test_memory_per_turn_is_bounded() -> None:
 
 async def test_finished_turns_are_retained_then_dropped() -> None:
     relay = LocalRelay(retention_seconds=0.05, max_finished=3)
-    turns = [LiveTurn("th%d" % i, "t", 1, i) for i in range(5)]
+    turns = [LiveTurn(f"th{i}", "t", 1, i) for i in range(5)]
     for live in turns:
         relay.add(live)
     assert relay.running_on_thread("th0") is turns[0]
@@ -77,5 +77,5 @@ async def test_wait_for_a_racing_registration() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(register)
-        assert await relay.wait_for("th", "t1", timeout=1) is live
-    assert await relay.wait_for("th", "other", timeout=0.05) is None
+        assert await relay.wait_for("th", "t1", within=1) is live
+    assert await relay.wait_for("th", "other", within=0.05) is None
