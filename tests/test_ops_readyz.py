@@ -4,7 +4,6 @@ its schema, Redis (when configured) and draining."""
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import anyio
 import httpx
@@ -83,27 +82,29 @@ async def test_readyz_schema_not_current(database_url: str) -> None:
         assert (await _ready(client)).status_code == 200
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_readyz_checks_redis_only_when_configured(pg_url: str) -> None:
     async with run_gateway(pg_url, REDIS_URL="redis://127.0.0.1:6379/0") as gw, \
             httpx.AsyncClient(base_url=gw.url) as client:
         r = await _ready(client)
         assert r.status_code == 200, r.text
         assert r.json()["checks"]["redis"] == "ok"
-    port = _closed_port()
-    async with run_gateway(pg_url, REDIS_URL=f"redis://127.0.0.1:{port}/0") as gw, \
-            httpx.AsyncClient(base_url=gw.url) as client:
-        r = await _ready(client)
-        assert r.status_code == 503
-        assert r.json()["checks"] == {
-            "server": "ok", "database": "ok", "schema": "ok", "redis": "unreachable"
-        }
-        assert (await client.get("/healthz")).status_code == 200
+    # Redis must answer at start-up; lose it afterwards, through a proxy we close.
+    proxy = RoundTripProxy("127.0.0.1", 6379)
+    await proxy.start()
+    try:
+        async with run_gateway(pg_url, REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0") as gw, \
+                httpx.AsyncClient(base_url=gw.url) as client:
+            assert (await _ready(client)).status_code == 200
+            await proxy.close()
+            with anyio.fail_after(10):
+                while (r := await _ready(client)).status_code != 503:
+                    await anyio.sleep(0.1)
+            assert r.json()["checks"] == {
+                "server": "ok", "database": "ok", "schema": "ok", "redis": "unreachable"
+            }
+            assert (await client.get("/healthz")).status_code == 200
+    finally:
+        await proxy.close()
 
 
 async def test_readyz_503_while_draining(database_url: str) -> None:
