@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -97,21 +98,11 @@ class LiveTurn:
         Chunks that are already there are sent as one write: a reader that
         falls behind catches up in one send instead of one per token.
         """
-        index = after + 1
-        while True:
-            events = self.events
-            if index < len(events):
-                end = len(events)
-                yield events[index] if end - index == 1 else b"".join(events[index:end])
-                index = end
-                continue
-            if self.done:
-                return
-            self._waiting += 1
-            try:
-                await self._changed.wait()
-            finally:
-                self._waiting -= 1
+        # aclosing: a departing reader must release the inner generator (and its
+        # waiter count) at once, not whenever the garbage collector gets to it.
+        async with aclosing(self.batches(after)) as batches:
+            async for _, chunks in batches:
+                yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class LocalRelay:
