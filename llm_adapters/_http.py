@@ -113,12 +113,20 @@ class HTTPAdapter(BaseAdapter):
     retry_delay = 0.5
     max_retry_delay = 5.0
 
+    #: where the endpoint and key come from, named as each provider's own SDK reads them
+    base_url_env = ""
+    api_key_env = ""
+    default_base_url = ""
+
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         super().__init__(env)
         self._client: httpx.AsyncClient | None = None
+        base = (self.env.get(self.base_url_env) or "").strip() or self.default_base_url
+        self.base_url = base.rstrip("/")
+        self.api_key = (self.env.get(self.api_key_env) or "").strip()
 
     def _secrets(self) -> tuple[str, ...]:
-        return ()
+        return (self.api_key,) if self.api_key else ()
 
     def _get_client(self) -> httpx.AsyncClient:
         if self._client is None or self._client.is_closed:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -146,14 +146,9 @@ class AnthropicAdapter(HTTPAdapter):
 
     name = "anthropic"
 
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
-        super().__init__(env)
-        base = (self.env.get("ANTHROPIC_BASE_URL") or "").strip() or DEFAULT_BASE_URL
-        self.base_url = base.rstrip("/")
-        self.api_key = (self.env.get("ANTHROPIC_API_KEY") or "").strip()
-
-    def _secrets(self) -> tuple[str, ...]:
-        return (self.api_key,) if self.api_key else ()
+    base_url_env = "ANTHROPIC_BASE_URL"
+    api_key_env = "ANTHROPIC_API_KEY"
+    default_base_url = DEFAULT_BASE_URL
 
     def build_body(self, request: AdapterRequest) -> dict[str, Any]:
         """The JSON body of the Messages request for ``request``."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -160,14 +160,9 @@ class OpenAIAdapter(HTTPAdapter):
 
     name = "openai"
 
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
-        super().__init__(env)
-        base = (self.env.get("OPENAI_BASE_URL") or "").strip() or DEFAULT_BASE_URL
-        self.base_url = base.rstrip("/")
-        self.api_key = (self.env.get("OPENAI_API_KEY") or "").strip()
-
-    def _secrets(self) -> tuple[str, ...]:
-        return (self.api_key,) if self.api_key else ()
+    base_url_env = "OPENAI_BASE_URL"
+    api_key_env = "OPENAI_API_KEY"
+    default_base_url = DEFAULT_BASE_URL
 
     def build_body(self, request: AdapterRequest) -> dict[str, Any]:
         """The JSON body of the Chat Completions request for ``request``."""
