@@ -31,7 +31,8 @@ NO_TEXT_MARKER = [{"type": "status", "text": "(no text response)"}]
 SHELL = [{"type": "text", "text": ""}]
 
 
-def _parse_args(text: str) -> Any:
+def parse_tool_args(text: str) -> Any:
+    """A tool call's arguments text as JSON; ``{}`` when empty, the raw text if not JSON."""
     if not text.strip():
         return {}
     try:
@@ -92,7 +93,7 @@ class ContentBuilder:
         elif isinstance(event, ToolCallEnd):
             tool = self._tools.get(event.id)
             if tool is not None:
-                tool["args"] = _parse_args(tool["argsText"])
+                tool["args"] = parse_tool_args(tool["argsText"])
         elif isinstance(event, ToolResult):
             tool = self._tools.get(event.id)
             if tool is not None:
@@ -119,7 +120,7 @@ class ContentBuilder:
             parts[-1]["text"] = "".join(self._fragments)
         for part in parts:
             if part["type"] == "tool-call" and part.get("args") == {} and part["argsText"]:
-                part["args"] = _parse_args(part["argsText"])
+                part["args"] = parse_tool_args(part["argsText"])
         return parts
 
     def final(self) -> list[dict[str, Any]]:
@@ -251,4 +252,5 @@ __all__ = [
     "ContentBuilder",
     "TurnUsage",
     "estimate_tokens",
+    "parse_tool_args",
 ]

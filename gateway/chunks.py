@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from gateway.accumulator import parse_tool_args
 from llm_adapters.events import (
     AdapterEvent,
     Finish,
@@ -45,15 +46,6 @@ def encode(seq: int, chunk: dict[str, Any]) -> bytes:
 def encode_done(seq: int) -> bytes:
     """The closing ``data: [DONE]`` event (it has an id too, for resume)."""
     return b"id: %d\n" % seq + DONE_DATA
-
-
-def _parse_input(text: str) -> Any:
-    if not text.strip():
-        return {}
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 class ChunkEncoder:
@@ -139,7 +131,7 @@ class ChunkEncoder:
                 out.append(
                     self.chunk(
                         {"type": "tool-input-available", "toolCallId": event.id,
-                         "toolName": tool[0], "input": _parse_input("".join(tool[1]))}
+                         "toolName": tool[0], "input": parse_tool_args("".join(tool[1]))}
                     )
                 )
         elif isinstance(event, ToolResult):
