@@ -11,7 +11,7 @@ rather than the process growing) and after the turn ends
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -75,7 +75,7 @@ class LiveTurn:
         self.cancel_scope.cancel()
         return True
 
-    async def batches(self, after: int = -1) -> AsyncIterator[tuple[int, list[bytes]]]:
+    async def batches(self, after: int = -1) -> AsyncGenerator[tuple[int, list[bytes]], None]:
         """Like ``follow``, as ``(SSE id of the first chunk, chunks)`` (for a mirror)."""
         index = after + 1
         while True:
