@@ -174,13 +174,30 @@ class TurnUsage:
 
     cost: CostFn
     calls: list[CallRecord] = field(default_factory=list)
+    provisional: Usage | None = None
 
     def add(self, usage: Usage) -> None:
-        """Record an adapter's final figures for one call."""
+        """Record an adapter's figures for one call (provisional ones wait for the final)."""
+        if not usage.final:
+            self.provisional = usage
+            return
+        self.provisional = None
         prompt, completion = max(0, usage.prompt_tokens), max(0, usage.completion_tokens)
         self.calls.append(
             CallRecord(usage.model, prompt, completion, self.cost(usage.model, prompt, completion))
         )
+
+    def settle(self, model: str, prompt_estimate: int, completion_estimate: int) -> None:
+        """Close the books of a turn cut short: what the provider reported is kept,
+        what it never reported is estimated (and the record says so)."""
+        if self.provisional is not None:
+            p = self.provisional
+            self.provisional = None
+            self.add_estimate(
+                p.model, max(0, p.prompt_tokens), max(p.completion_tokens, completion_estimate)
+            )
+        elif not self.calls:
+            self.add_estimate(model, prompt_estimate, completion_estimate)
 
     def add_estimate(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
         """Record an estimate for a call whose provider never reported usage."""

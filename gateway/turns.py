@@ -175,13 +175,11 @@ class TurnRunner:
     ) -> None:
         """Finalize the row and the usage, then end every reader's stream. Never raises."""
         try:
-            if not usage.calls:
-                # The provider never reported usage (disconnect, error, shutdown).
-                prompt_chars = sum(len(m.text) for m in request.messages)
-                usage.add_estimate(
-                    model_string, estimate_tokens(prompt_chars),
-                    estimate_tokens(content.text_length()),
-                )
+            # Whatever the provider never reported (disconnect, error, shutdown) is estimated.
+            prompt_chars = sum(len(m.text) for m in request.messages)
+            usage.settle(
+                model_string, estimate_tokens(prompt_chars), estimate_tokens(content.text_length())
+            )
             record = UsageRecord(
                 usage_type="chat",
                 prompt_tokens=usage.prompt_tokens,

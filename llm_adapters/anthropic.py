@@ -227,6 +227,10 @@ class AnthropicAdapter(HTTPAdapter):
                         if isinstance(message.get("model"), str) and message["model"]:
                             model = message["model"]
                         take_usage(message.get("usage"))
+                        start = usage_event()
+                        if start is not None:  # real input tokens, even if we are cut short
+                            yield Usage(start.model, start.prompt_tokens,
+                                        start.completion_tokens, final=False)
                 elif kind == "content_block_start":
                     for out in self._block_start(payload, blocks):
                         yield out

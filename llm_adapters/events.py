@@ -60,14 +60,18 @@ class ToolResult:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Token usage of one upstream call, as final figures (not increments).
+    """Token usage of one upstream call, as cumulative figures (not increments).
 
-    An adapter yields at most one per upstream call, once the figures are final.
+    An adapter yields one final ``Usage`` per upstream call. It may yield a
+    provisional one first (``final=False``, e.g. the input tokens a provider
+    reports when its stream opens), so that a turn cut short still bills the
+    figures the provider did report, with only the rest estimated.
     """
 
     model: str
     prompt_tokens: int
     completion_tokens: int
+    final: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -327,6 +327,9 @@ async def test_closing_the_generator_closes_the_upstream_connection() -> None:
         async with adapter_for(fake) as adapter:
             agen = adapter.stream(request())
             first = await agen.__anext__()
+            # message_start's input tokens come first, as provisional usage
+            assert first == Usage("claude-haiku-4-5-20251001", 46, 3, final=False)
+            first = await agen.__anext__()
             assert isinstance(first, ReasoningDelta)
             closed_at = time.monotonic()
             await agen.aclose()

@@ -377,10 +377,12 @@ async def test_browser_disconnect_closes_upstream_within_100ms(
     stored = "".join(p.get("text", "") for p in assistant["content"])
     assert streamed and stored.startswith(streamed)
     # Neither provider had sent final figures: the row is an estimate, and says so.
-    # (Anthropic's message_start input_tokens are not used yet: see DECISIONS.md.)
     assert len(rows) == 1
     assert rows[0]["estimated"] is True
     assert rows[0]["completion_tokens"] == estimate_tokens(len(stored))
+    if model.startswith("anthropic"):
+        # ... but the input tokens Anthropic reported when its stream opened are real.
+        assert rows[0]["prompt_tokens"] == 46
 
 
 # --- third-party adapter -----------------------------------------------------------
