@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
+import anyio.lowlevel
 
 
 @dataclass(eq=False)
@@ -91,6 +92,10 @@ class LiveTurn:
                 await self._changed.wait()
             finally:
                 self._waiting -= 1
+            # One scheduler tick (no timer): a producer mid-burst adds its next chunk
+            # and both go out in one write. bench/: a 20,000-delta turn went from
+            # ~0.73x to ~0.96x bare sse-starlette's events/s.
+            await anyio.lowlevel.checkpoint()
 
     async def follow(self, after: int = -1) -> AsyncIterator[bytes]:
         """Yield every chunk after SSE id ``after``, then live ones, until the end.
