@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +174,7 @@ async def run_turn(port: int, thread_id: str, key: str, model: str, *,
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection("127.0.0.1", port), timeout)
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         res.error = f"connect: {exc!r}"
         return res
     req = turn_request(thread_id, key, model)
@@ -232,7 +232,7 @@ class HeldStream:
             self.events = data.count(b"data: ")
             if self.ok:
                 self.task = asyncio.ensure_future(self._drain(reader))
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             self.status = type(exc).__name__
             self.ok = False
 
@@ -276,7 +276,7 @@ async def http_get(port: int, path: str, timeout: float = 5.0) -> bytes:
 async def metric(port: int, name: str) -> float | None:
     try:
         data = await http_get(port, "/metrics", timeout=2.0)
-    except (OSError, TimeoutError, asyncio.TimeoutError):
+    except (OSError, TimeoutError):
         return None
     for line in data.decode(errors="replace").splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):

@@ -310,7 +310,7 @@ async def bench_memory(ctx: Ctx) -> dict[str, Any]:
             # warm the idle path too (a few held streams, then closed)
             warm_held = [HeldStream() for _ in range(20)]
             wt = await ctx.threads(s, 20)
-            await asyncio.gather(*(h.open(s.port, t, ctx.key_for(s), model) for h, t in zip(warm_held, wt)))
+            await asyncio.gather(*(h.open(s.port, t, ctx.key_for(s), model) for h, t in zip(warm_held, wt, strict=False)))
             for h in warm_held:
                 h.close()
             await asyncio.sleep(2.0)
@@ -323,7 +323,7 @@ async def bench_memory(ctx: Ctx) -> dict[str, Any]:
                 new = [HeldStream() for _ in range(add)]
                 t0 = time.perf_counter()
                 await gather_limited([h.open(s.port, t, ctx.key_for(s), model, timeout=60)
-                                      for h, t in zip(new, threads)], 200)
+                                      for h, t in zip(new, threads, strict=False)], 200)
                 opened_s = time.perf_counter() - t0
                 held.extend(new)
                 await asyncio.sleep(2.5)
@@ -374,7 +374,7 @@ async def bench_departed(ctx: Ctx) -> dict[str, Any]:
             threads = await ctx.threads(s, n)
             held = [HeldStream() for _ in range(n)]
             await gather_limited([h.open(s.port, t, ctx.key_for(s), model, timeout=60)
-                                  for h, t in zip(held, threads)], 200)
+                                  for h, t in zip(held, threads, strict=False)], 200)
             ok = sum(h.ok for h in held)
             statuses: dict[str, int] = {}
             for h in held:
