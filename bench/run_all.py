@@ -363,7 +363,9 @@ async def bench_memory(ctx: Ctx) -> dict[str, Any]:
 
 async def bench_departed(ctx: Ctx) -> dict[str, Any]:
     n = 300 if ctx.quick else 1000
-    delay_ms = 50
+    # 5 deltas/s per stream: 1,000 streams stay below this machine's event capacity
+    # before the close (at 50 ms both servers were already saturated and backlogged).
+    delay_ms = 200
     model = f"scripted:tokens=100000,delay_ms={delay_ms}"
     out: dict[str, Any] = {"streams": n, "model": model, "servers": {}}
     for name in ("bare-sse", "turngate"):
