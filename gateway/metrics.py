@@ -28,7 +28,12 @@ class Metrics:
             "turngate_active_streams", "Open turn streams (HTTP responses).", registry=r
         )
         self.active_generations = Gauge(
-            "turngate_active_generations", "Turns generating in this process.", registry=r
+            "turngate_active_generations",
+            "Turns whose adapter is producing in this process (0 once it stopped).", registry=r
+        )
+        self.finalizing = Gauge(
+            "turngate_finalizing",
+            "Turns whose generation stopped and whose finalize write is under way.", registry=r
         )
         self.time_to_first_token = Histogram(
             "turngate_time_to_first_token_seconds",

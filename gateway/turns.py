@@ -155,6 +155,9 @@ class TurnRunner:
                 "generation_failed turn_id=%s message_id=%s", live.turn_id, live.message_id
             )
         finally:
+            # The adapter has stopped: the turn no longer generates, it is finalizing.
+            self.metrics.active_generations.dec()
+            self.metrics.finalizing.inc()
             with anyio.CancelScope(shield=True):
                 await self._finish(
                     live, request, content, usage, encoder, status, error_text, model_string,
@@ -232,7 +235,7 @@ class TurnRunner:
         finally:
             live.finish(status)
             self.relay.ended(live)
-            self.metrics.active_generations.dec()
+            self.metrics.finalizing.dec()
             if self.draining and not self.relay.running():
                 self._idle.set()
 

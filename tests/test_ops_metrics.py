@@ -99,6 +99,7 @@ async def test_metrics_move_as_turns_run(gateway: GatewayServer) -> None:
             await anyio.sleep(0.02)
         assert value(after, "turngate_active_streams") == 0
         assert value(after, "turngate_active_generations") == 0
+        assert value(after, "turngate_finalizing") == 0
         assert value(after, "turngate_turns_finalized_total", status="cancelled") == 1
         assert value(after, "turngate_turns_finalized_total", status="complete") == 1
         assert value(after, "turngate_time_to_first_token_seconds_count") == 2
