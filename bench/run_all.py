@@ -61,8 +61,9 @@ def log(msg: str) -> None:
 
 
 class Ctx:
-    def __init__(self, args: argparse.Namespace, keys: dict[str, str], dbs: dict[str, Db],
-                 logdir: Path) -> None:
+    def __init__(
+        self, args: argparse.Namespace, keys: dict[str, str], dbs: dict[str, Db], logdir: Path
+    ) -> None:
         self.args = args
         self.quick = args.quick
         self.keys = keys
@@ -89,8 +90,9 @@ class Ctx:
         self.servers.clear()
 
 
-def order(round_no: int, names: tuple[str, ...] = ("bare-sse", "bare-plain", "turngate")
-          ) -> list[str]:
+def order(
+    round_no: int, names: tuple[str, ...] = ("bare-sse", "bare-plain", "turngate")
+) -> list[str]:
     names = list(names)
     k = round_no % len(names)
     return names[k:] + names[:k]
@@ -127,8 +129,9 @@ async def bench_throughput(ctx: Ctx) -> dict[str, Any]:
             s = ctx.servers[name]
             per = raw.setdefault(name, {})
             (t,) = await ctx.threads(s, 1)
-            res = await run_turn(s.port, t, ctx.key_for(s), f"scripted:tokens={long_tokens},delay_ms=0",
-                                 timeout=120)
+            res = await run_turn(
+                s.port, t, ctx.key_for(s), f"scripted:tokens={long_tokens},delay_ms=0", timeout=120
+            )
             if res.status != 200 or res.t_done is None:
                 raise RuntimeError(f"long turn failed on {name}: {res}")
             rate = res.events / (res.t_done - res.t_send)
@@ -137,20 +140,36 @@ async def bench_throughput(ctx: Ctx) -> dict[str, Any]:
             for n, tokens in levels.items():
                 threads = await ctx.threads(s, n)
                 t0 = time.perf_counter()
-                results = await asyncio.gather(*(
-                    run_turn(s.port, th, ctx.key_for(s), f"scripted:tokens={tokens},delay_ms=0",
-                             timeout=120) for th in threads))
+                results = await asyncio.gather(
+                    *(
+                        run_turn(
+                            s.port,
+                            th,
+                            ctx.key_for(s),
+                            f"scripted:tokens={tokens},delay_ms=0",
+                            timeout=120,
+                        )
+                        for th in threads
+                    )
+                )
                 bad = [x for x in results if x.status != 200 or x.t_done is None]
                 end = max(x.t_done or t0 for x in results)
                 events = sum(x.events for x in results)
                 agg = events / (end - t0)
                 per.setdefault(f"c{n}", []).append(agg)
                 per.setdefault(f"c{n}_failed", []).append(len(bad))
-                log(f"throughput r{r} {name} c{n}x{tokens}: {events} events in "
-                    f"{end - t0:.2f}s = {agg:,.0f} ev/s, failed {len(bad)}")
-    summary: dict[str, Any] = {"rounds": rounds, "long_tokens": long_tokens,
-                               "levels": {str(k): v for k, v in levels.items()},
-                               "raw": raw, "median": {}, "ratio": {}}
+                log(
+                    f"throughput r{r} {name} c{n}x{tokens}: {events} events in "
+                    f"{end - t0:.2f}s = {agg:,.0f} ev/s, failed {len(bad)}"
+                )
+    summary: dict[str, Any] = {
+        "rounds": rounds,
+        "long_tokens": long_tokens,
+        "levels": {str(k): v for k, v in levels.items()},
+        "raw": raw,
+        "median": {},
+        "ratio": {},
+    }
     for key in ["long"] + [f"c{n}" for n in levels]:
         med = {name: median(raw[name][key]) for name in raw}
         summary["median"][key] = med
@@ -211,22 +230,37 @@ async def bench_ttfb(ctx: Ctx) -> dict[str, Any]:
             per = raw.setdefault(name, {})
             per.setdefault("first_byte_ms", []).extend(fb)
             per.setdefault("first_delta_ms", []).extend(fd)
-            log(f"ttfb r{r} {name}: first byte {median(fb):.2f} ms, first delta {median(fd):.2f} ms")
+            log(
+                f"ttfb r{r} {name}: first byte {median(fb):.2f} ms, first delta {median(fd):.2f} ms"
+            )
     rtt = await db_round_trip_ms()
-    summary: dict[str, Any] = {"rounds": rounds, "turns_per_round": per_round,
-                               "db_round_trip_raw_asyncpg": rtt, "median": {}, "p90": {}}
+    summary: dict[str, Any] = {
+        "rounds": rounds,
+        "turns_per_round": per_round,
+        "db_round_trip_raw_asyncpg": rtt,
+        "median": {},
+        "p90": {},
+    }
     for name, per in raw.items():
         summary["median"][name] = {k: median(v) for k, v in per.items()}
         summary["p90"][name] = {k: pct(v, 0.9) for k, v in per.items()}
     tg = summary["median"]["turngate"]["first_delta_ms"]
     bare = summary["median"]["bare-sse"]["first_delta_ms"]
     budget = bare + (rtt["median_ms"] or 0) + 1.0
-    summary["target"] = {"turngate_first_delta_ms": tg, "budget_ms": budget,
-                         "met": tg <= budget, "excess_ms": tg - budget}
+    summary["target"] = {
+        "turngate_first_delta_ms": tg,
+        "budget_ms": budget,
+        "met": tg <= budget,
+        "excess_ms": tg - budget,
+    }
     nosync = summary["median"].get("turngate-nosync", {}).get("first_delta_ms")
     if nosync is not None:
-        summary["target_nosync"] = {"turngate_first_delta_ms": nosync, "budget_ms": budget,
-                                    "met": nosync <= budget, "excess_ms": nosync - budget}
+        summary["target_nosync"] = {
+            "turngate_first_delta_ms": nosync,
+            "budget_ms": budget,
+            "met": nosync <= budget,
+            "excess_ms": nosync - budget,
+        }
     return summary
 
 
@@ -239,9 +273,14 @@ async def bench_roundtrips(ctx: Ctx) -> dict[str, Any]:
     # Checkpoints/lease renewal/recovery are periodic, not per turn: push them out of
     # the window, and count them separately below with a long turn.
     # (in a thread: the proxy serves the server's start-up queries in this loop)
-    s = await asyncio.to_thread(start_server, "turngate", ctx.logdir,
-                                db_url=bench_db_url(proxy.port),
-                                TURNGATE_CHECKPOINT_SECONDS="60", TURNGATE_LEASE_SECONDS="120")
+    s = await asyncio.to_thread(
+        start_server,
+        "turngate",
+        ctx.logdir,
+        db_url=bench_db_url(proxy.port),
+        TURNGATE_CHECKPOINT_SECONDS="60",
+        TURNGATE_LEASE_SECONDS="120",
+    )
     try:
         await warm(ctx, s, 5)
         n = 20 if ctx.quick else 50
@@ -270,13 +309,16 @@ async def bench_roundtrips(ctx: Ctx) -> dict[str, Any]:
     finally:
         await asyncio.to_thread(s.stop)
     # checkpoints of a long turn at the default 2 s interval
-    s = await asyncio.to_thread(start_server, "turngate", ctx.logdir,
-                                db_url=bench_db_url(proxy.port))
+    s = await asyncio.to_thread(
+        start_server, "turngate", ctx.logdir, db_url=bench_db_url(proxy.port)
+    )
     try:
         await warm(ctx, s, 2)
         (t,) = await ctx.threads(s, 1)
         proxy.round_trips = 0
-        res = await run_turn(s.port, t, ctx.key_for(s), "scripted:tokens=100,delay_ms=50", timeout=30)
+        res = await run_turn(
+            s.port, t, ctx.key_for(s), "scripted:tokens=100,delay_ms=50", timeout=30
+        )
         await asyncio.sleep(0.05)
         long_rt = proxy.round_trips
         long_s = (res.t_done or 0) - res.t_send
@@ -285,9 +327,14 @@ async def bench_roundtrips(ctx: Ctx) -> dict[str, Any]:
         await proxy.close()
     return {
         "method": "TCP proxy counting client->server flights per connection (pipelined "
-                  "messages in one flight count once)",
-        "short_turn": {"model": "scripted:tokens=5,delay_ms=0", "n": len(counts),
-                       "median": median(counts), "min": min(counts), "max": max(counts)},
+        "messages in one flight count once)",
+        "short_turn": {
+            "model": "scripted:tokens=5,delay_ms=0",
+            "n": len(counts),
+            "median": median(counts),
+            "min": min(counts),
+            "max": max(counts),
+        },
         "second_turn_same_thread": second,
         "idle_round_trips_per_s_with_checkpoint_60s": idle,
         "long_turn_5s_default_checkpoint": {"round_trips": long_rt, "seconds": long_s},
@@ -310,7 +357,12 @@ async def bench_memory(ctx: Ctx) -> dict[str, Any]:
             # warm the idle path too (a few held streams, then closed)
             warm_held = [HeldStream() for _ in range(20)]
             wt = await ctx.threads(s, 20)
-            await asyncio.gather(*(h.open(s.port, t, ctx.key_for(s), model) for h, t in zip(warm_held, wt, strict=False)))
+            await asyncio.gather(
+                *(
+                    h.open(s.port, t, ctx.key_for(s), model)
+                    for h, t in zip(warm_held, wt, strict=False)
+                )
+            )
             for h in warm_held:
                 h.close()
             await asyncio.sleep(2.0)
@@ -322,8 +374,13 @@ async def bench_memory(ctx: Ctx) -> dict[str, Any]:
                 threads = await ctx.threads(s, add)
                 new = [HeldStream() for _ in range(add)]
                 t0 = time.perf_counter()
-                await gather_limited([h.open(s.port, t, ctx.key_for(s), model, timeout=60)
-                                      for h, t in zip(new, threads, strict=False)], 200)
+                await gather_limited(
+                    [
+                        h.open(s.port, t, ctx.key_for(s), model, timeout=60)
+                        for h, t in zip(new, threads, strict=False)
+                    ],
+                    200,
+                )
                 opened_s = time.perf_counter() - t0
                 held.extend(new)
                 await asyncio.sleep(2.5)
@@ -337,13 +394,21 @@ async def bench_memory(ctx: Ctx) -> dict[str, Any]:
                 c0, w0 = s.cpu(), time.perf_counter()
                 await asyncio.sleep(2.0)
                 idle_cpu = (s.cpu() - c0) / (time.perf_counter() - w0)
-                step = {"streams": target, "ok": ok, "open_statuses": statuses, "alive": alive, "open_seconds": opened_s,
-                        "rss_mib": rss / 2**20,
-                        "kib_per_stream": (rss - rss0) / 1024 / max(ok, 1),
-                        "idle_cpu_fraction_while_held": idle_cpu}
+                step = {
+                    "streams": target,
+                    "ok": ok,
+                    "open_statuses": statuses,
+                    "alive": alive,
+                    "open_seconds": opened_s,
+                    "rss_mib": rss / 2**20,
+                    "kib_per_stream": (rss - rss0) / 1024 / max(ok, 1),
+                    "idle_cpu_fraction_while_held": idle_cpu,
+                }
                 res["steps"].append(step)
-                log(f"memory {name} {target}: ok {ok} alive {alive}, "
-                    f"{step['kib_per_stream']:.1f} KiB/stream, idle CPU {idle_cpu:.0%}")
+                log(
+                    f"memory {name} {target}: ok {ok} alive {alive}, "
+                    f"{step['kib_per_stream']:.1f} KiB/stream, idle CPU {idle_cpu:.0%}"
+                )
             res["cpu_s_total"] = s.cpu() - cpu0
             out["servers"][name] = res
         finally:
@@ -352,9 +417,12 @@ async def bench_memory(ctx: Ctx) -> dict[str, Any]:
             await asyncio.sleep(0.5)
             s.stop()
     tg = out["servers"]["turngate"]["steps"]
-    out["target"] = {"max_kib": 45, "kib_per_stream": [x["kib_per_stream"] for x in tg],
-                     "held": [x["alive"] for x in tg],
-                     "met": all(x["kib_per_stream"] <= 45 and x["alive"] == x["streams"] for x in tg)}
+    out["target"] = {
+        "max_kib": 45,
+        "kib_per_stream": [x["kib_per_stream"] for x in tg],
+        "held": [x["alive"] for x in tg],
+        "met": all(x["kib_per_stream"] <= 45 and x["alive"] == x["streams"] for x in tg),
+    }
     return out
 
 
@@ -375,8 +443,13 @@ async def bench_departed(ctx: Ctx) -> dict[str, Any]:
             await warm(ctx, s, 5)
             threads = await ctx.threads(s, n)
             held = [HeldStream() for _ in range(n)]
-            await gather_limited([h.open(s.port, t, ctx.key_for(s), model, timeout=60)
-                                  for h, t in zip(held, threads, strict=False)], 200)
+            await gather_limited(
+                [
+                    h.open(s.port, t, ctx.key_for(s), model, timeout=60)
+                    for h, t in zip(held, threads, strict=False)
+                ],
+                200,
+            )
             ok = sum(h.ok for h in held)
             statuses: dict[str, int] = {}
             for h in held:
@@ -418,17 +491,24 @@ async def bench_departed(ctx: Ctx) -> dict[str, Any]:
                             gen_zero = time.perf_counter() - t_close
                     if rows_zero is None and await ctx.db.streaming_count() == 0:
                         rows_zero = time.perf_counter() - t_close
-                done = quiet_at is not None and (name != "turngate" or
-                                                 (gen_zero is not None and rows_zero is not None))
+                done = quiet_at is not None and (
+                    name != "turngate" or (gen_zero is not None and rows_zero is not None)
+                )
                 if done:
                     break
             cpu_after = None
             if quiet_at is not None:
                 cpu_after = next((c for t, c in samples if t >= quiet_at), samples[-1][1])
-            res = {"ok": ok, "open_statuses": statuses, "busy_cpu_fraction": busy_cpu, "events_per_s_before": ev_rate,
-                   "cpu_quiet_after_s": quiet_at, "cpu_s_burned_after_close": cpu_after,
-                   "active_generations_zero_after_s": gen_zero,
-                   "rows_finalized_after_s": rows_zero}
+            res = {
+                "ok": ok,
+                "open_statuses": statuses,
+                "busy_cpu_fraction": busy_cpu,
+                "events_per_s_before": ev_rate,
+                "cpu_quiet_after_s": quiet_at,
+                "cpu_s_burned_after_close": cpu_after,
+                "active_generations_zero_after_s": gen_zero,
+                "rows_finalized_after_s": rows_zero,
+            }
             if name == "turngate":
                 res["finalized_total"] = await metric(s.port, "turngate_turns_finalized_total")
             out["servers"][name] = res
@@ -439,9 +519,16 @@ async def bench_departed(ctx: Ctx) -> dict[str, Any]:
             s.stop()
     tg = out["servers"]["turngate"]
     stop = tg["active_generations_zero_after_s"]
-    out["target"] = {"generation_stops_within_s": 1, "rows_within_s": 5,
-                     "met": bool(stop is not None and stop <= 1 and tg["rows_finalized_after_s"]
-                                 is not None and tg["rows_finalized_after_s"] <= 5)}
+    out["target"] = {
+        "generation_stops_within_s": 1,
+        "rows_within_s": 5,
+        "met": bool(
+            stop is not None
+            and stop <= 1
+            and tg["rows_finalized_after_s"] is not None
+            and tg["rows_finalized_after_s"] <= 5
+        ),
+    }
     return out
 
 
@@ -461,25 +548,43 @@ async def bench_turns(ctx: Ctx) -> dict[str, Any]:
             pg0, cpu0 = pg_cpu(), s.cpu()
             t0 = time.perf_counter()
             results = await gather_limited(
-                [run_turn(s.port, t, ctx.key_for(s), model, timeout=60) for t in threads], conc)
+                [run_turn(s.port, t, ctx.key_for(s), model, timeout=60) for t in threads], conc
+            )
             wall = time.perf_counter() - t0
             pg_used, srv_used = pg_cpu() - pg0, s.cpu() - cpu0
             bad = sum(1 for x in results if x.status != 200 or x.t_done is None)
             lat = [((x.t_done or 0) - x.t_send) * 1000 for x in results if x.t_done]
-            row = {"turns": total, "failed": bad, "wall_s": wall, "turns_per_s": total / wall,
-                   "latency_median_ms": median(lat), "latency_p90_ms": pct(lat, 0.9),
-                   "server_cpu_s": srv_used, "postgres_cpu_s": pg_used,
-                   "postgres_cpu_ms_per_turn": pg_used * 1000 / total,
-                   "postgres_cores": pg_used / wall}
+            row = {
+                "turns": total,
+                "failed": bad,
+                "wall_s": wall,
+                "turns_per_s": total / wall,
+                "latency_median_ms": median(lat),
+                "latency_p90_ms": pct(lat, 0.9),
+                "server_cpu_s": srv_used,
+                "postgres_cpu_s": pg_used,
+                "postgres_cpu_ms_per_turn": pg_used * 1000 / total,
+                "postgres_cores": pg_used / wall,
+            }
             raw.setdefault(name, []).append(row)
-            log(f"turns r{r} {name}: {row['turns_per_s']:.0f} turns/s, "
+            log(
+                f"turns r{r} {name}: {row['turns_per_s']:.0f} turns/s, "
                 f"median {row['latency_median_ms']:.1f} ms, failed {bad}, "
-                f"postgres {pg_used:.2f} CPU-s, server {srv_used:.2f} CPU-s")
+                f"postgres {pg_used:.2f} CPU-s, server {srv_used:.2f} CPU-s"
+            )
     med = {name: median([x["turns_per_s"] for x in rows]) for name, rows in raw.items()}
-    return {"rounds": rounds, "concurrency": conc, "model": model, "raw": raw,
-            "median_turns_per_s": med,
-            "ratio": {f"{n}/bare-sse": round(med[n] / med["bare-sse"], 3)
-                      for n in med if n.startswith("turngate")}}
+    return {
+        "rounds": rounds,
+        "concurrency": conc,
+        "model": model,
+        "raw": raw,
+        "median_turns_per_s": med,
+        "ratio": {
+            f"{n}/bare-sse": round(med[n] / med["bare-sse"], 3)
+            for n in med
+            if n.startswith("turngate")
+        },
+    }
 
 
 # --------------------------------------------------------------------------- main
@@ -500,8 +605,16 @@ def versions() -> dict[str, str]:
     from importlib.metadata import version
 
     out = {"python": platform.python_version()}
-    for pkg in ("starlette", "uvicorn", "uvloop", "httptools", "sse-starlette", "databases",
-                "asyncpg", "anyio"):
+    for pkg in (
+        "starlette",
+        "uvicorn",
+        "uvloop",
+        "httptools",
+        "sse-starlette",
+        "databases",
+        "asyncpg",
+        "anyio",
+    ):
         try:
             out[pkg] = version(pkg)
         except Exception:
@@ -517,7 +630,8 @@ async def amain(args: argparse.Namespace) -> int:
         raise SystemExit(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     # the shared-server benchmarks first, then those that start their own servers
     selected = [b for b in BENCHES if b in wanted and b in SHARED] + [
-        b for b in BENCHES if b in wanted and b not in SHARED]
+        b for b in BENCHES if b in wanted and b not in SHARED
+    ]
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_path = RESULTS / f"run-{stamp}{'-quick' if args.quick else ''}.json"
@@ -538,11 +652,15 @@ async def amain(args: argparse.Namespace) -> int:
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(["python", "bench/run_all.py"] + sys.argv[1:]),
         "quick": args.quick,
-        "machine": {"cpus": psutil.cpu_count(), "cpu": platform.processor() or platform.machine(),
-                    "mem_gib": round(psutil.virtual_memory().total / 2**30, 1),
-                    "kernel": platform.release(), "postgresql": pg_version,
-                    "synchronous_commit": sync_commit,
-                    "durable_insert_ms": await durable_insert_ms()},
+        "machine": {
+            "cpus": psutil.cpu_count(),
+            "cpu": platform.processor() or platform.machine(),
+            "mem_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "kernel": platform.release(),
+            "postgresql": pg_version,
+            "synchronous_commit": sync_commit,
+            "durable_insert_ms": await durable_insert_ms(),
+        },
         "versions": versions(),
         "results": {},
     }
@@ -571,8 +689,9 @@ async def amain(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="smaller loads, fewer rounds")
     parser.add_argument("--only", default="", help="comma-separated: " + ",".join(BENCHES))
     args = parser.parse_args()
