@@ -8,6 +8,7 @@ import secrets
 import string
 
 from persistence._base import _StoreBase, _utcnow_text
+from persistence._sql import Conn
 
 KEY_PREFIX = "tg_"
 _PREFIX_LEN = 8
@@ -39,49 +40,45 @@ class _AccountsMixin(_StoreBase):
             raise ValueError("a user name must not be empty")
         now = _utcnow_text()
 
-        async def op() -> tuple[int, str]:
-            async with self._db.connection() as conn:
-                new_id = await conn.fetch_val(
-                    "INSERT INTO users (name, created_at) VALUES (:name, :now) "
-                    "ON CONFLICT (name) DO NOTHING RETURNING id",
-                    {"name": name, "now": self._ts_param(now)},
-                )
-                if new_id is not None:
-                    return int(new_id), "inserted"
-                found = await conn.fetch_val(
-                    "SELECT id FROM users WHERE name = :name", {"name": name}
-                )
-                return int(found), "race_recovered"
+        async def op(conn: Conn) -> tuple[int, str]:
+            new_id = await conn.fetch_val(
+                "INSERT INTO users (name, created_at) VALUES (:name, :now) "
+                "ON CONFLICT (name) DO NOTHING RETURNING id",
+                {"name": name, "now": self._ts_param(now)},
+            )
+            if new_id is not None:
+                return int(new_id), "inserted"
+            found = await conn.fetch_val("SELECT id FROM users WHERE name = :name", {"name": name})
+            return int(found), "race_recovered"
 
         return await self._shielded("create_user", op, user_name=name)
 
     async def count_users(self) -> int:
         """How many users exist (the CLI creates a local user on an empty database)."""
-        return int(await self._run(lambda: self._db.fetch_val("SELECT count(*) FROM users")))
+        return int(await self._run(lambda c: c.fetch_val("SELECT count(*) FROM users")))
 
     async def create_api_key(self, user_id: int) -> str:
         """Make a new key for ``user_id``; the plaintext is returned once, only its hash kept."""
         secret = secrets.token_urlsafe(32)
         now = _utcnow_text()
 
-        async def op() -> tuple[str, str]:
-            async with self._db.connection() as conn:
-                # 2**48 prefixes: a collision is practically impossible, but cheap to survive.
-                for _ in range(5):
-                    prefix = secrets.token_urlsafe(6)
-                    new_id = await conn.fetch_val(
-                        "INSERT INTO api_keys (user_id, prefix, secret_hash, created_at) "
-                        "VALUES (:user_id, :prefix, :secret_hash, :now) "
-                        "ON CONFLICT (prefix) DO NOTHING RETURNING id",
-                        {
-                            "user_id": user_id,
-                            "prefix": prefix,
-                            "secret_hash": _hash_secret(secret),
-                            "now": self._ts_param(now),
-                        },
-                    )
-                    if new_id is not None:
-                        return f"{KEY_PREFIX}{prefix}_{secret}", "inserted"
+        async def op(conn: Conn) -> tuple[str, str]:
+            # 2**48 prefixes: a collision is practically impossible, but cheap to survive.
+            for _ in range(5):
+                prefix = secrets.token_urlsafe(6)
+                new_id = await conn.fetch_val(
+                    "INSERT INTO api_keys (user_id, prefix, secret_hash, created_at) "
+                    "VALUES (:user_id, :prefix, :secret_hash, :now) "
+                    "ON CONFLICT (prefix) DO NOTHING RETURNING id",
+                    {
+                        "user_id": user_id,
+                        "prefix": prefix,
+                        "secret_hash": _hash_secret(secret),
+                        "now": self._ts_param(now),
+                    },
+                )
+                if new_id is not None:
+                    return f"{KEY_PREFIX}{prefix}_{secret}", "inserted"
             raise RuntimeError("could not find a free key prefix")
 
         return await self._shielded("create_api_key", op, user_id=user_id)
@@ -90,8 +87,8 @@ class _AccountsMixin(_StoreBase):
         """Revoke the key with this prefix; False if there is no such active key."""
         now = _utcnow_text()
 
-        async def op() -> tuple[bool, str]:
-            revoked = await self._db.fetch_val(
+        async def op(conn: Conn) -> tuple[bool, str]:
+            revoked = await conn.fetch_val(
                 "UPDATE api_keys SET revoked_at = :now "
                 "WHERE prefix = :prefix AND revoked_at IS NULL RETURNING id",
                 {"prefix": prefix, "now": self._ts_param(now)},
@@ -112,7 +109,7 @@ class _AccountsMixin(_StoreBase):
             return None
         prefix, secret = parts
         row = await self._run(
-            lambda: self._db.fetch_one(
+            lambda c: c.fetch_one(
                 "SELECT user_id, secret_hash, revoked_at FROM api_keys WHERE prefix = :prefix",
                 {"prefix": prefix},
             )

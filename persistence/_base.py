@@ -16,7 +16,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -25,15 +25,19 @@ from typing import Any, Self, TypeVar
 import anyio
 from databases import Database
 
+from persistence._sql import SQLITE_ROW_FACTORY, Conn
 from persistence._urls import Dialect, _parse_url
 from turngate.exceptions import DatabaseUnavailable, PersistenceError
 
 logger = logging.getLogger("turngate.persistence")
 
 T = TypeVar("T")
+DbFn = Callable[[Conn], Awaitable[T]]
 OperationObserver = Callable[[str, str, float], None]
 
 # Outcomes a writer reports (the structured log line and the observer).
+DEFAULT_POOL_SIZE = 10  # asyncpg's own default, kept
+
 OUTCOMES = ("inserted", "race_recovered", "conflict_no_match", "ok", "row_missing", "failed")
 
 
@@ -77,19 +81,34 @@ class _TunedSQLiteConnection(sqlite3.Connection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.execute("PRAGMA synchronous=NORMAL")
+        self.row_factory = SQLITE_ROW_FACTORY
 
 
 class _StoreBase:
     """Connection handling, timestamps and ``_shielded``; the mixins add the operations."""
 
-    def __init__(self, url: str | None = None, *, statement_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        statement_timeout: float = 5.0,
+        pool_size: int | None = None,
+        acquire_timeout: float | None = None,
+    ) -> None:
         parsed = _parse_url(url)
         self.url = parsed.databases_url
         self.dialect: Dialect = parsed.dialect
         self.statement_timeout = statement_timeout
         # A backstop above the drivers' own timeouts: asyncpg's command_timeout cancels
         # a statement cleanly on the server; ours must never be the one that fires.
+        # It starts once a connection is in hand (the wait for one has its own bound).
         self._deadline = statement_timeout * 2 + 1.0
+        if pool_size is not None and pool_size < 1:
+            raise ValueError("pool_size must be at least 1")
+        self.pool_size = DEFAULT_POOL_SIZE if pool_size is None else pool_size
+        # How long an operation may wait for a pooled connection before it gives up
+        # with DatabaseUnavailable (PostgreSQL; SQLite has no pool to wait for).
+        self.acquire_timeout = statement_timeout if acquire_timeout is None else acquire_timeout
         self.on_operation: OperationObserver | None = None
         options: dict[str, Any]
         if self.dialect == "postgresql":
@@ -97,6 +116,8 @@ class _StoreBase:
                 "command_timeout": statement_timeout,
                 "timeout": statement_timeout,  # connect timeout
                 "reset": _cheap_reset,
+                "min_size": self.pool_size,
+                "max_size": self.pool_size,
             }
         else:
             # sqlite3's timeout is the busy timeout; every acquire opens a new connection,
@@ -125,7 +146,10 @@ class _StoreBase:
                 await self._db.connect()
                 if self.dialect == "sqlite":
                     # WAL lets readers run beside the writer; it persists in the file.
-                    mode = await self._db.fetch_val("PRAGMA journal_mode=WAL")
+                    async with self._db.connection() as conn:
+                        mode = await Conn(conn.raw_connection, is_pg=False).fetch_val(
+                            "PRAGMA journal_mode=WAL"
+                        )
                     if str(mode).lower() != "wal":
                         logger.warning("SQLite journal_mode is %s, not wal", mode)
         except Exception as exc:
@@ -157,13 +181,13 @@ class _StoreBase:
         return self.dialect == "postgresql"
 
     @asynccontextmanager
-    async def _sqlite_writer(self) -> AsyncIterator[Any]:
-        """One SQLite connection inside BEGIN IMMEDIATE … COMMIT (rolled back on error).
+    async def _sqlite_writer(self, conn: Conn) -> AsyncIterator[Conn]:
+        """``conn`` (SQLite) inside BEGIN IMMEDIATE … COMMIT (rolled back on error).
 
         IMMEDIATE takes the write lock up front, so the checks and writes of one
-        operation cannot interleave with another writer's. Only call it shielded.
+        operation cannot interleave with another writer's. Only call it inside ``_run``.
         """
-        async with self._write_lock, self._db.connection() as conn:
+        async with self._write_lock:
             await conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -176,16 +200,39 @@ class _StoreBase:
         """A timestamp string as the driver wants it (asyncpg needs a datetime)."""
         return _parse_iso(value) if self._is_pg else value
 
-    async def _run(self, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run ``fn`` shielded from outside cancellation, with the store's deadline.
+    async def _run(self, fn: DbFn[T]) -> T:
+        """Run ``fn(conn)`` on one pooled connection, shielded from outside cancellation.
 
-        Any driver or connection failure becomes ``DatabaseUnavailable``.
+        The wait for a pooled connection is bounded by ``acquire_timeout`` (PostgreSQL);
+        the work itself by the store's deadline, which starts once the connection is in
+        hand. ``conn`` runs statements compiled once to the driver's native form on the
+        connection ``databases`` acquired (``persistence._sql``). Any driver or
+        connection failure, and a pool that stays exhausted, becomes
+        ``DatabaseUnavailable``.
         """
         if not self._db.is_connected:
             raise DatabaseUnavailable("the store is not connected")
         try:
-            with anyio.fail_after(self._deadline, shield=True):
-                return await fn()
+            with anyio.CancelScope(shield=True):
+                async with AsyncExitStack() as stack:
+                    connection = self._db.connection()
+                    if self._is_pg:
+                        try:
+                            with anyio.fail_after(self.acquire_timeout):
+                                await stack.enter_async_context(connection)
+                        except TimeoutError:
+                            message = (
+                                "no pooled database connection free within "
+                                f"{self.acquire_timeout:g}s (pool_size={self.pool_size})"
+                            )
+                            logger.warning("database unavailable: %s", message)
+                            raise DatabaseUnavailable(message) from None
+                    else:
+                        with anyio.fail_after(self._deadline):
+                            await stack.enter_async_context(connection)
+                    conn = Conn(connection.raw_connection, is_pg=self._is_pg)
+                    with anyio.fail_after(self._deadline):
+                        return await fn(conn)
         except PersistenceError:
             raise
         except TimeoutError as exc:
@@ -197,8 +244,9 @@ class _StoreBase:
             # caller cannot tell them apart from an outage, but the log keeps the cause.
             logger.warning("database error: %r", exc)
             raise DatabaseUnavailable(f"database error: {type(exc).__name__}: {exc}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover  (mypy: the shield returns)
 
-    async def _shielded(self, op: str, fn: Callable[[], Awaitable[tuple[T, str]]], **ids: Any) -> T:
+    async def _shielded(self, op: str, fn: DbFn[tuple[T, str]], **ids: Any) -> T:
         """Run a writer through ``_run``, then log its one line and tell the observer.
 
         ``fn`` returns ``(result, outcome)``; a failure is reported as ``failed`` and

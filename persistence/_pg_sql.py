@@ -1,15 +1,17 @@
 """The single-statement writers for PostgreSQL (data-modifying CTEs).
 
 Notes that apply to all of them:
-- Bind parameters are ``:name``; casts are spelled ``CAST(:x AS jsonb)`` because
-  ``:x::jsonb`` is not recognised as a parameter by SQLAlchemy's ``text()``.
+- Bind parameters are ``:name``, compiled once to ``$n`` by ``persistence._sql``
+  (which skips quoted strings and comments); casts of parameters are spelled
+  ``CAST(:x AS jsonb)``, the habit from SQLAlchemy's ``text()``, which did not
+  recognise ``:x::jsonb`` as a parameter.
 - A CTE's plain SELECT sees the snapshot from before the statement, so rows
   inserted by a concurrent winner are invisible here: the caller resolves a lost
   race with one extra lookup.
 - Sub-statements of one WITH run in an unspecified order; where order matters a
   CTE references the one that must run first (``(SELECT count(*) FROM x) >= 0``).
-- No literal percent sign anywhere (it breaks the SQLite backend of `databases`,
-  and we keep one habit for both).
+- No literal percent sign anywhere: it broke the SQLite backend of `databases`.
+  Our statements no longer go through its compiler, but one habit for both.
 """
 
 from __future__ import annotations
@@ -97,6 +99,37 @@ SELECT
     (SELECT count(*) FROM bump) AS bumped
 """
 
+# ``open_turn(with_history=True)``: the same statement, plus the thread's earlier
+# messages as one json array (oldest first, the ``:history_limit`` most recent), only
+# when this statement inserted the assistant row (a generation starts). The CTE
+# snapshot predates the statement, so this turn's new rows are not in it; rows of this
+# turn that existed already (a legacy user row) are excluded by turn_id. A holder that
+# this statement marked interrupted shows its new status. Timestamps in ``_iso`` form.
+_HISTORY = """,
+    CASE WHEN EXISTS (SELECT 1 FROM ins_assistant) THEN (
+        SELECT coalesce(json_agg(json_build_object(
+            'id', h.id, 'thread_id', h.thread_id, 'role', h.role, 'content', h.content,
+            'status', h.status, 'turn_id', h.turn_id,
+            'created_at', to_char(h.created_at AT TIME ZONE 'UTC',
+                'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+            'updated_at', to_char(h.updated_at AT TIME ZONE 'UTC',
+                'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+        ) ORDER BY h.id), '[]'::json)
+        FROM (
+            SELECT m.id, m.thread_id, m.role, m.content, m.turn_id, m.created_at,
+                CASE WHEN e.id IS NULL THEN m.status ELSE 'interrupted' END AS status,
+                CASE WHEN e.id IS NULL THEN m.updated_at ELSE now() END AS updated_at
+            FROM messages m JOIN th ON m.thread_id = th.id
+            LEFT JOIN expired e ON e.id = m.id
+            WHERE m.turn_id IS DISTINCT FROM :turn_id
+            ORDER BY m.id DESC
+            LIMIT CAST(:history_limit AS bigint)
+        ) AS h
+    ) END AS history
+"""
+
+OPEN_TURN_WITH_HISTORY = OPEN_TURN.rstrip().removesuffix("AS bumped") + "AS bumped" + _HISTORY
+
 APPEND_MESSAGE = """
 WITH th AS (
     SELECT id FROM threads WHERE id = :thread_id AND owner_id = :owner_id
@@ -148,6 +181,16 @@ UPDATE messages SET content = CAST(:content AS jsonb), updated_at = now(),
     lease_expires_at = now() + make_interval(secs => CAST(:lease_seconds AS double precision))
 WHERE id = :message_id AND status = 'streaming' AND lease_owner = :lease_owner
 RETURNING id
+"""
+
+RENEW_LEASES = """
+WITH renewed AS (
+    UPDATE messages
+    SET lease_expires_at = now() + make_interval(secs => CAST(:lease_seconds AS double precision))
+    WHERE lease_owner = CAST(:lease_owner AS text) AND status = 'streaming'
+    RETURNING 1
+)
+SELECT count(*) FROM renewed
 """
 
 RECOVER_EXPIRED = f"""

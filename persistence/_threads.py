@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 from persistence._base import _iso, _load_json, _StoreBase, _utcnow_text
+from persistence._sql import Conn
 from persistence.rows import MessageRow, ThreadRow, TurnRows, UsageRow
 from turngate.exceptions import PersistenceError
 
@@ -99,22 +100,20 @@ class _ThreadsMixin(_StoreBase):
         now = self._ts_param(_utcnow_text())
         tid = thread_id
 
-        async def op() -> tuple[tuple[ThreadRow | None, bool], str]:
-            async with self._db.connection() as conn:
-                row = await conn.fetch_one(
-                    "INSERT INTO threads (id, owner_id, title, created_at, updated_at) "
-                    "VALUES (:id, :owner_id, :title, :now, :now) "
-                    "ON CONFLICT (id) DO NOTHING "
-                    "RETURNING id, owner_id, title, created_at, updated_at",
-                    {"id": tid, "owner_id": owner_id, "title": title, "now": now},
-                )
-                if row is not None:
-                    return (_thread_row(row), True), "inserted"
-                row = await conn.fetch_one(
-                    "SELECT id, owner_id, title, created_at, updated_at FROM threads "
-                    "WHERE id = :id",
-                    {"id": tid},
-                )
+        async def op(conn: Conn) -> tuple[tuple[ThreadRow | None, bool], str]:
+            row = await conn.fetch_one(
+                "INSERT INTO threads (id, owner_id, title, created_at, updated_at) "
+                "VALUES (:id, :owner_id, :title, :now, :now) "
+                "ON CONFLICT (id) DO NOTHING "
+                "RETURNING id, owner_id, title, created_at, updated_at",
+                {"id": tid, "owner_id": owner_id, "title": title, "now": now},
+            )
+            if row is not None:
+                return (_thread_row(row), True), "inserted"
+            row = await conn.fetch_one(
+                "SELECT id, owner_id, title, created_at, updated_at FROM threads WHERE id = :id",
+                {"id": tid},
+            )
             existing = None if row is None else _thread_row(row)
             if existing is None or existing.owner_id != owner_id:
                 return (existing, False), "conflict_no_match"
@@ -130,7 +129,7 @@ class _ThreadsMixin(_StoreBase):
     async def get_thread(self, thread_id: str, owner_id: int) -> ThreadRow | None:
         """The thread if it exists and belongs to ``owner_id``, else None."""
         row = await self._run(
-            lambda: self._db.fetch_one(
+            lambda c: c.fetch_one(
                 "SELECT id, owner_id, title, created_at, updated_at FROM threads "
                 "WHERE id = :id AND owner_id = :owner_id",
                 {"id": thread_id, "owner_id": owner_id},
@@ -161,7 +160,7 @@ class _ThreadsMixin(_StoreBase):
             # Spelled out rather than a row comparison so both planners use the index.
             where += " AND (updated_at < :c_updated OR (updated_at = :c_updated AND id < :c_id))"
         rows = await self._run(
-            lambda: self._db.fetch_all(
+            lambda c: c.fetch_all(
                 "SELECT id, owner_id, title, created_at, updated_at FROM threads "
                 f"WHERE {where} ORDER BY updated_at DESC, id DESC LIMIT :limit",
                 values,
@@ -176,7 +175,7 @@ class _ThreadsMixin(_StoreBase):
     async def list_messages(self, thread_id: str, owner_id: int) -> list[MessageRow] | None:
         """The thread's messages in order, or None if the thread is not the owner's."""
         rows = await self._run(
-            lambda: self._db.fetch_all(
+            lambda c: c.fetch_all(
                 "SELECT t.id AS owned, m.id, m.thread_id, m.role, m.content, m.status, "
                 "m.turn_id, m.created_at, m.updated_at "
                 "FROM threads t LEFT JOIN messages m ON m.thread_id = t.id "
@@ -191,7 +190,7 @@ class _ThreadsMixin(_StoreBase):
     async def get_turn(self, thread_id: str, turn_id: str) -> TurnRows:
         """The user and assistant rows of one turn (either may be None)."""
         rows = await self._run(
-            lambda: self._db.fetch_all(
+            lambda c: c.fetch_all(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages "
                 "WHERE thread_id = :thread_id AND turn_id = :turn_id",
                 {"thread_id": thread_id, "turn_id": turn_id},
@@ -222,7 +221,7 @@ class _ThreadsMixin(_StoreBase):
             where += " AND id < :c_id"
             values["c_id"] = cursor[0]
         rows = await self._run(
-            lambda: self._db.fetch_all(
+            lambda c: c.fetch_all(
                 "SELECT id, usage_type, prompt_tokens, completion_tokens, total_tokens, "
                 "cost_micros, model_breakdown, call_details, estimated, thread_id, "
                 f"message_id, user_id, created_at FROM token_usage WHERE {where} "

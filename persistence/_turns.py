@@ -26,11 +26,13 @@ from persistence._base import (
     _StoreBase,
     _utcnow_text,
 )
+from persistence._sql import Conn
+from persistence._threads import _MESSAGE_COLUMNS, _message_row
 from persistence.content import (
     ASSISTANT_SHELL,
     estimate_completion_tokens,
 )
-from persistence.rows import TurnOpened
+from persistence.rows import MessageRow, TurnOpened
 from turngate.exceptions import DatabaseUnavailable
 
 logger = logging.getLogger("turngate.persistence")
@@ -42,6 +44,26 @@ _BUSY_INDEX = "uq_messages_thread_streaming"
 
 class _BusyRace(Exception):
     """Another turn won the thread's one streaming slot in the same instant."""
+
+
+_SHELL_JSON = _dump_json(ASSISTANT_SHELL)
+
+
+def _history_rows(value: Any) -> list[MessageRow]:
+    """The json array of ``OPEN_TURN_WITH_HISTORY``'s ``history`` column as rows."""
+    return [
+        MessageRow(
+            id=int(m["id"]),
+            thread_id=str(m["thread_id"]),
+            role=str(m["role"]),
+            content=m["content"],
+            status=str(m["status"]),
+            turn_id=m["turn_id"],
+            created_at=str(m["created_at"]),
+            updated_at=str(m["updated_at"]),
+        )
+        for m in _load_json(value) or ()
+    ]
 
 
 def _plus_seconds(iso: str, seconds: float) -> str:
@@ -58,7 +80,7 @@ _SQLITE_USAGE_INSERT = (
 )
 
 
-async def _sqlite_interrupt(conn: Any, row: Any, owner_id: int, now: str) -> None:
+async def _sqlite_interrupt(conn: Conn, row: Any, owner_id: int, now: str) -> None:
     """Mark one expired streaming row interrupted, with its estimated usage row."""
     await conn.execute(
         "UPDATE messages SET status = 'interrupted', lease_owner = NULL, "
@@ -95,6 +117,8 @@ class _TurnsMixin(_StoreBase):
         *,
         lease_owner: str,
         lease_seconds: float,
+        with_history: bool = False,
+        history_limit: int = 200,
     ) -> TurnOpened:
         """Write the user row and the assistant shell of a turn, idempotently.
 
@@ -105,23 +129,46 @@ class _TurnsMixin(_StoreBase):
         ``*_inserted=False`` and the assistant row's status. The thread's
         ``updated_at`` moves only when a row was really inserted. One statement on
         PostgreSQL. Never raises for database failures: ``unavailable``.
-        """
-        content = _dump_json(user_content)
 
-        async def op() -> tuple[TurnOpened, str]:
+        ``with_history=True``: when this call inserted the assistant row (a new
+        generation starts, ``assistant_inserted``), ``history`` is the thread's other
+        messages (all rows except this turn's), oldest first, at most the
+        ``history_limit`` most recent; in the same statement on PostgreSQL, in the
+        same transaction on SQLite. Otherwise ``history`` is None.
+        """
+        if history_limit < 0:
+            raise ValueError("history_limit must not be negative")
+        content = _dump_json(user_content)
+        history = history_limit if with_history else None
+
+        async def op(conn: Conn) -> tuple[TurnOpened, str]:
             if self._is_pg:
                 try:
                     opened = await self._open_turn_pg(
-                        thread_id, owner_id, turn_id, content, lease_owner, lease_seconds
+                        conn,
+                        thread_id,
+                        owner_id,
+                        turn_id,
+                        content,
+                        lease_owner,
+                        lease_seconds,
+                        history,
                     )
                 except _BusyRace:
-                    busy = await self._db.fetch_val(
+                    busy = await conn.fetch_val(
                         _pg_sql.STREAMING_TURN_OF_THREAD, {"thread_id": thread_id}
                     )
                     opened = TurnOpened(status="busy", busy_turn_id=busy)
             else:
                 opened = await self._open_turn_sqlite(
-                    thread_id, owner_id, turn_id, content, lease_owner, lease_seconds
+                    conn,
+                    thread_id,
+                    owner_id,
+                    turn_id,
+                    content,
+                    lease_owner,
+                    lease_seconds,
+                    history,
                 )
             return opened, _open_outcome(opened)
 
@@ -134,26 +181,30 @@ class _TurnsMixin(_StoreBase):
 
     async def _open_turn_pg(
         self,
+        conn: Conn,
         thread_id: str,
         owner_id: int,
         turn_id: str,
         content: str,
         lease_owner: str,
         lease_seconds: float,
+        history_limit: int | None,
     ) -> TurnOpened:
+        values: dict[str, Any] = {
+            "thread_id": thread_id,
+            "owner_id": owner_id,
+            "turn_id": turn_id,
+            "user_content": content,
+            "shell": _SHELL_JSON,
+            "lease_owner": lease_owner,
+            "lease_seconds": float(lease_seconds),
+        }
+        sql = _pg_sql.OPEN_TURN
+        if history_limit is not None:
+            sql = _pg_sql.OPEN_TURN_WITH_HISTORY
+            values["history_limit"] = history_limit
         try:
-            row = await self._db.fetch_one(
-                _pg_sql.OPEN_TURN,
-                {
-                    "thread_id": thread_id,
-                    "owner_id": owner_id,
-                    "turn_id": turn_id,
-                    "user_content": content,
-                    "shell": _dump_json(ASSISTANT_SHELL),
-                    "lease_owner": lease_owner,
-                    "lease_seconds": float(lease_seconds),
-                },
-            )
+            row = await conn.fetch_one(sql, values)
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == _BUSY_INDEX:
                 raise _BusyRace from exc
@@ -168,7 +219,7 @@ class _TurnsMixin(_StoreBase):
         assistant_status = "streaming" if row["assistant_new"] else row["assistant_old_status"]
         if user_id is None or assistant_id is None:
             # Lost a race: the winner's rows were invisible to our snapshot.
-            turn = await self._db.fetch_all(
+            turn = await conn.fetch_all(
                 "SELECT id, role, status FROM messages "
                 "WHERE thread_id = :thread_id AND turn_id = :turn_id",
                 {"thread_id": thread_id, "turn_id": turn_id},
@@ -187,20 +238,28 @@ class _TurnsMixin(_StoreBase):
             user_inserted=row["user_new"] is not None,
             assistant_inserted=row["assistant_new"] is not None,
             assistant_status=str(assistant_status),
+            history=(
+                _history_rows(row["history"])
+                if history_limit is not None and row["assistant_new"] is not None
+                else None
+            ),
         )
 
     async def _open_turn_sqlite(
         self,
+        conn: Conn,
         thread_id: str,
         owner_id: int,
         turn_id: str,
         content: str,
         lease_owner: str,
         lease_seconds: float,
+        history_limit: int | None,
     ) -> TurnOpened:
         now = _utcnow_text()
         ids = {"thread_id": thread_id, "turn_id": turn_id}
-        async with self._sqlite_writer() as conn:
+        history: list[MessageRow] | None = None
+        async with self._sqlite_writer(conn):
             found = await conn.fetch_val(
                 "SELECT 1 FROM threads WHERE id = :thread_id AND owner_id = :owner_id",
                 {"thread_id": thread_id, "owner_id": owner_id},
@@ -242,7 +301,7 @@ class _TurnsMixin(_StoreBase):
                 "RETURNING id",
                 {
                     **ids,
-                    "shell": _dump_json(ASSISTANT_SHELL),
+                    "shell": _SHELL_JSON,
                     "lease_owner": lease_owner,
                     "expires": _plus_seconds(now, lease_seconds),
                     "now": now,
@@ -253,6 +312,14 @@ class _TurnsMixin(_StoreBase):
                     "UPDATE threads SET updated_at = :now WHERE id = :thread_id",
                     {"thread_id": thread_id, "now": now},
                 )
+            if history_limit is not None and assistant_new is not None:
+                rows = await conn.fetch_all(
+                    f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE thread_id = :thread_id "
+                    "AND (turn_id IS NULL OR turn_id <> :turn_id) "
+                    "ORDER BY id DESC LIMIT :limit",
+                    {**ids, "limit": history_limit},
+                )
+                history = [_message_row(r) for r in reversed(rows)]
         return TurnOpened(
             status="opened",
             user_message_id=int(user_new if user_new is not None else mine["user"]["id"]),
@@ -264,6 +331,7 @@ class _TurnsMixin(_StoreBase):
             assistant_status=(
                 "streaming" if assistant_new is not None else str(mine["assistant"]["status"])
             ),
+            history=history,
         )
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from persistence import _pg_sql
 from persistence._base import _dump_json, _StoreBase, _utcnow_text
+from persistence._sql import Conn
 from persistence._turns import (
     _SQLITE_USAGE_INSERT,
     FINAL_STATUSES,
@@ -49,22 +50,22 @@ class _WritersMixin(_StoreBase):
             "turn_id": turn_id,
         }
 
-        async def op() -> tuple[AppendResult | None, str]:
+        async def op(conn: Conn) -> tuple[AppendResult | None, str]:
             if self._is_pg:
-                row = await self._db.fetch_one(_pg_sql.APPEND_MESSAGE, values)
+                row = await conn.fetch_one(_pg_sql.APPEND_MESSAGE, values)
                 assert row is not None
                 if not row["thread_found"]:
                     return None, "row_missing"
                 new_id, old_id = row["new_id"], row["old_id"]
                 if new_id is None and old_id is None and turn_id is not None:
                     # Lost a race: the winner's row was invisible to our snapshot.
-                    old_id = await self._db.fetch_val(
+                    old_id = await conn.fetch_val(
                         "SELECT id FROM messages WHERE thread_id = :thread_id "
                         "AND turn_id = :turn_id AND role = :role",
                         {"thread_id": thread_id, "turn_id": turn_id, "role": role},
                     )
             else:
-                new_id, old_id, found = await self._append_sqlite(values)
+                new_id, old_id, found = await self._append_sqlite(conn, values)
                 if not found:
                     return None, "row_missing"
             return _append_result(new_id, old_id)
@@ -73,9 +74,9 @@ class _WritersMixin(_StoreBase):
             "append_message", op, thread_id=thread_id, turn_id=turn_id, role=role
         )
 
-    async def _append_sqlite(self, values: dict[str, Any]) -> tuple[Any, Any, bool]:
+    async def _append_sqlite(self, conn: Conn, values: dict[str, Any]) -> tuple[Any, Any, bool]:
         now = _utcnow_text()
-        async with self._sqlite_writer() as conn:
+        async with self._sqlite_writer(conn):
             found = await conn.fetch_val(
                 "SELECT 1 FROM threads WHERE id = :thread_id AND owner_id = :owner_id",
                 {"thread_id": values["thread_id"], "owner_id": values["owner_id"]},
@@ -118,9 +119,9 @@ class _WritersMixin(_StoreBase):
         """
         payload = _dump_json(content)
 
-        async def op() -> tuple[bool, str]:
+        async def op(conn: Conn) -> tuple[bool, str]:
             if self._is_pg:
-                done = await self._db.fetch_val(
+                done = await conn.fetch_val(
                     _pg_sql.CHECKPOINT,
                     {
                         "message_id": message_id,
@@ -131,7 +132,7 @@ class _WritersMixin(_StoreBase):
                 )
             else:
                 now = _utcnow_text()
-                async with self._sqlite_writer() as conn:
+                async with self._sqlite_writer(conn):
                     done = await conn.fetch_val(
                         "UPDATE messages SET content = :content, updated_at = :now, "
                         "lease_expires_at = :expires WHERE id = :message_id "
@@ -147,6 +148,42 @@ class _WritersMixin(_StoreBase):
             return done is not None, "ok" if done is not None else "row_missing"
 
         return await self._shielded("checkpoint", op, message_id=message_id)
+
+    async def renew_leases(self, lease_owner: str, lease_seconds: float) -> int:
+        """Extend the lease of every ``streaming`` row of ``lease_owner`` (one statement).
+
+        For the maintenance loop: one statement per interval for all of this
+        process's running turns whose content did not change since their last
+        checkpoint (those that changed go through ``checkpoint``). Content and
+        ``updated_at`` are not touched. Returns how many rows were renewed. Raises
+        ``DatabaseUnavailable``.
+        """
+        if lease_seconds <= 0:
+            raise ValueError("lease_seconds must be positive")
+
+        async def op(conn: Conn) -> tuple[int, str]:
+            if self._is_pg:
+                count = int(
+                    await conn.fetch_val(
+                        _pg_sql.RENEW_LEASES,
+                        {"lease_owner": lease_owner, "lease_seconds": float(lease_seconds)},
+                    )
+                )
+            else:
+                # One autocommit statement: the write lock only queues our own writers.
+                async with self._write_lock:
+                    rows = await conn.fetch_all(
+                        "UPDATE messages SET lease_expires_at = :expires "
+                        "WHERE lease_owner = :lease_owner AND status = 'streaming' RETURNING id",
+                        {
+                            "lease_owner": lease_owner,
+                            "expires": _plus_seconds(_utcnow_text(), lease_seconds),
+                        },
+                    )
+                count = len(rows)
+            return count, "ok" if count else "row_missing"
+
+        return await self._shielded("renew_leases", op, lease_owner=lease_owner)
 
     async def finalize_turn(
         self,
@@ -183,15 +220,15 @@ class _WritersMixin(_StoreBase):
             "user_id": user_id,
         }
 
-        async def op() -> tuple[str, str]:
+        async def op(conn: Conn) -> tuple[str, str]:
             if status not in FINAL_STATUSES:
                 raise ValueError(f"not a final status: {status!r}")
             if self._is_pg:
-                row = await self._db.fetch_one(_pg_sql.FINALIZE_TURN, values)
+                row = await conn.fetch_one(_pg_sql.FINALIZE_TURN, values)
                 assert row is not None
                 updated = bool(row["updated"])
             else:
-                updated = await self._finalize_sqlite(values)
+                updated = await self._finalize_sqlite(conn, values)
             outcome = "ok" if updated else "row_missing"
             return outcome, outcome
 
@@ -203,9 +240,9 @@ class _WritersMixin(_StoreBase):
             logger.exception("finalize_turn failed for message %s", message_id)
             return "failed"
 
-    async def _finalize_sqlite(self, values: dict[str, Any]) -> bool:
+    async def _finalize_sqlite(self, conn: Conn, values: dict[str, Any]) -> bool:
         now = _utcnow_text()
-        async with self._sqlite_writer() as conn:
+        async with self._sqlite_writer(conn):
             updated = await conn.fetch_val(
                 "UPDATE messages SET content = :content, status = :status, updated_at = :now, "
                 "lease_owner = NULL, lease_expires_at = NULL "
@@ -224,19 +261,19 @@ class _WritersMixin(_StoreBase):
         a periodic sweep; raises ``DatabaseUnavailable``.
         """
 
-        async def op() -> tuple[list[int], str]:
+        async def op(conn: Conn) -> tuple[list[int], str]:
             if self._is_pg:
-                rows = await self._db.fetch_all(_pg_sql.RECOVER_EXPIRED)
+                rows = await conn.fetch_all(_pg_sql.RECOVER_EXPIRED)
                 ids = [int(r["id"]) for r in rows]
             else:
-                ids = await self._recover_sqlite()
+                ids = await self._recover_sqlite(conn)
             return ids, "ok" if ids else "row_missing"
 
         return await self._shielded("recover_expired_turns", op)
 
-    async def _recover_sqlite(self) -> list[int]:
+    async def _recover_sqlite(self, conn: Conn) -> list[int]:
         now = _utcnow_text()
-        async with self._sqlite_writer() as conn:
+        async with self._sqlite_writer(conn):
             rows = await conn.fetch_all(
                 "SELECT m.id, m.thread_id, m.content, t.owner_id FROM messages m "
                 "JOIN threads t ON t.id = m.thread_id "
@@ -250,7 +287,7 @@ class _WritersMixin(_StoreBase):
     async def ping(self) -> bool:
         """True if the database answers ``SELECT 1`` in time; never raises."""
         try:
-            return bool(await self._run(lambda: self._db.fetch_val("SELECT 1")) == 1)
+            return bool(await self._run(lambda c: c.fetch_val("SELECT 1")) == 1)
         except Exception:
             return False
 

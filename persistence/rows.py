@@ -44,6 +44,9 @@ class TurnOpened:
     recovered (e.g. ``"complete"`` → replay, ``"streaming"`` → attach), else
     ``"streaming"``. ``busy_turn_id`` names the turn that holds the thread when
     ``status == "busy"``. The ids are ``None`` unless ``status == "opened"``.
+    ``history`` (``open_turn(with_history=True)`` only, and only when the
+    assistant row was inserted): the thread's earlier messages, oldest first,
+    without this turn's rows; else None.
     """
 
     status: OpenStatus
@@ -53,6 +56,7 @@ class TurnOpened:
     assistant_inserted: bool = False
     assistant_status: str | None = None
     busy_turn_id: str | None = None
+    history: list[MessageRow] | None = None
 
 
 @dataclass(frozen=True, slots=True)
