@@ -60,3 +60,55 @@ async def test_proxy_counts_pipelined_exchanges(
     for _ in range(3):
         assert await store.ping()
     assert proxy.round_trips == 3
+
+
+@pytest.mark.anyio
+async def test_open_with_history_is_one_round_trip(
+    counting_store: tuple[Store, RoundTripProxy],
+) -> None:
+    store, proxy = counting_store
+    owner = await store.create_user("alice")
+    thread_id = (await store.create_thread(owner, None, None))[0].id
+
+    async def turn(turn_id: str) -> int:
+        opened = await store.open_turn(
+            thread_id,
+            owner,
+            turn_id,
+            build_user_content(f"x {turn_id}"),
+            lease_owner="p",
+            lease_seconds=30,
+            with_history=True,
+        )
+        assert opened.status == "opened" and opened.history is not None
+        assert opened.assistant_message_id is not None
+        await store.finalize_turn(
+            opened.assistant_message_id, thread_id, owner, [], "complete", USAGE
+        )
+        return len(opened.history)
+
+    assert await turn("warm") == 0  # prepares the statement on the connection
+    proxy.reset()
+    opened = await store.open_turn(
+        thread_id,
+        owner,
+        "t1",
+        build_user_content("x"),
+        lease_owner="p",
+        lease_seconds=30,
+        with_history=True,
+    )
+    trips = proxy.round_trips
+    assert opened.history is not None
+    assert [(m.role, m.turn_id) for m in opened.history] == [
+        ("user", "warm"),
+        ("assistant", "warm"),
+    ]
+    print(f"round trips: open with history={trips}")
+    assert trips == 1
+
+    # renew_leases is one statement for all of an owner's streaming rows.
+    await store.renew_leases("p", 30)  # warm-up
+    proxy.reset()
+    assert await store.renew_leases("p", 30) == 1
+    assert proxy.round_trips == 1
