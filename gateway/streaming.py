@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
+from weakref import WeakKeyDictionary
 
-from sse_starlette import EventSourceResponse, ServerSentEvent
+import anyio
 
+from gateway._sse_response import SSEResponse, StreamSet
 from gateway.chunks import STREAM_HEADERS, ChunkEncoder
 from gateway.context import AppContext
 from gateway.relay import LiveTurn
@@ -21,30 +25,68 @@ from llm_adapters.events import (
     ToolResult,
 )
 
+logger = logging.getLogger("turngate.stream")
 
-def _ping() -> ServerSentEvent:
-    # A comment, never an event: the AI SDK parses every `data:` as a chunk.
-    return ServerSentEvent(comment="ping", sep="\n")
+# The open streams of each running app, keyed by its lifespan's shutdown event.
+_STREAM_SETS: WeakKeyDictionary[anyio.Event, StreamSet] = WeakKeyDictionary()
 
 
-def sse_response(
-    ctx: AppContext, body: AsyncIterator[bytes], status: int = 200
-) -> EventSourceResponse:
-    """An SSE response with the AI SDK headers, pings and a send timeout."""
-    return EventSourceResponse(
+def sse_response(ctx: AppContext, body: AsyncIterator[bytes], status: int = 200) -> SSEResponse:
+    """An SSE response with the AI SDK headers, ``: ping`` comments and a send timeout."""
+    return SSEResponse(
         body,
         status_code=status,
         headers=STREAM_HEADERS,
-        ping=ctx.settings.ping_seconds,
-        ping_message_factory=_ping,
-        sep="\n",
+        ping_seconds=ctx.settings.ping_seconds,
         send_timeout=ctx.settings.send_timeout,
-        shutdown_event=ctx.shutdown_event,
-        # Our drain finalizes turns within grace + finalize timeout; sse-starlette's own
-        # cut-off must come after it, or in-process servers race it.
-        shutdown_grace_period=ctx.settings.shutdown_grace_seconds
-        + ctx.settings.finalize_timeout + 1,
+        streams=_stream_set(ctx),
+        cleanup_timeout=ctx.settings.finalize_timeout,
     )
+
+
+def _stream_set(ctx: AppContext) -> StreamSet | None:
+    """This app's open streams, and (once) the task that ends them at shutdown."""
+    event, task_group = ctx.shutdown_event, ctx.runner.task_group
+    if event is None or task_group is None:  # no lifespan: nothing to shut down
+        return None
+    streams = _STREAM_SETS.get(event)
+    if streams is None:
+        streams = _STREAM_SETS[event] = StreamSet()
+        task_group.start_soon(_end_streams_at_shutdown, ctx, event, streams)
+    return streams
+
+
+def _uvicorn_exiting() -> bool:
+    """Whether the uvicorn server that handles SIGTERM here wants to exit.
+
+    ``turngate serve`` sets the shutdown event itself at the signal; a plain
+    uvicorn server (tests, embedding) never tells the app until its connections
+    are closed, so, as sse-starlette's exit watcher did, look at it.
+    """
+    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    return bool(getattr(server, "should_exit", False))
+
+
+async def _end_streams_at_shutdown(ctx: AppContext, event: anyio.Event, streams: StreamSet) -> None:
+    """One task per app: at shutdown, end the streams the drain did not end.
+
+    Setting the event starts the app's drain (``gateway.app``), which finalizes
+    running turns within the grace period plus one finalize deadline; their
+    streams then end by themselves with finish and ``[DONE]``. Whatever is still
+    open a second after that (a follower of another replica's turn, a stuck
+    reader) is ended here, cleanly, before uvicorn's own graceful timeout.
+    """
+    while not event.is_set():
+        with anyio.move_on_after(0.5):
+            await event.wait()
+        if not event.is_set() and _uvicorn_exiting():
+            event.set()
+    settings = ctx.settings
+    await anyio.sleep(settings.shutdown_grace_seconds + settings.finalize_timeout + 1)
+    cut = streams.cut_all()
+    if cut:
+        logger.warning("streams_cut_at_shutdown count=%d", cut,
+                       extra={"event": "streams_cut_at_shutdown", "count": cut})
 
 
 async def follow_live(ctx: AppContext, live: LiveTurn, after: int = -1) -> AsyncIterator[bytes]:

@@ -1,0 +1,240 @@
+"""The turn stream's ASGI response (gateway/_sse_response.py).
+
+Over a real uvicorn server (streaming, stalls and disconnects cannot be seen
+through httpx.ASGITransport): pings on an idle stream, a reader that stops
+reading is dropped after the send timeout, a departed client cancels an idle
+generation within 1 s, and two tasks per open stream. Then the response alone,
+called with a hand-made ``receive``/``send``: shutdown cut, HEAD, closing the
+body. The response does not touch the database, so the server tests run on
+SQLite only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from gateway._sse_response import SSEResponse, StreamSet
+from gateway.relay import LiveTurn
+from llm_adapters.scripted import TRACES
+from tests.fixtures_server import GatewayServer, run_gateway
+
+pytestmark = pytest.mark.anyio
+sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+def _request(gw: GatewayServer, thread: str, model: str) -> tuple[bytes, str]:
+    turn_id = uuid.uuid4().hex
+    body = json.dumps({"turn_id": turn_id, "text": "hi", "model": model}).encode()
+    head = (
+        f"POST /v1/threads/{thread}/turns HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        f"authorization: Bearer {gw.key}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body, turn_id
+
+
+async def _open_stream(gw: GatewayServer, model: str) -> tuple[asyncio.StreamWriter, str, str]:
+    """A raw connection with a turn streaming on it, read up to its first event."""
+    async with gw.client() as client:
+        thread = await gw.new_thread(client)
+    port = int(gw.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    request, turn_id = _request(gw, thread, model)
+    writer.write(request)
+    with anyio.fail_after(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        await reader.readuntil(b"\n\n")  # the first event (start)
+    return writer, thread, turn_id
+
+
+async def _wait_live_done(gw: GatewayServer, thread: str, turn_id: str, within: float) -> LiveTurn:
+    with anyio.fail_after(within):
+        while True:
+            live = gw.ctx.relay.get(thread, turn_id)
+            if live is not None and live.done:
+                return live
+            await anyio.sleep(0.01)
+
+
+@sqlite_only
+async def test_idle_stream_gets_ping_comments(database_url: str) -> None:
+    async with run_gateway(database_url, TURNGATE_PING_SECONDS="0.2") as gw, gw.client() as client:
+        thread = await gw.new_thread(client)
+        body = {"turn_id": "t1", "text": "hi", "model": "scripted:tokens=3,delay_ms=1000"}
+        lines: list[str] = []
+        stamps: list[float] = []
+        async with client.stream("POST", f"/v1/threads/{thread}/turns", json=body) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            assert r.headers["x-vercel-ai-ui-message-stream"] == "v1"
+            assert r.headers["cache-control"] == "no-cache"
+            async for line in r.aiter_lines():
+                lines.append(line)
+                stamps.append(time.monotonic())
+    pings = [i for i, line in enumerate(lines) if line.startswith(":")]
+    assert {lines[i] for i in pings} == {": ping"}
+    # Pauses of 1 s around the deltas, a ping after every 0.2 s of silence in each.
+    assert 12 <= len(pings) <= 25, len(pings)
+    for i in pings:  # only after silence: never right after another write
+        assert stamps[i] - stamps[i - 2] > 0.15, (i, stamps[i] - stamps[i - 2])
+    data = [line for line in lines if line.startswith("data: ")]
+    assert data[-1] == "data: [DONE]"
+    assert [json.loads(d[6:])["type"] for d in data[:-1]].count("text-delta") == 3
+
+
+@sqlite_only
+async def test_reader_that_stops_reading_is_dropped(database_url: str) -> None:
+    send_timeout = 0.5
+    async with run_gateway(database_url, TURNGATE_SEND_TIMEOUT=str(send_timeout)) as gw:
+        async with gw.client() as client:
+            thread = await gw.new_thread(client)
+        request, turn_id = _request(gw, thread, "scripted:tokens=1000000,delay_ms=0")
+        port = int(gw.url.rsplit(":", 1)[1])
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect
+        try:
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(request)  # and never read: the server's buffers fill up
+            started = time.monotonic()
+            live = await _wait_live_done(gw, thread, turn_id, within=20)
+            elapsed = time.monotonic() - started
+            assert live.status == "cancelled"  # dropped like a departed reader
+            assert live.subscribers == 0
+            assert len(live.events) < 500_000, "the stream was not stalled"
+            print(f"dropped {elapsed:.2f}s after the request, {len(live.events)} chunks")
+            # The server closed the connection: reading what was buffered ends in EOF.
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            with anyio.fail_after(5):
+                while await loop.sock_recv(sock, 1 << 20):
+                    pass
+        finally:
+            sock.close()
+
+
+@sqlite_only
+async def test_disconnect_cancels_an_idle_generation_within_1s(database_url: str) -> None:
+    async with run_gateway(database_url) as gw:
+        trace = uuid.uuid4().hex
+        writer, thread, turn_id = await _open_stream(
+            gw, f"scripted:tokens=3,delay_ms=5000,trace={trace}"
+        )
+        await anyio.sleep(0.3)  # idle: no bytes flow, the adapter is in its pause
+        assert gw.ctx.relay.get(thread, turn_id) is not None
+        writer.close()
+        left = time.monotonic()
+        live = await _wait_live_done(gw, thread, turn_id, within=1.0)
+        assert time.monotonic() - left < 1.0
+        assert live.status == "cancelled"
+        assert TRACES[trace].closed and not TRACES[trace].finished
+
+
+@sqlite_only
+async def test_two_tasks_per_open_stream(database_url: str) -> None:
+    streams = 20
+    writers: list[asyncio.StreamWriter] = []
+    async with run_gateway(database_url, TURNGATE_MAX_STREAMS_PER_USER="100",
+                           TURNGATE_RATE_LIMIT_PER_MINUTE="10000") as gw:
+        try:
+            warm, _, _ = await _open_stream(gw, "scripted:tokens=1")
+            warm.close()
+            await warm.wait_closed()
+            await anyio.sleep(0.3)
+            before = len(asyncio.all_tasks())
+            for _ in range(streams):
+                writers.append((await _open_stream(gw, "scripted:tokens=1,delay_ms=60000"))[0])
+            await anyio.sleep(0.3)
+            per_stream = (len(asyncio.all_tasks()) - before) / streams
+        finally:
+            for w in writers:
+                w.close()
+        # The request's task and the disconnect/ping watcher, plus the generation.
+        print(f"{per_stream:.2f} tasks per open stream")
+        assert per_stream <= 3, per_stream
+
+
+# -- the response alone ---------------------------------------------------------------
+
+
+class _Asgi:
+    """A hand-made ASGI peer: records what is sent; ``receive`` waits for ``leave``."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, object]] = []
+        self.leave = anyio.Event()
+
+    async def receive(self) -> dict[str, object]:
+        await self.leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, object]) -> None:
+        self.sent.append(message)
+
+
+class _Body:
+    """An endless body that records whether its ``finally`` ran."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.started = False
+
+    async def gen(self) -> AsyncIterator[bytes]:
+        self.started = True
+        try:
+            yield b"id: 0\ndata: {}\n\n"
+            await anyio.sleep_forever()
+            yield b"never"
+        finally:
+            self.closed = True
+
+
+SCOPE = {"type": "http", "method": "POST"}
+
+
+async def test_cut_ends_the_stream_cleanly() -> None:
+    peer, body, streams = _Asgi(), _Body(), StreamSet()
+    response = SSEResponse(body.gen(), ping_seconds=60, send_timeout=1, streams=streams)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(response, SCOPE, peer.receive, peer.send)
+        with anyio.fail_after(2):
+            while len(streams) == 0 or len(peer.sent) < 2:
+                await anyio.sleep(0.01)
+        assert streams.cut_all() == 1
+    assert body.closed and response.outcome == "cut"
+    assert peer.sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert len(streams) == 0
+    # A stream opened after the cut ends at once.
+    late = _Body()
+    with anyio.fail_after(2):
+        await SSEResponse(late.gen(), streams=streams)(SCOPE, peer.receive, peer.send)
+    assert late.closed
+
+
+async def test_disconnect_closes_the_body_and_sends_no_end() -> None:
+    peer, body = _Asgi(), _Body()
+    response = SSEResponse(body.gen(), ping_seconds=60, send_timeout=1)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(response, SCOPE, peer.receive, peer.send)
+        await anyio.sleep(0.05)
+        peer.leave.set()
+    assert body.closed and response.outcome == "disconnect"
+    assert all(m.get("more_body", True) for m in peer.sent)
+
+
+async def test_head_sends_headers_only() -> None:
+    peer, body = _Asgi(), _Body()
+    response = SSEResponse(body.gen())
+    with anyio.fail_after(2):
+        await response({"type": "http", "method": "HEAD"}, peer.receive, peer.send)
+    assert [m["type"] for m in peer.sent] == ["http.response.start", "http.response.body"]
+    assert peer.sent[-1]["more_body"] is False
+    assert not body.started
