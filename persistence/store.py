@@ -11,8 +11,19 @@ from persistence._writers import _WritersMixin
 class Store(_AccountsMixin, _ThreadsMixin, _TurnsMixin, _WritersMixin):
     """Async access to turngate's database (PostgreSQL via asyncpg, or SQLite).
 
-    ``Store(url, statement_timeout=5.0)``; ``await store.connect()`` /
-    ``await store.disconnect()`` or ``async with Store(url) as store``.
+    ``Store(url, *, statement_timeout=5.0, pool_size=None, acquire_timeout=None)``;
+    ``await store.connect()`` / ``await store.disconnect()`` or
+    ``async with Store(url) as store``.
+
+    - ``statement_timeout``: asyncpg's ``command_timeout`` (and connect timeout) and
+      SQLite's busy timeout; the store's own backstop deadline per operation is
+      ``2 × statement_timeout + 1`` s, counted from when a connection is in hand.
+    - ``pool_size``: the asyncpg pool's min and max size (default 10, asyncpg's
+      own default). Ignored on SQLite, which opens a connection per operation.
+    - ``acquire_timeout``: how long an operation waits for a free pooled
+      connection on PostgreSQL (default ``statement_timeout``) before it fails as
+      ``DatabaseUnavailable`` (``open_turn`` → ``unavailable``, ``finalize_turn`` →
+      ``failed``), with a warning naming the pool size.
     ``store.dialect`` is ``"postgresql"`` or ``"sqlite"``. Set
     ``store.on_operation = fn(op, outcome, seconds)`` to observe every writer.
 
