@@ -78,7 +78,10 @@ def create_app(settings: Settings | None = None, *, migrate_sqlite: bool = True)
     settings = settings or Settings.from_env()
     instance_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     metrics = Metrics()
-    store = Store(settings.database_url, statement_timeout=settings.finalize_timeout)
+    store = Store(
+        settings.database_url, statement_timeout=settings.finalize_timeout,
+        pool_size=settings.db_pool_size,
+    )
     store.on_operation = metrics.observe_db
     relay = LocalRelay(retention_seconds=settings.relay_retention_seconds)
     prices = PriceTable(settings.prices)

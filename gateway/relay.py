@@ -39,6 +39,7 @@ class LiveTurn:
     cancel_scope: anyio.CancelScope | None = None
     cancel_reason: str | None = None
     content: Any = None  # the turn's ContentBuilder, read by checkpoints
+    checkpointed_version: int = 0  # the content version last saved (0: the stored shell)
     _changed: anyio.Event = field(default_factory=anyio.Event)
     _waiting: int = 0
 

@@ -167,6 +167,7 @@ async def run_turn(
     opened = await ctx.store.open_turn(
         thread_id, user_id, body.turn_id, content,
         lease_owner=ctx.instance_id, lease_seconds=ctx.settings.lease_seconds,
+        with_history=True, history_limit=ctx.settings.history_messages,
     )
     if opened.status == "unavailable":
         raise _unavailable()
@@ -185,15 +186,12 @@ async def run_turn(
         return response
 
     assert opened.assistant_message_id is not None and opened.user_message_id is not None
-    try:
-        rows = await ctx.store.list_messages(thread_id, user_id)
-    except Exception:
-        rows = None
-    history = history_messages(rows or [], body.turn_id)
+    # The earlier messages came back with the open, in the same round trip.
+    history = history_messages(opened.history or [], body.turn_id)
     history.append(ChatMessage("user", content))
     live = LiveTurn(thread_id, body.turn_id, user_id, opened.assistant_message_id)
     ctx.runner.launch(
-        live, adapter, AdapterRequest(model=model, messages=history), 
+        live, adapter, AdapterRequest(model=model, messages=history),
         user_message_id=opened.user_message_id, model_string=model_string, started=started,
     )
     return sse_response(ctx, follow_live(ctx, live))

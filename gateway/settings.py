@@ -192,6 +192,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TURNGATE_RELAY_RETENTION_SECONDS", "relay_retention_seconds", "60",
             _non_negative_float,
             "How long a finished turn's events stay in memory for attach and resume."),
+    Setting("TURNGATE_HISTORY_MESSAGES", "history_messages", "200", _positive_int,
+            "Most recent earlier messages of a thread sent to the model with a new turn."),
+    Setting("TURNGATE_DB_POOL_SIZE", "db_pool_size", "10", _positive_int,
+            "PostgreSQL connections per process (asyncpg pool size)."),
     Setting("TURNGATE_MAX_TEXT_CHARS", "max_text_chars", "100000", _positive_int,
             "Longest accepted user text, in characters."),
     Setting("TURNGATE_MAX_ID_CHARS", "max_id_chars", "128", _positive_int,
@@ -240,6 +244,8 @@ class Settings:
     ping_seconds: float = 15.0
     shutdown_grace_seconds: float = 10.0
     relay_retention_seconds: float = 60.0
+    history_messages: int = 200
+    db_pool_size: int = 10
     max_text_chars: int = 100_000
     max_id_chars: int = 128
     max_images: int = 4

@@ -242,15 +242,28 @@ class TurnRunner:
     # -- upkeep -----------------------------------------------------------
 
     async def checkpoint_running(self) -> None:
-        """Save partial content of every running turn and renew its lease."""
+        """Save the partial content of running turns that changed; renew every lease.
+
+        Turns whose content did not change since their last checkpoint (idle
+        streams, slow upstreams) cost nothing per turn: one statement renews the
+        leases of all of this process's turns.
+        """
+        unchanged = False
         for live in self.relay.running():
             content = live.content
             if not isinstance(content, ContentBuilder) or live.done:
+                continue
+            version = content.version
+            if version == live.checkpointed_version:
+                unchanged = True
                 continue
             await self.store.checkpoint(
                 live.message_id, content.snapshot(), lease_owner=self.instance_id,
                 lease_seconds=self.settings.lease_seconds,
             )
+            live.checkpointed_version = version
+        if unchanged:
+            await self.store.renew_leases(self.instance_id, self.settings.lease_seconds)
 
     async def maintain(self) -> None:
         """Periodic upkeep: checkpoints, lease renewal, crash recovery, relay sweep."""

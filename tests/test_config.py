@@ -33,6 +33,8 @@ BAD: dict[str, list[str]] = {
     "TURNGATE_PING_SECONDS": ["0", "-1", "fast"],
     "TURNGATE_SHUTDOWN_GRACE_SECONDS": ["-1", "abc", "nan", "inf"],
     "TURNGATE_RELAY_RETENTION_SECONDS": ["-1", "forever", "inf"],
+    "TURNGATE_HISTORY_MESSAGES": ["0", "all", "-3"],
+    "TURNGATE_DB_POOL_SIZE": ["0", "big", "2.5"],
     "TURNGATE_MAX_TEXT_CHARS": ["0", "-1", "1.5", "lots", "²", ""],
     "TURNGATE_MAX_ID_CHARS": ["0", "x"],
     "TURNGATE_MAX_IMAGES": ["-1", "four"],

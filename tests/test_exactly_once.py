@@ -171,3 +171,17 @@ async def test_checkpoints_save_partial_content(database_url: str) -> None:
                 text = mid["content"][0]["text"]
                 assert text and _full(200).startswith(text), "no checkpoint was written"
             validate_ui_stream(box["s"])
+
+
+async def test_a_silent_turn_keeps_its_lease(database_url: str) -> None:
+    """No content for longer than the lease: renewals keep the turn alive, not recovery."""
+    async with run_gateway(database_url, TURNGATE_CHECKPOINT_SECONDS="0.2",
+                           TURNGATE_LEASE_SECONDS="0.6") as gw:
+        async with gw.client() as client:
+            thread = await gw.new_thread(client)
+            body = {"turn_id": "slow", "text": "x", "model": "scripted:tokens=2,delay_ms=1500"}
+            s = await stream_request(client, "POST", f"/v1/threads/{thread}/turns", json=body)
+            validate_ui_stream(s)
+            assert s.text == "w1 w2 "
+            msgs = (await client.get(f"/v1/threads/{thread}/messages")).json()["messages"]
+            assert msgs[-1]["status"] == "complete", "the turn was taken for dead while silent"
