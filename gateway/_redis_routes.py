@@ -43,23 +43,35 @@ def _streaming_check(
     return still_streaming
 
 
-async def _counted(ctx: AppContext, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _counted(
+    ctx: AppContext, body: AsyncIterator[bytes], thread_id: str, turn_id: str, owner_id: int,
+    live: bool,
+) -> AsyncIterator[bytes]:
+    """Follow ``body``; while the turn is live this reader keeps it alive, as a local one does."""
     ctx.metrics.active_streams.inc()
+    counted = live and ctx.shared is not None and ctx.settings.on_disconnect == "cancel"
+    if counted:
+        assert ctx.shared is not None
+        await ctx.shared.reader_joined(thread_id, turn_id)
     try:
         async for data in body:
             yield data
     finally:
         ctx.metrics.active_streams.dec()
+        if counted and ctx.shared is not None and ctx.runner.task_group is not None:
+            # No await here (this finally often runs under cancellation).
+            ctx.runner.task_group.start_soon(ctx.shared.reader_left, thread_id, turn_id, owner_id)
 
 
 async def attach_shared(
-    ctx: AppContext, thread_id: str, turn_id: str, after: int, streaming: bool
+    ctx: AppContext, thread_id: str, turn_id: str, after: int, streaming: bool, owner_id: int
 ) -> Response | None:
     """Follow the turn through the shared relay; None when it has no copy there.
 
-    The caller has checked that the thread is the caller's. A reader here does
-    not count as one of the turn's readers on its replica: leaving does not
-    cancel the generation.
+    The caller has checked that the thread is the caller's (``owner_id``). While
+    the turn streams, a reader here counts as one of its readers: with
+    ``TURNGATE_ON_DISCONNECT=cancel`` the generation stops only when the last
+    reader on any replica has left.
     """
     if ctx.shared is None:
         return None
@@ -69,7 +81,7 @@ async def attach_shared(
     )
     if body is None:
         return None
-    return sse_response(ctx, _counted(ctx, body))
+    return sse_response(ctx, _counted(ctx, body, thread_id, turn_id, owner_id, streaming))
 
 
 async def cancel_shared(ctx: AppContext, thread_id: str, turn_id: str, owner_id: int) -> Response:

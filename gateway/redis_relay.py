@@ -154,7 +154,11 @@ class RedisRelay:
             owner = int(request["owner_id"])
         except (ValueError, KeyError, TypeError):
             return
-        if live is not None and live.owner_id == owner and live.cancel("cancelled"):
+        if live is None or live.owner_id != owner:
+            return
+        if request.get("if_unread") and live.subscribers > 0:
+            return  # the last remote reader left, but a reader here still follows it
+        if live.cancel("cancelled"):
             logger.info("turn_cancel_remote turn_id=%s", live.turn_id,
                         extra={"event": "turn_cancel_remote", "turn_id": live.turn_id})
 
@@ -186,15 +190,54 @@ class RedisRelay:
             return None  # the beginning was trimmed away
         return read_turn(self._client, key, after, still_streaming)
 
-    async def request_cancel(self, thread_id: str, turn_id: str, owner_id: int) -> None:
-        """Publish a cancel request; ``RelayError`` if Redis does not take it."""
-        message = json.dumps({"thread_id": thread_id, "turn_id": turn_id, "owner_id": owner_id})
+    async def request_cancel(
+        self, thread_id: str, turn_id: str, owner_id: int, *, if_unread: bool = False
+    ) -> None:
+        """Publish a cancel request; ``RelayError`` if Redis does not take it.
+
+        ``if_unread``: cancel only if no reader follows the turn on its replica
+        (sent when the last reader on another replica left).
+        """
+        message = json.dumps({"thread_id": thread_id, "turn_id": turn_id, "owner_id": owner_id,
+                              "if_unread": if_unread})
         try:
             with anyio.fail_after(CONNECT_TIMEOUT):
                 await self._client.publish(self.cancel_channel, message)
         except Exception as exc:
             self._lost("cancel", exc)
             raise RelayError("Redis is unavailable") from None
+
+    # -- readers on other replicas keep a turn alive, as readers here do ----
+
+    def _readers_key(self, thread_id: str, turn_id: str) -> str:
+        return f"{self.prefix}:readers:{thread_id}:{turn_id}"
+
+    async def reader_joined(self, thread_id: str, turn_id: str) -> None:
+        key = self._readers_key(thread_id, turn_id)
+        try:
+            with anyio.fail_after(CONNECT_TIMEOUT):
+                async with self._client.pipeline(transaction=False) as pipe:
+                    await pipe.incr(key).expire(key, self.ttl_running).execute()
+        except Exception as exc:
+            self._lost("reader count", exc)
+
+    async def reader_left(self, thread_id: str, turn_id: str, owner_id: int) -> None:
+        try:
+            with anyio.fail_after(CONNECT_TIMEOUT):
+                left = int(await self._client.decr(self._readers_key(thread_id, turn_id)))
+            if left <= 0:
+                await self.request_cancel(thread_id, turn_id, owner_id, if_unread=True)
+        except Exception as exc:
+            self._lost("reader count", exc)
+
+    async def remote_readers(self, thread_id: str, turn_id: str) -> int:
+        try:
+            with anyio.fail_after(CONNECT_TIMEOUT):
+                value = await self._client.get(self._readers_key(thread_id, turn_id))
+            return max(0, int(value or 0))
+        except Exception as exc:
+            self._lost("reader count", exc)
+            return 0
 
 
 async def connect_shared(settings: Settings) -> RedisRelay | None:

@@ -207,5 +207,14 @@ class SharedRelay(Protocol):
     async def request_cancel(self, thread_id: str, turn_id: str, owner_id: int) -> None:
         """Ask whichever replica generates the turn to cancel it."""
 
+    async def reader_joined(self, thread_id: str, turn_id: str) -> None:
+        """A reader on this replica follows a turn generated elsewhere."""
+
+    async def reader_left(self, thread_id: str, turn_id: str, owner_id: int) -> None:
+        """That reader left; the last one out tells the generating replica."""
+
+    async def remote_readers(self, thread_id: str, turn_id: str) -> int:
+        """How many readers follow the turn from other replicas (0 if unknown)."""
+
 
 __all__ = ["LiveTurn", "LocalRelay", "SharedRelay"]

@@ -103,7 +103,7 @@ async def _attach_or_replay(
     if ctx.shared is not None and ctx.relay.get(thread_id, turn_id) is None:
         # Several replicas: the turn's stream as its generating replica relays it.
         shared = await attach_shared(
-            ctx, thread_id, turn_id, after, assistant.status == "streaming"
+            ctx, thread_id, turn_id, after, assistant.status == "streaming", user_id
         )
         if shared is not None:
             return shared

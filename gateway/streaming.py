@@ -105,7 +105,20 @@ async def follow_live(ctx: AppContext, live: LiveTurn, after: int = -1) -> Async
             and ctx.settings.on_disconnect == "cancel"
             and not ctx.runner.draining
         ):
-            live.cancel("cancelled")
+            if ctx.shared is None:
+                live.cancel("cancelled")
+            elif ctx.runner.task_group is not None:
+                # Readers on other replicas count too; asking Redis needs an await,
+                # which this finally (often under cancellation) must not do itself.
+                ctx.runner.task_group.start_soon(_cancel_unless_read_elsewhere, ctx, live)
+
+
+async def _cancel_unless_read_elsewhere(ctx: AppContext, live: LiveTurn) -> None:
+    assert ctx.shared is not None
+    if await ctx.shared.remote_readers(live.thread_id, live.turn_id) == 0 and (
+        live.subscribers == 0
+    ):
+        live.cancel("cancelled")
 
 
 def stored_events(parts: list[dict[str, Any]]) -> list[AdapterEvent]:

@@ -279,3 +279,46 @@ async def test_redis_lost_while_running(pg_url: str, redis_url: str) -> None:
             assert msgs == []  # nothing written for the refused turn
     finally:
         await proxy.close()
+
+
+async def test_a_reader_on_another_replica_keeps_the_turn_alive(
+    pg_url: str, redis_url: str
+) -> None:
+    """As on one process: the generation stops only when the last reader anywhere left."""
+    async with replicas(pg_url, redis_url, 2) as (procs, headers), \
+            _client(procs[0], headers) as a, _client(procs[1], headers) as b:
+        thread = (await a.post("/v1/threads", json={})).json()["id"]
+        turns = f"/v1/threads/{thread}/turns"
+
+        # 1. A's reader leaves early, B's follows to the end: the turn completes.
+        body = {"turn_id": "kept", "text": "x", "model": "scripted:tokens=60,delay_ms=20"}
+        box: dict[str, Stream] = {}
+
+        async def follow_on_b() -> None:
+            await anyio.sleep(0.1)
+            box["b"] = await stream_request(b, "POST", turns, json=body)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follow_on_b)
+            await stream_request(a, "POST", turns, json=body, limit=20)
+        validate_ui_stream(box["b"])
+        assert box["b"].text == _full(60)
+        assert (await _last_message(a, thread))["status"] == "complete"
+
+        # 2. Both leave, B last: the turn is cancelled once B has gone.
+        body = {"turn_id": "dropped", "text": "x", "model": "scripted:tokens=400,delay_ms=20"}
+
+        async def leave_on_b() -> None:
+            await anyio.sleep(0.1)
+            await stream_request(b, "POST", turns, json=body, limit=25)
+            box["b_left"] = Stream(0, {})
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(leave_on_b)
+            await stream_request(a, "POST", turns, json=body, limit=10)
+        with anyio.fail_after(2):
+            while (last := await _last_message(a, thread))["status"] == "streaming":
+                await anyio.sleep(0.05)
+        assert last["status"] == "cancelled"
+        text = last["content"][0]["text"]
+        assert len(text.split()) < 400
