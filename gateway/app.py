@@ -99,7 +99,7 @@ def create_app(settings: Settings | None = None, *, migrate_sqlite: bool = True)
 
     async def _drain_on_signal(event: anyio.Event) -> None:
         # The shutdown event is set as soon as SIGTERM arrives (by `turngate serve`'s
-        # server, or by sse-starlette's watcher), while uvicorn still waits for open
+        # server, or by the stream set's exit watcher), while uvicorn still waits for open
         # connections: stop taking turns now and give running ones the grace period,
         # so their streams end with a finish chunk and the connections close by
         # themselves. The lifespan shutdown below then finds nothing left to drain.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import socket
 import sys
 from collections.abc import Sequence
 from types import FrameType
@@ -82,9 +81,7 @@ class _DrainingServer(uvicorn.Server):
     the lifespan shutdown. SSE streams of running turns would hold it there, so
     the app must start draining at the signal: it stops taking turns (503), lets
     running ones finish within the grace period, finalizes the rest as
-    ``interrupted`` and ends their streams with a finish chunk. sse-starlette's own
-    shutdown handling (cancel every stream after its grace period) is turned off:
-    it would race the drain and cut streams before their last chunk.
+    ``interrupted`` and ends their streams with a finish chunk.
     """
 
     def __init__(self, config: uvicorn.Config, app: Any) -> None:
@@ -103,12 +100,6 @@ class _DrainingServer(uvicorn.Server):
             else:
                 event.set()
         super().handle_exit(sig, frame)
-
-    def run(self, sockets: list[socket.socket] | None = None) -> None:
-        from sse_starlette.sse import AppStatus
-
-        AppStatus.enable_automatic_graceful_drain = False
-        super().run(sockets)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
