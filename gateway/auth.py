@@ -1,14 +1,91 @@
-"""Bearer API keys: every route but health and metrics needs one."""
+"""Bearer API keys: every route but health and metrics needs one.
+
+Every route authenticates with ``store.authenticate`` (one query). The one
+exception is starting a new turn with a key this process has already seen
+(issue 9): ``cached_key`` finds its user in a small in-process map, and the
+turn's ``open_turn`` statement re-checks the key (exists, unrevoked, that user)
+before writing anything, so a revoked key still fails on its very next request.
+"""
 
 from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from weakref import WeakKeyDictionary
 
 from starlette.requests import Request
 
 from gateway.errors import ApiError
 from persistence import Store
+from persistence._accounts import _split_key
 from turngate.exceptions import PersistenceError
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="turngate"'}
+KEY_CACHE_SIZE = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class CachedKey:
+    """A request's key, found in the map: its user, and what ``open_turn`` re-checks."""
+
+    user_id: int
+    prefix: str
+    secret_hash: str
+    key: str = field(repr=False)
+
+
+class _KeyMap:
+    """(prefix, sha256 hex of the secret) → user id of keys that authenticated here.
+
+    A key's user never changes, so an entry can only be stale about revocation;
+    whoever uses one must re-check that in the database. Least recently used out.
+    """
+
+    def __init__(self, size: int = KEY_CACHE_SIZE) -> None:
+        self._size = size
+        self._users: OrderedDict[tuple[str, str], int] = OrderedDict()
+
+    def get(self, ident: tuple[str, str]) -> int | None:
+        user_id = self._users.get(ident)
+        if user_id is not None:
+            self._users.move_to_end(ident)
+        return user_id
+
+    def put(self, ident: tuple[str, str], user_id: int) -> None:
+        self._users[ident] = user_id
+        self._users.move_to_end(ident)
+        while len(self._users) > self._size:
+            self._users.popitem(last=False)
+
+    def discard(self, ident: tuple[str, str]) -> None:
+        self._users.pop(ident, None)
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+
+# One map per store (per database): user ids mean nothing across databases.
+_MAPS: WeakKeyDictionary[Store, _KeyMap] = WeakKeyDictionary()
+
+
+def _map_for(store: Store) -> _KeyMap:
+    found = _MAPS.get(store)
+    if found is None:
+        found = _MAPS[store] = _KeyMap()
+    return found
+
+
+def _ident(key: str) -> tuple[str, str] | None:
+    parts = _split_key(key)
+    if parts is None:
+        return None
+    prefix, secret = parts
+    return prefix, hashlib.sha256(secret.encode()).hexdigest()
+
+
+def unauthorized() -> ApiError:
+    return ApiError(401, "unauthorized", "invalid or revoked API key", _CHALLENGE)
 
 
 def bearer_key(request: Request) -> str | None:
@@ -20,9 +97,9 @@ def bearer_key(request: Request) -> str | None:
     return key.strip()
 
 
-async def authenticate(request: Request, store: Store) -> int:
-    """The caller's user id; 401 for a missing, unknown or revoked key."""
-    key = bearer_key(request)
+async def authenticate_key(key: str | None, store: Store) -> int:
+    """The user id of ``key`` as the database says now; 401 for a missing, unknown or
+    revoked key. Remembers a good key for ``cached_key``, forgets a refused one."""
     if key is None:
         raise ApiError(
             401, "unauthorized", "missing API key: send \"Authorization: Bearer <key>\"",
@@ -35,9 +112,49 @@ async def authenticate(request: Request, store: Store) -> int:
             503, "database_unavailable", "the database is unavailable; retry later",
             {"Retry-After": "2"},
         ) from None
+    ident = _ident(key)
     if user_id is None:
-        raise ApiError(401, "unauthorized", "invalid or revoked API key", _CHALLENGE)
+        if ident is not None:
+            _map_for(store).discard(ident)
+        raise unauthorized()
+    if ident is not None:
+        _map_for(store).put(ident, user_id)
     return user_id
 
 
-__all__ = ["authenticate", "bearer_key"]
+async def authenticate(request: Request, store: Store) -> int:
+    """The caller's user id; 401 for a missing, unknown or revoked key."""
+    return await authenticate_key(bearer_key(request), store)
+
+
+def cached_key(request: Request, store: Store) -> CachedKey | None:
+    """The request's key if it authenticated here before, without a query.
+
+    Only for a caller that has the database re-check the key in the statement that
+    acts on it (``open_turn(key_prefix=..., key_hash=...)``), or calls
+    ``authenticate_key`` before anything else is read or written.
+    """
+    key = bearer_key(request)
+    ident = _ident(key) if key is not None else None
+    if key is None or ident is None:
+        return None
+    user_id = _map_for(store).get(ident)
+    if user_id is None:
+        return None
+    return CachedKey(user_id, ident[0], ident[1], key)
+
+
+def forget_key(store: Store, cached: CachedKey) -> None:
+    """Drop a key the database refused."""
+    _map_for(store).discard((cached.prefix, cached.secret_hash))
+
+
+__all__ = [
+    "CachedKey",
+    "authenticate",
+    "authenticate_key",
+    "bearer_key",
+    "cached_key",
+    "forget_key",
+    "unauthorized",
+]

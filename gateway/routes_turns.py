@@ -9,7 +9,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway._redis_routes import attach_shared, cancel_shared, check_relay
-from gateway.auth import authenticate
+from gateway.auth import CachedKey, authenticate, authenticate_key, cached_key, forget_key
+from gateway.auth import unauthorized as _unauthorized
 from gateway.context import AppContext, context
 from gateway.errors import ApiError, not_found
 from gateway.limits import check_rate, check_stream_quota
@@ -135,42 +136,77 @@ async def start_turn(request: Request) -> Response:
     ctx = context(request)
     started = time.monotonic()
     thread_id = check_thread_path_id(request.path_params["thread_id"], ctx.settings)
-    user_id = await authenticate(request, ctx.store)
-    check_rate(ctx, user_id)
-    body = parse_turn_request(await read_json(request, ctx.settings.max_body_bytes), ctx.settings)
-    return await run_turn(ctx, user_id, thread_id, body, started)
+    # A key seen here before: no authenticate round trip, open_turn re-checks it.
+    key = cached_key(request, ctx.store)
+    user_id = key.user_id if key is not None else await authenticate(request, ctx.store)
+    try:
+        check_rate(ctx, user_id)
+        body = parse_turn_request(
+            await read_json(request, ctx.settings.max_body_bytes), ctx.settings
+        )
+    except ApiError:
+        await _confirm_key(ctx, key)  # a revoked key hears 401, not what else was wrong
+        raise
+    return await run_turn(ctx, user_id, thread_id, body, started, key=key)
+
+
+async def _confirm_key(ctx: AppContext, key: CachedKey | None) -> None:
+    """Authenticate a cached key for real (401 if it is no longer valid)."""
+    if key is not None:
+        await authenticate_key(key.key, ctx.store)
 
 
 async def run_turn(
-    ctx: AppContext, user_id: int, thread_id: str, body: TurnRequest, started: float
+    ctx: AppContext, user_id: int, thread_id: str, body: TurnRequest, started: float,
+    *, key: CachedKey | None = None,
 ) -> Response:
-    """Open the turn (or find it) and answer with its stream."""
-    model_string = body.model or ctx.settings.default_model
-    adapter, model = _resolve_adapter(ctx, model_string)
+    """Open the turn (or find it) and answer with its stream.
 
-    # The same turn again, still known here: attach without touching the database.
-    live = ctx.relay.get(thread_id, body.turn_id)
-    if live is not None and live.owner_id == user_id and not live.overflowed:
-        return sse_response(ctx, follow_live(ctx, live))
-    running = ctx.relay.running_on_thread(thread_id)
-    if running is not None and running.owner_id == user_id and running.turn_id != body.turn_id:
-        raise ApiError(
-            409, "thread_busy", "another turn is streaming on this thread",
-            {"Retry-After": _BUSY_RETRY_AFTER},
-        )
-    if ctx.runner.draining:
-        raise ApiError(503, "shutting_down", "the server is shutting down", {"Retry-After": "5"})
-    check_stream_quota(ctx, user_id)
-    check_relay(ctx)
+    ``key``: the caller was not authenticated yet (a cached key). ``open_turn``
+    checks it in its statement; every other way out authenticates it first.
+    """
+    model_string = body.model or ctx.settings.default_model
+    try:
+        adapter, model = _resolve_adapter(ctx, model_string)
+
+        # The same turn again, still known here: attach without touching the database.
+        live = ctx.relay.get(thread_id, body.turn_id)
+        if live is not None and live.owner_id == user_id and not live.overflowed:
+            await _confirm_key(ctx, key)  # a revoked key never attaches
+            return sse_response(ctx, follow_live(ctx, live))
+        running = ctx.relay.running_on_thread(thread_id)
+        if (
+            running is not None and running.owner_id == user_id
+            and running.turn_id != body.turn_id
+        ):
+            raise ApiError(
+                409, "thread_busy", "another turn is streaming on this thread",
+                {"Retry-After": _BUSY_RETRY_AFTER},
+            )
+        if ctx.runner.draining:
+            raise ApiError(
+                503, "shutting_down", "the server is shutting down", {"Retry-After": "5"}
+            )
+        check_stream_quota(ctx, user_id)
+        check_relay(ctx)
+    except ApiError:
+        await _confirm_key(ctx, key)
+        raise
 
     content = build_user_content(body.text, body.images, body.mentioned_documents)
     opened = await ctx.store.open_turn(
         thread_id, user_id, body.turn_id, content,
         lease_owner=ctx.instance_id, lease_seconds=ctx.settings.lease_seconds,
         with_history=True, history_limit=ctx.settings.history_messages,
+        key_prefix=key.prefix if key is not None else None,
+        key_hash=key.secret_hash if key is not None else None,
     )
     if opened.status == "unavailable":
         raise _unavailable()
+    if opened.status == "unauthorized":
+        assert key is not None
+        forget_key(ctx.store, key)
+        raise _unauthorized()
     if opened.status == "thread_not_found":
         raise not_found()
     if opened.status == "busy":

@@ -130,6 +130,36 @@ _HISTORY = """,
 
 OPEN_TURN_WITH_HISTORY = OPEN_TURN.rstrip().removesuffix("AS bumped") + "AS bumped" + _HISTORY
 
+# ``open_turn(key_prefix=..., key_hash=...)``: the same statements, gated on the caller's
+# API key still being valid (issue 9: a cached key skips the authenticate round trip, so
+# the open itself re-checks revocation). ``th`` is empty for a revoked or unknown key,
+# so nothing is written; ``key_ok`` tells that apart from a missing thread.
+_KEY_OK = """WITH key_ok AS (
+    SELECT EXISTS (
+        SELECT 1 FROM api_keys
+        WHERE prefix = CAST(:key_prefix AS text) AND secret_hash = CAST(:key_hash AS text)
+          AND revoked_at IS NULL AND user_id = :owner_id
+    ) AS ok
+),
+th AS (
+    SELECT id, owner_id FROM threads WHERE id = :thread_id AND owner_id = :owner_id
+      AND (SELECT ok FROM key_ok)
+),"""
+
+
+def _keyed(sql: str) -> str:
+    head = """WITH th AS (
+    SELECT id, owner_id FROM threads WHERE id = :thread_id AND owner_id = :owner_id
+),"""
+    select = "\nSELECT\n"
+    assert sql.count(head) == 1 and sql.count(select) == 1
+    sql = sql.replace(head, _KEY_OK)
+    return sql.replace(select, select + "    (SELECT ok FROM key_ok) AS key_ok,\n")
+
+
+OPEN_TURN_KEYED = _keyed(OPEN_TURN)
+OPEN_TURN_WITH_HISTORY_KEYED = _keyed(OPEN_TURN_WITH_HISTORY)
+
 APPEND_MESSAGE = """
 WITH th AS (
     SELECT id FROM threads WHERE id = :thread_id AND owner_id = :owner_id

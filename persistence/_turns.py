@@ -7,7 +7,7 @@ lock up front, so writers are serialised and the checks cannot race.
 Log outcomes of ``open_turn``: ``inserted`` (a row was written), ``race_recovered``
 (both rows existed: a repeat or a lost race), ``row_missing`` (thread not found /
 not the caller's), ``conflict_no_match`` (busy: another turn is streaming),
-``failed``.
+``unauthorized`` (the API key given to check was no longer valid), ``failed``.
 """
 
 from __future__ import annotations
@@ -119,6 +119,8 @@ class _TurnsMixin(_StoreBase):
         lease_seconds: float,
         with_history: bool = False,
         history_limit: int = 200,
+        key_prefix: str | None = None,
+        key_hash: str | None = None,
     ) -> TurnOpened:
         """Write the user row and the assistant shell of a turn, idempotently.
 
@@ -135,9 +137,18 @@ class _TurnsMixin(_StoreBase):
         messages (all rows except this turn's), oldest first, at most the
         ``history_limit`` most recent; in the same statement on PostgreSQL, in the
         same transaction on SQLite. Otherwise ``history`` is None.
+
+        ``key_prefix`` and ``key_hash`` (the API key's stored prefix and sha256 hex of
+        its secret, both or neither): the same statement (PostgreSQL) or transaction
+        (SQLite) first requires that key to exist, be unrevoked and belong to
+        ``owner_id``; else nothing is written and the status is ``unauthorized``. This
+        lets the gateway skip its authenticate round trip for a key it has seen.
         """
         if history_limit < 0:
             raise ValueError("history_limit must not be negative")
+        if (key_prefix is None) != (key_hash is None):
+            raise ValueError("key_prefix and key_hash go together")
+        key = (key_prefix, key_hash) if key_prefix is not None and key_hash is not None else None
         content = _dump_json(user_content)
         history = history_limit if with_history else None
 
@@ -153,6 +164,7 @@ class _TurnsMixin(_StoreBase):
                         lease_owner,
                         lease_seconds,
                         history,
+                        key,
                     )
                 except _BusyRace:
                     busy = await conn.fetch_val(
@@ -169,6 +181,7 @@ class _TurnsMixin(_StoreBase):
                     lease_owner,
                     lease_seconds,
                     history,
+                    key,
                 )
             return opened, _open_outcome(opened)
 
@@ -189,6 +202,7 @@ class _TurnsMixin(_StoreBase):
         lease_owner: str,
         lease_seconds: float,
         history_limit: int | None,
+        key: tuple[str, str] | None = None,
     ) -> TurnOpened:
         values: dict[str, Any] = {
             "thread_id": thread_id,
@@ -203,6 +217,12 @@ class _TurnsMixin(_StoreBase):
         if history_limit is not None:
             sql = _pg_sql.OPEN_TURN_WITH_HISTORY
             values["history_limit"] = history_limit
+        if key is not None:
+            sql = (
+                _pg_sql.OPEN_TURN_KEYED if history_limit is None
+                else _pg_sql.OPEN_TURN_WITH_HISTORY_KEYED
+            )
+            values["key_prefix"], values["key_hash"] = key
         try:
             row = await conn.fetch_one(sql, values)
         except asyncpg.UniqueViolationError as exc:
@@ -210,6 +230,8 @@ class _TurnsMixin(_StoreBase):
                 raise _BusyRace from exc
             raise
         assert row is not None  # the final SELECT always yields one row
+        if key is not None and not row["key_ok"]:
+            return TurnOpened(status="unauthorized")
         if not row["thread_found"]:
             return TurnOpened(status="thread_not_found")
         if row["busy_turn_id"] is not None:
@@ -255,11 +277,18 @@ class _TurnsMixin(_StoreBase):
         lease_owner: str,
         lease_seconds: float,
         history_limit: int | None,
+        key: tuple[str, str] | None = None,
     ) -> TurnOpened:
         now = _utcnow_text()
         ids = {"thread_id": thread_id, "turn_id": turn_id}
         history: list[MessageRow] | None = None
         async with self._sqlite_writer(conn):
+            if key is not None and await conn.fetch_val(
+                "SELECT 1 FROM api_keys WHERE prefix = :prefix AND secret_hash = :hash "
+                "AND revoked_at IS NULL AND user_id = :owner_id",
+                {"prefix": key[0], "hash": key[1], "owner_id": owner_id},
+            ) is None:
+                return TurnOpened(status="unauthorized")
             found = await conn.fetch_val(
                 "SELECT 1 FROM threads WHERE id = :thread_id AND owner_id = :owner_id",
                 {"thread_id": thread_id, "owner_id": owner_id},
@@ -336,6 +365,8 @@ class _TurnsMixin(_StoreBase):
 
 
 def _open_outcome(opened: TurnOpened) -> str:
+    if opened.status == "unauthorized":
+        return "unauthorized"
     if opened.status == "thread_not_found":
         return "row_missing"
     if opened.status == "busy":

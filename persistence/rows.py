@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-OpenStatus = Literal["opened", "thread_not_found", "busy", "unavailable"]
+OpenStatus = Literal["opened", "thread_not_found", "busy", "unavailable", "unauthorized"]
 AppendOutcome = Literal["inserted", "race_recovered", "conflict_no_match"]
 
 
@@ -47,6 +47,8 @@ class TurnOpened:
     ``history`` (``open_turn(with_history=True)`` only, and only when the
     assistant row was inserted): the thread's earlier messages, oldest first,
     without this turn's rows; else None.
+    ``status == "unauthorized"``: ``open_turn(key_prefix=..., key_hash=...)`` found
+    that API key revoked, unknown or not ``owner_id``'s; nothing was written.
     """
 
     status: OpenStatus
