@@ -17,6 +17,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from gateway import routes_ops, routes_threads, routes_turns
+from gateway._finalize import batcher_for
 from gateway.context import AppContext
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.metrics import Metrics
@@ -126,6 +127,7 @@ def create_app(settings: Settings | None = None, *, migrate_sqlite: bool = True)
             ctx.shared = runner.mirror = shared
             async with anyio.create_task_group() as tg:
                 runner.task_group = tg
+                batcher_for(runner)  # starts the finalize batcher in tg
                 if shared is not None:
                     tg.start_soon(shared.run, relay)
                 await store.recover_expired_turns()

@@ -195,10 +195,13 @@ class TurnRunner:
             )
             t0 = time.monotonic()
             outcome = "failed"
+            # Batched with the other turns that end meanwhile (gateway/_finalize.py).
+            from gateway._finalize import finalize
+
             with anyio.move_on_after(self.settings.finalize_timeout):
-                outcome = await self.store.finalize_turn(
-                    live.message_id, live.thread_id, live.owner_id, content.final(), status,
-                    record,
+                outcome = await finalize(
+                    self, live.message_id, live.thread_id, live.owner_id, content.final(),
+                    status, record,
                 )
             self.metrics.finalize_duration.observe(time.monotonic() - t0)
             self.metrics.turns_finalized.labels(status).inc()

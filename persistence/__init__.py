@@ -11,6 +11,7 @@ from persistence.content import build_user_content
 from persistence.migrate import SchemaStatus, migrate, schema_status
 from persistence.rows import (
     AppendResult,
+    FinalizeItem,
     MessageRow,
     ThreadRow,
     TurnOpened,
@@ -23,6 +24,7 @@ from persistence.store import Store
 __all__ = [
     "DEFAULT_URL",
     "AppendResult",
+    "FinalizeItem",
     "MessageRow",
     "OperationObserver",
     "SchemaStatus",

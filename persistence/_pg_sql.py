@@ -238,3 +238,39 @@ SELECT e.id FROM expired e WHERE (SELECT count(*) FROM usage) >= 0 ORDER BY e.id
 STREAMING_TURN_OF_THREAD = """
 SELECT turn_id FROM messages WHERE thread_id = :thread_id AND status = 'streaming'
 """
+
+# ``finalize_turns``: ``FINALIZE_TURN`` for a whole batch in one statement. ``:batch`` is
+# a json array of objects (the columns below, ``idx`` = position in the batch). A message
+# that appears more than once is finalized by its first occurrence only (``firsts``),
+# as if the items ran in order: the later ones find the row final (``row_missing``) and
+# their usage row a conflict. Returns the ``idx`` of every item whose row it updated.
+FINALIZE_TURNS = """
+WITH batch AS (
+    SELECT * FROM jsonb_to_recordset(CAST(:batch AS jsonb)) AS b(
+        idx integer, message_id bigint, content jsonb, status text, usage_type text,
+        prompt_tokens bigint, completion_tokens bigint, total_tokens bigint,
+        cost_micros bigint, model_breakdown jsonb, call_details jsonb, estimated boolean,
+        thread_id text, user_id bigint)
+),
+firsts AS (
+    SELECT DISTINCT ON (message_id) * FROM batch ORDER BY message_id, idx
+),
+upd AS (
+    UPDATE messages m SET content = f.content, status = f.status, updated_at = now(),
+        lease_owner = NULL, lease_expires_at = NULL
+    FROM firsts f
+    WHERE m.id = f.message_id AND m.status = 'streaming'
+    RETURNING m.id
+),
+usage AS (
+    INSERT INTO token_usage (usage_type, prompt_tokens, completion_tokens, total_tokens,
+        cost_micros, model_breakdown, call_details, estimated, thread_id, message_id,
+        user_id, created_at)
+    SELECT usage_type, prompt_tokens, completion_tokens, total_tokens, cost_micros,
+        model_breakdown, call_details, estimated, thread_id, message_id, user_id, now()
+    FROM firsts ORDER BY message_id
+    ON CONFLICT (message_id) WHERE message_id IS NOT NULL DO NOTHING
+    RETURNING id
+)
+SELECT f.idx FROM firsts f JOIN upd u ON u.id = f.message_id
+"""

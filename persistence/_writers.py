@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from persistence import _pg_sql
@@ -15,7 +18,7 @@ from persistence._turns import (
     _sqlite_interrupt,
 )
 from persistence.content import NO_TEXT_MARKER, is_empty_assistant_content
-from persistence.rows import AppendOutcome, AppendResult, UsageRecord
+from persistence.rows import AppendOutcome, AppendResult, FinalizeItem, UsageRecord
 
 logger = logging.getLogger("turngate.persistence")
 
@@ -202,23 +205,11 @@ class _WritersMixin(_StoreBase):
         regardless, at most once per message. One statement on PostgreSQL. Never
         raises: returns ``ok``, ``row_missing`` or ``failed`` (and logs it).
         """
-        if is_empty_assistant_content(content):
-            content = NO_TEXT_MARKER
-        values: dict[str, Any] = {
-            "message_id": message_id,
-            "content": _dump_json(content),
-            "status": status,
-            "usage_type": usage.usage_type,
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens,
-            "cost_micros": usage.cost_micros,
-            "model_breakdown": _dump_json(usage.model_breakdown),
-            "call_details": _dump_json(usage.call_details),
-            "estimated": usage.estimated,
-            "thread_id": thread_id,
-            "user_id": user_id,
-        }
+        values = _dumped(
+            _finalize_record(
+                FinalizeItem(message_id, thread_id, user_id, content, status, usage)
+            )
+        )
 
         async def op(conn: Conn) -> tuple[str, str]:
             if status not in FINAL_STATUSES:
@@ -228,7 +219,9 @@ class _WritersMixin(_StoreBase):
                 assert row is not None
                 updated = bool(row["updated"])
             else:
-                updated = await self._finalize_sqlite(conn, values)
+                now = _utcnow_text()
+                async with self._sqlite_writer(conn):
+                    updated = await _finalize_sqlite_row(conn, values, now)
             outcome = "ok" if updated else "row_missing"
             return outcome, outcome
 
@@ -240,18 +233,67 @@ class _WritersMixin(_StoreBase):
             logger.exception("finalize_turn failed for message %s", message_id)
             return "failed"
 
-    async def _finalize_sqlite(self, conn: Conn, values: dict[str, Any]) -> bool:
-        now = _utcnow_text()
-        async with self._sqlite_writer(conn):
-            updated = await conn.fetch_val(
-                "UPDATE messages SET content = :content, status = :status, updated_at = :now, "
-                "lease_owner = NULL, lease_expires_at = NULL "
-                "WHERE id = :message_id AND status = 'streaming' RETURNING id",
-                {k: values[k] for k in ("content", "status", "message_id")} | {"now": now},
-            )
-            usage = {k: v for k, v in values.items() if k not in ("content", "status")}
-            await conn.fetch_val(_SQLITE_USAGE_INSERT, usage | {"now": now})
-        return updated is not None
+    async def finalize_turns(self, items: Sequence[FinalizeItem]) -> list[str]:
+        """``finalize_turn`` for many turns at once: one outcome per item, in order.
+
+        The same rules and outcomes as ``finalize_turn`` (empty content → the status
+        marker; a row no longer streaming is not overwritten, ``row_missing``; at most
+        one usage row per message), as if the items ran one after another: a message
+        that appears twice is finalized by its first item. PostgreSQL: one statement
+        for the whole batch; SQLite: one ``BEGIN IMMEDIATE`` transaction. An item with
+        a status that is not final is ``failed`` without touching the others; if the
+        batch itself fails every other item is ``failed`` (nothing was written, or
+        all of it), for the caller to retry one by one. One log line per batch (items
+        at debug). Never raises.
+        """
+        outcomes = ["failed"] * len(items)
+        valid = [i for i, item in enumerate(items) if item.status in FINAL_STATUSES]
+        if not valid:
+            return outcomes
+        records = [_finalize_record(items[i]) for i in valid]
+
+        async def op(conn: Conn) -> tuple[list[bool], str]:
+            if self._is_pg:
+                batch = _dump_json([rec | {"idx": n} for n, rec in enumerate(records)])
+                found = await conn.fetch_all(_pg_sql.FINALIZE_TURNS, {"batch": batch})
+                hit = {int(r["idx"]) for r in found}
+                updated = [n in hit for n in range(len(records))]
+            else:
+                now = _utcnow_text()
+                updated = []
+                async with self._sqlite_writer(conn):
+                    for rec in records:
+                        updated.append(await _finalize_sqlite_row(conn, _dumped(rec), now))
+            return updated, "ok" if all(updated) else "row_missing"
+
+        started = time.perf_counter()
+        try:
+            updated, _ = await self._run(op)
+        except Exception:
+            logger.exception("finalize_turns failed for a batch of %d", len(items))
+            updated = None
+        if updated is not None:
+            for n, i in enumerate(valid):
+                outcomes[i] = "ok" if updated[n] else "row_missing"
+        counts = Counter(outcomes)
+        batch_outcome = next(
+            (o for o in ("failed", "row_missing") if counts[o]), "ok"
+        )
+        # The batch's one db_op line (and observer call), with the outcome counts.
+        self._report(
+            "finalize_turns", batch_outcome, started, count=len(items), ok=counts["ok"],
+            row_missing=counts["row_missing"], failed=counts["failed"],
+        )
+        if logger.isEnabledFor(logging.DEBUG):
+            for item, outcome in zip(items, outcomes, strict=True):
+                logger.debug(
+                    "finalize_item message_id=%s status=%s outcome=%s",
+                    item.message_id, item.status, outcome,
+                    extra={"event": "finalize_item", "message_id": item.message_id,
+                           "thread_id": item.thread_id, "status": item.status,
+                           "outcome": outcome},
+                )
+        return outcomes
 
     async def recover_expired_turns(self) -> list[int]:
         """Mark rows left ``streaming`` under an expired lease as ``interrupted``.
@@ -290,6 +332,47 @@ class _WritersMixin(_StoreBase):
             return bool(await self._run(lambda c: c.fetch_val("SELECT 1")) == 1)
         except Exception:
             return False
+
+
+def _finalize_record(item: FinalizeItem) -> dict[str, Any]:
+    """The columns of one finalize (json values still as objects); empty → the marker."""
+    usage = item.usage
+    return {
+        "message_id": item.message_id,
+        "content": NO_TEXT_MARKER if is_empty_assistant_content(item.content) else item.content,
+        "status": item.status,
+        "usage_type": usage.usage_type,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "cost_micros": usage.cost_micros,
+        "model_breakdown": usage.model_breakdown,
+        "call_details": usage.call_details,
+        "estimated": usage.estimated,
+        "thread_id": item.thread_id,
+        "user_id": item.user_id,
+    }
+
+
+_JSON_COLUMNS = ("content", "model_breakdown", "call_details")
+
+
+def _dumped(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with its json columns as text, as the single-row statements bind them."""
+    return record | {k: _dump_json(record[k]) for k in _JSON_COLUMNS}
+
+
+async def _finalize_sqlite_row(conn: Conn, values: dict[str, Any], now: str) -> bool:
+    """One finalize on SQLite, inside the caller's write transaction; True if updated."""
+    updated = await conn.fetch_val(
+        "UPDATE messages SET content = :content, status = :status, updated_at = :now, "
+        "lease_owner = NULL, lease_expires_at = NULL "
+        "WHERE id = :message_id AND status = 'streaming' RETURNING id",
+        {k: values[k] for k in ("content", "status", "message_id")} | {"now": now},
+    )
+    usage = {k: v for k, v in values.items() if k not in ("content", "status")}
+    await conn.fetch_val(_SQLITE_USAGE_INSERT, usage | {"now": now})
+    return updated is not None
 
 
 def _append_result(new_id: Any, old_id: Any) -> tuple[AppendResult, str]:

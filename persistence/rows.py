@@ -97,3 +97,15 @@ class UsageRow:
     message_id: int | None
     user_id: int
     created_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class FinalizeItem:
+    """One turn to finalize, as ``Store.finalize_turns`` takes it (see ``finalize_turn``)."""
+
+    message_id: int
+    thread_id: str
+    user_id: int
+    content: list[dict[str, Any]]
+    status: str
+    usage: UsageRecord
