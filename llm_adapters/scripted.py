@@ -14,7 +14,7 @@ generation got and whether it was closed.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass
 
 import anyio
@@ -136,11 +136,14 @@ class ScriptedAdapter(BaseAdapter):
                 yield ToolCallEnd(call_id)
                 await pause()
                 yield ToolResult(call_id, {"answer": f"a{i}"})
+            texts: Iterable[str]
             if opts.tokens is None:
                 last = request.messages[-1].text if request.messages else ""
                 texts = [w + " " for w in _words(last)] or ["(empty)"]
             else:
-                texts = [f"w{i} " for i in range(1, opts.tokens + 1)]
+                # Lazily: a list of a long script's deltas, built up front, cost the
+                # event loop seconds when a thousand such turns started at once.
+                texts = (f"w{i} " for i in range(1, opts.tokens + 1))
             for n, text in enumerate(texts):
                 if opts.fail_after is not None and n >= opts.fail_after:
                     raise UpstreamProtocolError(f"scripted failure after {n} text deltas")
