@@ -68,6 +68,12 @@ async def prepare_database(settings: Settings) -> None:
         await migrate(settings.database_url)
         return
     status = await schema_status(settings.database_url)
+    if status == "newer":
+        # A newer release migrated already (rolling deploy): migrations only add,
+        # so this code keeps working until it is replaced.
+        logger.warning("schema_newer: the database was migrated by a newer turngate",
+                       extra={"event": "schema_newer"})
+        return
     if status != "current":
         raise SchemaOutdated(
             f"the database schema is {status}; run `turngate migrate` before `turngate serve`"

@@ -19,7 +19,7 @@ logger = logging.getLogger("turngate.persistence")
 
 _MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
-SchemaStatus = Literal["current", "outdated", "empty"]
+SchemaStatus = Literal["current", "outdated", "newer", "empty"]
 
 
 def _alembic_config() -> Config:
@@ -68,8 +68,10 @@ async def schema_status(url: str) -> SchemaStatus:
     """Tell whether the database at ``url`` is at the newest revision.
 
     ``"empty"``: no turngate schema at all; ``"outdated"``: an older revision (run
-    ``turngate migrate``); ``"current"``: ready. Raises ``DatabaseUnavailable``
-    if the database cannot be reached.
+    ``turngate migrate``); ``"current"``: ready; ``"newer"``: a revision this code
+    does not know, i.e. a newer release already migrated (during a rolling
+    deploy the old replicas keep serving). Raises ``DatabaseUnavailable`` if the
+    database cannot be reached.
     """
     parsed = _parse_url(url)
     engine = create_async_engine(parsed.sqlalchemy_url)
@@ -82,4 +84,13 @@ async def schema_status(url: str) -> SchemaStatus:
         await engine.dispose()
     if current is None:
         return "empty"
-    return "current" if current == _head() else "outdated"
+    if current == _head():
+        return "current"
+    return "outdated" if _is_known(current) else "newer"
+
+
+def _is_known(revision: str) -> bool:
+    try:
+        return ScriptDirectory.from_config(_alembic_config()).get_revision(revision) is not None
+    except Exception:  # alembic raises for revisions it has never heard of
+        return False

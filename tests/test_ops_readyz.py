@@ -67,17 +67,25 @@ async def test_readyz_when_database_is_down_and_back(_pg_session_database: str,
 async def test_readyz_schema_not_current(database_url: str) -> None:
     async with run_gateway(database_url) as gw, httpx.AsyncClient(base_url=gw.url) as client:
         assert (await _ready(client)).status_code == 200
-        await gw.store._db.execute("UPDATE alembic_version SET version_num = '0000_older'")
+        # No revision recorded: older than this code needs.
+        await gw.store._db.execute("DELETE FROM alembic_version")
         try:
             r = await _ready(client)
             assert r.status_code == 503
-            assert r.json()["checks"]["schema"] == "outdated"
+            assert r.json()["checks"]["schema"] == "empty"
             assert r.json()["checks"]["database"] == "ok"
-        finally:
-            rows = await gw.store._db.fetch_all("SELECT version_num FROM alembic_version")
-            assert len(rows) == 1
+            # A revision this code does not know: a newer release migrated (rolling
+            # deploy); this replica keeps serving.
             await gw.store._db.execute(
-                "UPDATE alembic_version SET version_num = :v", {"v": _head()}
+                "INSERT INTO alembic_version (version_num) VALUES ('9999_from_the_future')"
+            )
+            r = await _ready(client)
+            assert r.status_code == 200
+            assert r.json()["checks"]["schema"] == "newer"
+        finally:
+            await gw.store._db.execute("DELETE FROM alembic_version")
+            await gw.store._db.execute(
+                "INSERT INTO alembic_version (version_num) VALUES (:v)", {"v": _head()}
             )
         assert (await _ready(client)).status_code == 200
 
@@ -120,3 +128,26 @@ async def test_readyz_503_while_draining(database_url: str) -> None:
             assert turn.status_code == 503
             assert turn.json()["error"]["code"] == "shutting_down"
         gw.ctx.runner.draining = False
+
+
+async def test_serve_refuses_an_older_schema_and_accepts_a_newer_one(pg_url: str) -> None:
+    from gateway.app import prepare_database
+    from gateway.settings import Settings
+    from persistence import Store
+    from turngate.exceptions import SchemaOutdated
+
+    settings = Settings.from_env({"DATABASE_URL": pg_url})
+    async with Store(pg_url) as store:
+        await store._db.execute("DELETE FROM alembic_version")
+        try:
+            with pytest.raises(SchemaOutdated, match="turngate migrate"):
+                await prepare_database(settings)
+            await store._db.execute(
+                "INSERT INTO alembic_version (version_num) VALUES ('9999_from_the_future')"
+            )
+            await prepare_database(settings)  # a rolling deploy: no error
+        finally:
+            await store._db.execute("DELETE FROM alembic_version")
+            await store._db.execute(
+                "INSERT INTO alembic_version (version_num) VALUES (:v)", {"v": _head()}
+            )
