@@ -70,16 +70,19 @@ def _last_event_id(request: Request) -> int:
 async def _stored_usage(
     ctx: AppContext, user_id: int, thread_id: str, message_id: int
 ) -> dict[str, Any]:
-    rows, _ = await ctx.store.list_usage(user_id, thread_id=thread_id, limit=1000)
+    # The message's own row (one indexed lookup): scanning the thread's usage
+    # missed turns beyond the first page on long threads.
+    rows, _ = await ctx.store.list_usage(
+        user_id, thread_id=thread_id, message_id=message_id, limit=1
+    )
     for row in rows:
-        if row.message_id == message_id:
-            return {
-                "inputTokens": row.prompt_tokens,
-                "outputTokens": row.completion_tokens,
-                "totalTokens": row.total_tokens,
-                "costMicros": row.cost_micros,
-                "estimated": row.estimated,
-            }
+        return {
+            "inputTokens": row.prompt_tokens,
+            "outputTokens": row.completion_tokens,
+            "totalTokens": row.total_tokens,
+            "costMicros": row.cost_micros,
+            "estimated": row.estimated,
+        }
     return {"inputTokens": 0, "outputTokens": 0, "totalTokens": 0, "costMicros": 0,
             "estimated": True}
 

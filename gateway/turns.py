@@ -296,7 +296,7 @@ def history_messages(rows: list[Any], turn_id: str) -> list[ChatMessage]:
     """The thread's earlier messages as adapter input (this turn's rows excluded)."""
     out: list[ChatMessage] = []
     for row in rows:
-        if row.turn_id == turn_id and turn_id is not None:
+        if row.turn_id == turn_id:
             continue
         if row.role not in ("user", "assistant") or row.status == "streaming":
             continue

@@ -204,16 +204,20 @@ class _ThreadsMixin(_StoreBase):
         user_id: int,
         *,
         thread_id: str | None = None,
+        message_id: int | None = None,
         limit: int = 100,
         before: str | None = None,
     ) -> tuple[list[UsageRow], str | None]:
-        """The user's token_usage rows, newest first, optionally of one thread."""
+        """The user's token_usage rows, newest first, optionally of one thread or message."""
         limit = _clamp_limit(limit)
         values: dict[str, Any] = {"user_id": user_id, "limit": limit + 1}
         where = "user_id = :user_id"
         if thread_id is not None:
             where += " AND thread_id = :thread_id"
             values["thread_id"] = thread_id
+        if message_id is not None:
+            where += " AND message_id = :message_id"
+            values["message_id"] = message_id
         if before is not None:
             cursor = _decode_cursor(before)
             if len(cursor) != 1 or not isinstance(cursor[0], int):

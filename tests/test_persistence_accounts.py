@@ -129,6 +129,8 @@ async def test_list_usage_filters_and_paginates(
     assert first[0].call_details == [{"model": "m"}]
     only, _ = await store.list_usage(user_id, thread_id=threads[1])
     assert [r.thread_id for r in only] == [threads[1]]
+    one, _ = await store.list_usage(user_id, message_id=only[0].message_id, limit=1)
+    assert [r.id for r in one] == [only[0].id]
     assert await store.list_usage(await store.create_user("bob")) == ([], None)
 
 
