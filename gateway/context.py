@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import anyio
@@ -31,7 +32,7 @@ class AppContext:
     shutdown_event: anyio.Event | None = None
     shared: SharedRelay | None = None  # the relay between replicas (REDIS_URL)
     ready: bool = False
-    rate_windows: dict[int, list[float]] = field(default_factory=dict)
+    rate_windows: dict[int, deque[float]] = field(default_factory=dict)
 
 
 def context(request: Request) -> AppContext:

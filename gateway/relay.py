@@ -119,6 +119,9 @@ class LocalRelay:
         self.max_finished = max_finished
         self._turns: dict[tuple[str, str], LiveTurn] = {}
         self._running: dict[str, LiveTurn] = {}
+        # Kept with _running: the quota check runs on every turn start and must
+        # not scan every running turn of every user.
+        self._per_owner: dict[int, int] = {}
         self._registered = anyio.Event()
 
     def get(self, thread_id: str, turn_id: str) -> LiveTurn | None:
@@ -135,12 +138,17 @@ class LocalRelay:
 
     def running_for_owner(self, owner_id: int) -> int:
         """How many turns ``owner_id`` has generating here."""
-        return sum(1 for t in self._running.values() if t.owner_id == owner_id)
+        return self._per_owner.get(owner_id, 0)
 
     def add(self, live: LiveTurn) -> None:
         """Register a turn that starts generating now."""
         self._turns[(live.thread_id, live.turn_id)] = live
-        self._running[live.thread_id] = live
+        replaced = self._running.get(live.thread_id)
+        if replaced is not live:
+            if replaced is not None:
+                self._count(replaced.owner_id, -1)
+            self._running[live.thread_id] = live
+            self._count(live.owner_id, 1)
         self._registered.set()
         self._registered = anyio.Event()
 
@@ -148,8 +156,16 @@ class LocalRelay:
         """The turn stopped generating; it stays readable for the retention time."""
         if self._running.get(live.thread_id) is live:
             del self._running[live.thread_id]
+            self._count(live.owner_id, -1)
         if self.retention_seconds == 0:
             self._turns.pop((live.thread_id, live.turn_id), None)
+
+    def _count(self, owner_id: int, delta: int) -> None:
+        n = self._per_owner.get(owner_id, 0) + delta
+        if n > 0:
+            self._per_owner[owner_id] = n
+        else:
+            self._per_owner.pop(owner_id, None)
 
     async def wait_for(self, thread_id: str, turn_id: str, within: float) -> LiveTurn | None:
         """Wait until the turn is registered (a racing request is about to start it)."""

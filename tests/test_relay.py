@@ -79,3 +79,19 @@ async def test_wait_for_a_racing_registration() -> None:
         tg.start_soon(register)
         assert await relay.wait_for("th", "t1", within=1) is live
     assert await relay.wait_for("th", "other", within=0.05) is None
+
+
+def test_running_count_per_owner_follows_add_and_end() -> None:
+    relay = LocalRelay()
+    a1, a2, b1 = LiveTurn("th1", "t", 1, 1), LiveTurn("th2", "t", 1, 2), LiveTurn("th3", "t", 2, 3)
+    for live in (a1, a2, b1):
+        relay.add(live)
+    relay.add(a1)  # registering the same turn again does not count it twice
+    assert (relay.running_for_owner(1), relay.running_for_owner(2)) == (2, 1)
+    relay.ended(a1)
+    relay.ended(a1)
+    assert relay.running_for_owner(1) == 1
+    relay.ended(a2)
+    relay.ended(b1)
+    assert (relay.running_for_owner(1), relay.running_for_owner(2)) == (0, 0)
+    assert relay.running() == []
