@@ -137,9 +137,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
             return 2
         print(asyncio.run(_keys_create(settings, name)))
         return 0
+    from persistence import KEY_PREFIX, KEY_PREFIX_LEN
+
     prefix = args.prefix.strip()
-    if prefix.startswith("tg_"):
-        prefix = prefix[3:].split("_", 1)[0]
+    if prefix.startswith(KEY_PREFIX) and len(prefix) > len(KEY_PREFIX) + KEY_PREFIX_LEN:
+        # A whole key: its prefix by position (keys made before prefixes were
+        # letters and digits only may have "_" in theirs).
+        prefix = prefix[len(KEY_PREFIX) : len(KEY_PREFIX) + KEY_PREFIX_LEN]
     if asyncio.run(_keys_revoke(settings, prefix)):
         print(f"turngate: revoked key {prefix}", file=sys.stderr)
         return 0
@@ -166,8 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create user NAME if needed and print a new key")
     create.add_argument("name")
-    revoke = keys_sub.add_parser("revoke", help="revoke the key with PREFIX")
-    revoke.add_argument("prefix")
+    revoke = keys_sub.add_parser(
+        "revoke", help="revoke the key with PREFIX (or give the whole key)",
+        epilog="A prefix that starts with '-' (keys made by early versions) goes after "
+        "'--': turngate keys revoke -- -AbC12_x",
+    )
+    revoke.add_argument("prefix", help="the 8 characters after 'tg_', or the whole key")
     keys.set_defaults(func=cmd_keys)
     return parser
 

@@ -4,6 +4,7 @@
 schema (alembic revisions in ``persistence/migrations``).
 """
 
+from persistence._accounts import KEY_PREFIX, KEY_PREFIX_LEN
 from persistence._base import OperationObserver
 from persistence._threads import ThreadIdTaken
 from persistence._urls import DEFAULT_URL
@@ -23,6 +24,8 @@ from persistence.store import Store
 
 __all__ = [
     "DEFAULT_URL",
+    "KEY_PREFIX",
+    "KEY_PREFIX_LEN",
     "AppendResult",
     "FinalizeItem",
     "MessageRow",

@@ -11,8 +11,9 @@ from persistence._base import _StoreBase, _utcnow_text
 from persistence._sql import Conn
 
 KEY_PREFIX = "tg_"
-_PREFIX_LEN = 8
+KEY_PREFIX_LEN = 8
 _SECRET_LEN = 43  # len(secrets.token_urlsafe(32))
+_PREFIX_ALPHABET = string.ascii_letters + string.digits
 _URLSAFE = frozenset(string.ascii_letters + string.digits + "-_")
 
 
@@ -22,12 +23,12 @@ def _hash_secret(secret: str) -> str:
 
 def _split_key(key: str) -> tuple[str, str] | None:
     """``tg_<prefix>_<secret>`` by position: the prefix itself may contain ``_``."""
-    if len(key) != len(KEY_PREFIX) + _PREFIX_LEN + 1 + _SECRET_LEN:
+    if len(key) != len(KEY_PREFIX) + KEY_PREFIX_LEN + 1 + _SECRET_LEN:
         return None
-    if not key.startswith(KEY_PREFIX) or key[len(KEY_PREFIX) + _PREFIX_LEN] != "_":
+    if not key.startswith(KEY_PREFIX) or key[len(KEY_PREFIX) + KEY_PREFIX_LEN] != "_":
         return None
-    prefix = key[len(KEY_PREFIX) : len(KEY_PREFIX) + _PREFIX_LEN]
-    secret = key[len(KEY_PREFIX) + _PREFIX_LEN + 1 :]
+    prefix = key[len(KEY_PREFIX) : len(KEY_PREFIX) + KEY_PREFIX_LEN]
+    secret = key[len(KEY_PREFIX) + KEY_PREFIX_LEN + 1 :]
     if not (set(prefix) <= _URLSAFE and set(secret) <= _URLSAFE):
         return None
     return prefix, secret
@@ -63,9 +64,11 @@ class _AccountsMixin(_StoreBase):
         now = _utcnow_text()
 
         async def op(conn: Conn) -> tuple[str, str]:
-            # 2**48 prefixes: a collision is practically impossible, but cheap to survive.
+            # 62**8 (about 2**47) prefixes: a collision is practically impossible,
+            # but cheap to survive. Letters and digits only: a prefix that starts
+            # with "-" reads as an option to `turngate keys revoke <prefix>`.
             for _ in range(5):
-                prefix = secrets.token_urlsafe(6)
+                prefix = "".join(secrets.choice(_PREFIX_ALPHABET) for _ in range(KEY_PREFIX_LEN))
                 new_id = await conn.fetch_val(
                     "INSERT INTO api_keys (user_id, prefix, secret_hash, created_at) "
                     "VALUES (:user_id, :prefix, :secret_hash, :now) "

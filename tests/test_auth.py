@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
+import secrets
 import uuid
 
 import anyio
@@ -12,6 +14,7 @@ import pytest
 
 from gateway.cli import main as cli_main
 from gateway.logs import JsonFormatter
+from persistence._base import _utcnow_text
 from tests.fixtures_server import GatewayServer, run_gateway
 from tests.sse_client import stream_request, validate_ui_stream
 from tests.test_bad_input import assert_json_error, assert_no_leak, client_for, snapshot
@@ -49,6 +52,34 @@ async def test_cli_key_works_then_revoked_is_refused_at_once(
     # Other keys are unaffected.
     async with gateway.client() as a:
         assert (await a.get("/v1/threads")).status_code == 200
+
+
+async def test_key_prefixes_are_letters_and_digits_and_old_ones_still_revoke(
+    gateway: GatewayServer, database_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A prefix starting with "-" read as an option to `keys revoke` (1 key in 64).
+    keys = [(await gateway.new_user(f"p{i}"))[1] for i in range(40)]
+    for key in keys:
+        assert re.fullmatch(r"tg_[A-Za-z0-9]{8}_[\w-]{43}", key), key
+    # A key made before that change, with "-" and "_" in its prefix, still works
+    # and still revokes: after "--", or as the whole key.
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    for prefix in ("-Ab_1x-Z", "_-q9_Tt0"):
+        secret = secrets.token_urlsafe(32)
+        await gateway.store._db.execute(
+            "INSERT INTO api_keys (user_id, prefix, secret_hash, created_at) "
+            "VALUES (:u, :p, :h, :now)",
+            {"u": gateway.user_id, "p": prefix, "h": hashlib.sha256(secret.encode()).hexdigest(),
+             "now": gateway.store._ts_param(_utcnow_text())},
+        )
+        old_key = f"tg_{prefix}_{secret}"
+        async with client_for(gateway, old_key) as old:
+            assert (await old.get("/v1/threads")).status_code == 200
+            if prefix.startswith("-"):
+                assert await _cli("keys", "revoke", "--", prefix) == 0
+            else:
+                assert await _cli("keys", "revoke", old_key) == 0
+            assert_json_error(await old.get("/v1/threads"), 401, "unauthorized", prefix)
 
 
 async def test_store_revoke_and_wrong_secret_with_a_real_prefix(gateway: GatewayServer) -> None:
