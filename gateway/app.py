@@ -18,6 +18,7 @@ from starlette.staticfiles import StaticFiles
 
 from gateway import routes_ops, routes_threads, routes_turns
 from gateway._finalize import batcher_for
+from gateway._redis_limits import SharedLimits
 from gateway.context import AppContext
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.metrics import Metrics
@@ -131,6 +132,10 @@ def create_app(settings: Settings | None = None, *, migrate_sqlite: bool = True)
             # With REDIS_URL: Redis must answer now (RelayError stops start-up).
             shared = await connect_shared(settings)
             ctx.shared = runner.mirror = shared
+            if shared is not None:
+                ctx.limits = runner.limits = SharedLimits(
+                    shared, hold_seconds=settings.lease_seconds
+                )
             async with anyio.create_task_group() as tg:
                 runner.task_group = tg
                 batcher_for(runner)  # starts the finalize batcher in tg

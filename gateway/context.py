@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import anyio
 from starlette.requests import Request
 
+from gateway._redis_limits import SharedLimits
 from gateway.metrics import Metrics
 from gateway.relay import LocalRelay, SharedRelay
 from gateway.settings import Settings
@@ -31,6 +32,7 @@ class AppContext:
     instance_id: str
     shutdown_event: anyio.Event | None = None
     shared: SharedRelay | None = None  # the relay between replicas (REDIS_URL)
+    limits: SharedLimits | None = None  # per-user limits across replicas (REDIS_URL)
     ready: bool = False
     rate_windows: dict[int, deque[float]] = field(default_factory=dict)
 

@@ -87,6 +87,11 @@ class RedisRelay:
                 await client.aclose()
 
     @property
+    def client(self) -> Any:
+        """The connected ``redis.asyncio.Redis`` client (shared with ``SharedLimits``)."""
+        return self._client
+
+    @property
     def available(self) -> bool:
         return self._available and self._client is not None
 

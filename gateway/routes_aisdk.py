@@ -90,7 +90,7 @@ async def chat(request: Request) -> Response:
     ctx = context(request)
     started = time.monotonic()
     user_id = await authenticate(request, ctx.store)
-    check_rate(ctx, user_id)
+    await check_rate(ctx, user_id)
     body = require_object(await read_json(request, ctx.settings.max_body_bytes))
     if "id" not in body:
         raise ApiError(400, "missing_id", "id (the chat id) is required")

@@ -62,7 +62,7 @@ async def create_thread(request: Request) -> Response:
     """``POST /v1/threads``: ``{"id"?, "title"?}`` → 201 (200 if the caller already has it)."""
     ctx = context(request)
     user_id = await authenticate(request, ctx.store)
-    check_rate(ctx, user_id)
+    await check_rate(ctx, user_id)
     body = require_object(await read_json(request, 64 * 1024))
     thread_id = body.get("id")
     if thread_id is not None:
@@ -113,7 +113,7 @@ async def append_message(request: Request) -> Response:
     ctx = context(request)
     thread_id = check_thread_path_id(request.path_params["thread_id"], ctx.settings)
     user_id = await authenticate(request, ctx.store)
-    check_rate(ctx, user_id)
+    await check_rate(ctx, user_id)
     body = require_object(await read_json(request, ctx.settings.max_body_bytes))
     role, content = parse_legacy_message(body, ctx.settings)
     turn_id = body.get("turn_id")

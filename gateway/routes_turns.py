@@ -13,7 +13,7 @@ from gateway.auth import CachedKey, authenticate, authenticate_key, cached_key, 
 from gateway.auth import unauthorized as _unauthorized
 from gateway.context import AppContext, context
 from gateway.errors import ApiError, not_found
-from gateway.limits import check_rate, check_stream_quota
+from gateway.limits import check_rate, check_stream_quota, release_stream, reserve_stream
 from gateway.relay import LiveTurn
 from gateway.streaming import follow_live, from_list, replay_chunks, sse_response
 from gateway.turns import history_messages
@@ -143,7 +143,7 @@ async def start_turn(request: Request) -> Response:
     key = cached_key(request, ctx.store)
     user_id = key.user_id if key is not None else await authenticate(request, ctx.store)
     try:
-        check_rate(ctx, user_id)
+        await check_rate(ctx, user_id)
         body = parse_turn_request(
             await read_json(request, ctx.settings.max_body_bytes), ctx.settings
         )
@@ -192,10 +192,30 @@ async def run_turn(
             )
         check_stream_quota(ctx, user_id)
         check_relay(ctx)
+        # Several replicas: the user's slot across all of them, before anything is written.
+        held = await reserve_stream(ctx, user_id, thread_id, body.turn_id)
     except ApiError:
         await _confirm_key(ctx, key)
         raise
+    started_generation = False
+    try:
+        response, started_generation = await _open_and_start(
+            ctx, user_id, thread_id, body, adapter, model, model_string, started, key
+        )
+        return response
+    finally:
+        if held and not started_generation:
+            await release_stream(ctx, user_id, thread_id, body.turn_id)
 
+
+async def _open_and_start(
+    ctx: AppContext, user_id: int, thread_id: str, body: TurnRequest, adapter: Any,
+    model: str, model_string: str, started: float, key: CachedKey | None,
+) -> tuple[Response, bool]:
+    """Open the turn; start its generation, or attach to or replay it if it exists.
+
+    The flag says whether a generation started here (it then owns the stream slot).
+    """
     content = build_user_content(body.text, body.images, body.mentioned_documents)
     opened = await ctx.store.open_turn(
         thread_id, user_id, body.turn_id, content,
@@ -222,7 +242,7 @@ async def run_turn(
         response = await _attach_or_replay(ctx, user_id, thread_id, body.turn_id, -1)
         if response is None:
             raise _unavailable()
-        return response
+        return response, False
 
     assert opened.assistant_message_id is not None and opened.user_message_id is not None
     # The earlier messages came back with the open, in the same round trip.
@@ -233,7 +253,7 @@ async def run_turn(
         live, adapter, AdapterRequest(model=model, messages=history),
         user_message_id=opened.user_message_id, model_string=model_string, started=started,
     )
-    return sse_response(ctx, follow_live(ctx, live))
+    return sse_response(ctx, follow_live(ctx, live)), True
 
 
 async def resume_turn(request: Request) -> Response:

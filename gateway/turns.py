@@ -24,9 +24,10 @@ from gateway.relay import LiveTurn, LocalRelay, SharedRelay
 from llm_adapters.base import Adapter, AdapterRequest, ChatMessage
 from llm_adapters.events import FinishReason, Usage
 from persistence import Store, UsageRecord
-from turngate.exceptions import UpstreamError
+from turngate.exceptions import RelayError, UpstreamError
 
 if TYPE_CHECKING:
+    from gateway._redis_limits import SharedLimits
     from gateway.metrics import Metrics
     from gateway.settings import Settings
     from llm_adapters.pricing import PriceTable
@@ -56,6 +57,7 @@ class TurnRunner:
         self.instance_id = instance_id
         self.task_group: TaskGroup | None = None
         self.mirror: SharedRelay | None = None  # copies turns to other replicas
+        self.limits: SharedLimits | None = None  # stream slots across replicas
         self.draining = False
         self._idle = anyio.Event()
 
@@ -220,6 +222,10 @@ class TurnRunner:
                        "finalize": outcome,
                        "duration_ms": round((time.monotonic() - started) * 1000, 1)},
             )
+            if self.limits is not None:
+                # Before the end goes out: a client that starts its next turn the
+                # moment it reads [DONE] must find its slot free on every replica.
+                await self.limits.release_stream(live.owner_id, live.thread_id, live.turn_id)
             finish_reason: FinishReason
             if status == "complete":
                 finish_reason = encoder.finish_reason or "stop"
@@ -268,12 +274,23 @@ class TurnRunner:
         if unchanged:
             await self.store.renew_leases(self.instance_id, self.settings.lease_seconds)
 
+    async def _renew_stream_holds(self, limits: SharedLimits) -> None:
+        running = [(t.owner_id, t.thread_id, t.turn_id) for t in self.relay.running()]
+        if not running:
+            return
+        try:
+            await limits.renew_streams(running)
+        except RelayError:
+            pass  # Redis is away (logged there); new turns get 503 meanwhile
+
     async def maintain(self) -> None:
         """Periodic upkeep: checkpoints, lease renewal, crash recovery, relay sweep."""
         while True:
             await anyio.sleep(self.settings.checkpoint_seconds)
             try:
                 await self.checkpoint_running()
+                if self.limits is not None:
+                    await self._renew_stream_holds(self.limits)
                 await self.store.recover_expired_turns()
                 self.relay.sweep()
             except Exception:

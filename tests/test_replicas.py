@@ -21,6 +21,7 @@ import pytest
 from tests.fixtures_db import RoundTripProxy
 from tests.fixtures_server import ServerProcess
 from tests.sse_client import Stream, stream_request, validate_ui_stream
+from tests.test_bad_input import assert_json_error
 
 pytestmark = pytest.mark.anyio
 
@@ -270,6 +271,8 @@ async def test_redis_lost_while_running(pg_url: str, redis_url: str) -> None:
                                  json={"turn_id": uuid.uuid4().hex, "text": "y"})
                 assert r.status_code == 503, r.text
                 assert r.json()["error"]["code"] == "relay_unavailable"
+                # The rate limit falls back to this process's window: other writes go on.
+                assert (await a.post("/v1/threads", json={})).status_code == 201
             validate_ui_stream(box["s"])
             assert box["s"].text == _full(150)
             assert (await _last_message(a, thread))["status"] == "complete"
@@ -320,3 +323,102 @@ async def test_a_reader_on_another_replica_keeps_the_turn_alive(
         assert last["status"] == "cancelled"
         text = last["content"][0]["text"]
         assert len(text.split()) < 400
+
+
+@asynccontextmanager
+async def _two_clients(
+    pg_url: str, redis: str, **env: str
+) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
+    """Two replicas, and one user's client on each."""
+    async with replicas(pg_url, redis, 2, **env) as (procs, headers), \
+            _client(procs[0], headers) as a, _client(procs[1], headers) as b:
+        yield a, b
+
+
+async def _wait_streaming(client: httpx.AsyncClient, thread: str) -> None:
+    with anyio.fail_after(5):
+        while True:
+            msgs = (await client.get(f"/v1/threads/{thread}/messages")).json()["messages"]
+            if msgs and msgs[-1]["status"] == "streaming":
+                return
+            await anyio.sleep(0.02)
+
+
+async def test_stream_limit_counts_the_turns_of_every_replica(
+    pg_url: str, redis_url: str
+) -> None:
+    async with _two_clients(pg_url, redis_url, TURNGATE_MAX_STREAMS_PER_USER="1") as (a, b):
+        t1 = (await a.post("/v1/threads", json={})).json()["id"]
+        t2 = (await b.post("/v1/threads", json={})).json()["id"]
+        slow = {"turn_id": "slow", "text": "x", "model": "scripted:tokens=40,delay_ms=25"}
+        second = {"turn_id": "second", "text": "y", "model": "scripted:tokens=3"}
+        box: dict[str, Stream] = {}
+
+        async def on_a() -> None:
+            box["a"] = await stream_request(a, "POST", f"/v1/threads/{t1}/turns", json=slow)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(on_a)
+            await _wait_streaming(b, t1)
+            # B has no turn of its own running, but the user's one slot is taken on A.
+            r = await b.post(f"/v1/threads/{t2}/turns", json=second)
+            error = assert_json_error(r, 429, "too_many_streams", "second stream on B")
+            assert "at most 1" in error["message"] and r.headers["retry-after"].isdigit()
+            assert (await b.get(f"/v1/threads/{t2}/messages")).json()["messages"] == []
+            # Attaching to A's turn from B is no new stream, and leaves A's slot held.
+            async with b.stream("POST", f"/v1/threads/{t1}/turns", json=slow) as attached:
+                assert attached.status_code == 200
+                r = await b.post(f"/v1/threads/{t2}/turns", json=second)
+                assert_json_error(r, 429, "too_many_streams", "while attached on B")
+                async for _ in attached.aiter_bytes():
+                    pass
+        validate_ui_stream(box["a"])
+        # A's turn ended: the slot is free on the other replica at once.
+        s = await stream_request(b, "POST", f"/v1/threads/{t2}/turns", json=second)
+        validate_ui_stream(s)
+        assert s.text == "w1 w2 w3 "
+
+
+async def test_rate_limit_counts_the_requests_of_every_replica(
+    pg_url: str, redis_url: str
+) -> None:
+    async with _two_clients(pg_url, redis_url, TURNGATE_RATE_LIMIT_PER_MINUTE="4") as (a, b):
+        for client in (a, b, a, b):  # two on each: under the limit in either process
+            assert (await client.post("/v1/threads", json={})).status_code == 201
+        for client in (a, b):
+            r = await client.post("/v1/threads", json={})
+            error = assert_json_error(r, 429, "rate_limited", "fifth request")
+            assert "4 requests" in error["message"]
+            assert 1 <= int(r.headers["retry-after"]) <= 60
+        # Nothing was written by the refused requests; reads are not counted.
+        assert len((await a.get("/v1/threads")).json()["threads"]) == 4
+
+
+async def test_stream_holds_expire_unless_renewed_and_release_is_final(redis_url: str) -> None:
+    # What a replica that dies leaves behind: holds that lapse after the lease.
+    from gateway._redis_limits import SharedLimits
+    from gateway.redis_relay import RedisRelay
+
+    relay = RedisRelay(redis_url)
+    await relay.connect()
+    try:
+        limits = SharedLimits(relay, hold_seconds=0.5)
+        assert await limits.reserve_stream(7, "th1", "t1", 1) == (True, 0)
+        assert await limits.reserve_stream(7, "th1", "t1", 1) == (False, 0)  # same turn
+        assert await limits.reserve_stream(7, "th2", "t1", 1) == (False, 1)  # full
+        assert await limits.reserve_stream(8, "th3", "t1", 1) == (True, 0)  # another user
+        for _ in range(3):  # renewed: still held past its first expiry
+            await anyio.sleep(0.25)
+            await limits.renew_streams([(7, "th1", "t1")])
+        assert await limits.reserve_stream(7, "th2", "t1", 1) == (False, 1)
+        await anyio.sleep(0.6)  # not renewed: lapsed
+        assert await limits.reserve_stream(7, "th2", "t1", 1) == (True, 0)
+        await limits.release_stream(7, "th2", "t1")
+        await limits.renew_streams([(7, "th2", "t1")])  # never re-creates a released hold
+        assert await limits.reserve_stream(7, "th4", "t1", 1) == (True, 0)
+        # The rate window: the limit, then the wait until the oldest request leaves it.
+        assert [await limits.hit_rate(9, 2) for _ in range(2)] == [None, None]
+        wait = await limits.hit_rate(9, 2)
+        assert wait is not None and 59 <= wait <= 60
+    finally:
+        await relay.aclose()
