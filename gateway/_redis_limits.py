@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -91,17 +91,16 @@ class SharedLimits:
         many turns of the user generate. ``RelayError`` if Redis does not answer.
         """
         now = time.time()
-        key = self._streams_key(owner_id)
-        result = int(await self._call(
-            self._reserve, [key],
-            [now, limit, now + self.hold_seconds, f"{thread_id}:{turn_id}",
-             int(self.hold_seconds) + 60],
-        ))
+        result = int(await self._call(lambda: self._reserve(
+            keys=[self._streams_key(owner_id)],
+            args=[now, limit, now + self.hold_seconds, f"{thread_id}:{turn_id}",
+                  int(self.hold_seconds) + 60],
+        )))
         if result == -1:
             return True, 0
         if result == -2:
             return False, 0
-        return False, max(result, limit)
+        return False, result  # the count, at least limit (>= 1)
 
     async def release_stream(self, owner_id: int, thread_id: str, turn_id: str) -> None:
         """Give the turn's slot back; shielded and bounded, never raises.
@@ -110,49 +109,45 @@ class SharedLimits:
         """
         with anyio.CancelScope(shield=True):
             try:
-                await self._call(
-                    None, [self._streams_key(owner_id)], [f"{thread_id}:{turn_id}"]
-                )
+                await self._call(lambda: self._client.zrem(
+                    self._streams_key(owner_id), f"{thread_id}:{turn_id}"
+                ))
             except RelayError:
                 pass
 
     async def renew_streams(self, turns: Iterable[tuple[int, str, str]]) -> None:
         """Extend the holds of ``(owner_id, thread_id, turn_id)`` turns still running here."""
         until = time.time() + self.hold_seconds
-        if not self._relay.available:
-            raise RelayError("Redis is unavailable")
-        try:
-            with anyio.fail_after(TIMEOUT):
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for owner_id, thread_id, turn_id in turns:
-                        # XX: never re-create a hold that was released meanwhile.
-                        pipe.zadd(self._streams_key(owner_id),
-                                  {f"{thread_id}:{turn_id}": until}, xx=True)
-                    await pipe.execute()
-        except Exception as exc:
-            _log_failure(exc)
-            raise RelayError("Redis is unavailable") from None
+
+        async def renew() -> Any:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for owner_id, thread_id, turn_id in turns:
+                    # XX: never re-create a hold that was released meanwhile.
+                    pipe.zadd(self._streams_key(owner_id),
+                              {f"{thread_id}:{turn_id}": until}, xx=True)
+                return await pipe.execute()
+
+        await self._call(renew)
 
     async def hit_rate(self, owner_id: int, limit: int) -> float | None:
         """Count one request; None if within ``limit`` per minute, else seconds to wait."""
         now = time.time()
-        count, oldest = await self._call(
-            self._hit, [f"{self._prefix}:rate:{owner_id}"],
-            [now, now - RATE_WINDOW, limit, f"{now:.6f}:{uuid.uuid4().hex[:8]}",
-             int(RATE_WINDOW) + 5],
-        )
+        count, oldest = await self._call(lambda: self._hit(
+            keys=[f"{self._prefix}:rate:{owner_id}"],
+            args=[now, now - RATE_WINDOW, limit, f"{now:.6f}:{uuid.uuid4().hex[:8]}",
+                  int(RATE_WINDOW) + 5],
+        ))
         if int(count) < 0:
             return None
         return max(1.0, float(oldest) + RATE_WINDOW - now)
 
-    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+    async def _call(self, op: Callable[[], Awaitable[Any]]) -> Any:
+        """``op()`` bounded by ``TIMEOUT``; any failure becomes ``RelayError`` (logged)."""
         if not self._relay.available:  # known to be away: no wait for a timeout
             raise RelayError("Redis is unavailable")
         try:
             with anyio.fail_after(TIMEOUT):
-                if script is None:
-                    return await self._client.zrem(keys[0], *args)
-                return await script(keys=keys, args=args)
+                return await op()
         except Exception as exc:
             _log_failure(exc)
             raise RelayError("Redis is unavailable") from None

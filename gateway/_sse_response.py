@@ -15,7 +15,9 @@ and does it with two tasks per stream:
   stalled or departed client). The watcher holds that deadline rather than a
   cancel scope around every chunk's ``send``: almost every send completes
   without suspending, and dropping the scope per chunk took one long turn
-  from about 49k to 66k events/s in bench/. Cancelling a pending ``receive()`` is safe
+  from about 49k to 66k events/s in bench/.
+
+  Cancelling a pending ``receive()`` is safe
   (servers implement it as an event or queue wait); cancelling the body's
   ``__anext__`` would not be (it kills an async generator), so the ping never
   touches the body and works for every body: a live turn, a replay, a Redis
@@ -202,6 +204,7 @@ class SSEResponse(Response):
                     return
 
     def _drop_stalled(self) -> None:
+        """A send did not complete within ``send_timeout``: end the stream without its end."""
         if self.outcome == "open":
             self.outcome = "send_timeout"
         if self._scope is not None:

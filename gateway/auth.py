@@ -17,8 +17,7 @@ from weakref import WeakKeyDictionary
 from starlette.requests import Request
 
 from gateway.errors import ApiError
-from persistence import Store
-from persistence._accounts import _split_key
+from persistence import Store, split_key
 from turngate.exceptions import PersistenceError
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="turngate"'}
@@ -77,7 +76,7 @@ def _map_for(store: Store) -> _KeyMap:
 
 
 def _ident(key: str) -> tuple[str, str] | None:
-    parts = _split_key(key)
+    parts = split_key(key)
     if parts is None:
         return None
     prefix, secret = parts

@@ -137,13 +137,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
             return 2
         print(asyncio.run(_keys_create(settings, name)))
         return 0
-    from persistence import KEY_PREFIX, KEY_PREFIX_LEN
+    from persistence import split_key
 
     prefix = args.prefix.strip()
-    if prefix.startswith(KEY_PREFIX) and len(prefix) > len(KEY_PREFIX) + KEY_PREFIX_LEN:
-        # A whole key: its prefix by position (keys made before prefixes were
-        # letters and digits only may have "_" in theirs).
-        prefix = prefix[len(KEY_PREFIX) : len(KEY_PREFIX) + KEY_PREFIX_LEN]
+    whole_key = split_key(prefix)
+    if whole_key is not None:
+        prefix = whole_key[0]
     if asyncio.run(_keys_revoke(settings, prefix)):
         print(f"turngate: revoked key {prefix}", file=sys.stderr)
         return 0

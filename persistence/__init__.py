@@ -4,7 +4,7 @@
 schema (alembic revisions in ``persistence/migrations``).
 """
 
-from persistence._accounts import KEY_PREFIX, KEY_PREFIX_LEN
+from persistence._accounts import split_key
 from persistence._base import OperationObserver
 from persistence._threads import ThreadIdTaken
 from persistence._urls import DEFAULT_URL
@@ -24,8 +24,6 @@ from persistence.store import Store
 
 __all__ = [
     "DEFAULT_URL",
-    "KEY_PREFIX",
-    "KEY_PREFIX_LEN",
     "AppendResult",
     "FinalizeItem",
     "MessageRow",
@@ -41,4 +39,5 @@ __all__ = [
     "build_user_content",
     "migrate",
     "schema_status",
+    "split_key",
 ]

@@ -21,8 +21,9 @@ def _hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def _split_key(key: str) -> tuple[str, str] | None:
-    """``tg_<prefix>_<secret>`` by position: the prefix itself may contain ``_``."""
+def split_key(key: str) -> tuple[str, str] | None:
+    """``(prefix, secret)`` of a ``tg_<prefix>_<secret>`` key, by position (a prefix
+    made before they were letters and digits may contain ``_``); None if malformed."""
     if len(key) != len(KEY_PREFIX) + KEY_PREFIX_LEN + 1 + _SECRET_LEN:
         return None
     if not key.startswith(KEY_PREFIX) or key[len(KEY_PREFIX) + KEY_PREFIX_LEN] != "_":
@@ -107,7 +108,7 @@ class _AccountsMixin(_StoreBase):
         key is refused without touching the database. Raises
         ``DatabaseUnavailable`` if the database cannot answer.
         """
-        parts = _split_key(key)
+        parts = split_key(key)
         if parts is None:
             return None
         prefix, secret = parts
