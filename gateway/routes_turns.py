@@ -232,12 +232,15 @@ async def _open_and_start(
         raise _unauthorized()
     if opened.status == "thread_not_found":
         raise not_found()
-    if opened.status == "busy":
+    own_turn_busy = opened.status == "busy" and opened.busy_turn_id == body.turn_id
+    if opened.status == "busy" and not own_turn_busy:
         raise ApiError(
             409, "thread_busy", "another turn is streaming on this thread",
             {"Retry-After": _BUSY_RETRY_AFTER},
         )
-    if not opened.assistant_inserted:
+    if own_turn_busy or not opened.assistant_inserted:
+        # The store never names the request's own turn as the busy one; if it ever
+        # did, that turn is streaming, which is an attach, not a conflict.
         # A retry or double submit: never a second generation.
         response = await _attach_or_replay(ctx, user_id, thread_id, body.turn_id, -1)
         if response is None:

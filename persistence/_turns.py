@@ -40,10 +40,14 @@ logger = logging.getLogger("turngate.persistence")
 FINAL_STATUSES = frozenset({"complete", "cancelled", "error", "interrupted"})
 _ROLES = frozenset({"user", "assistant"})
 _BUSY_INDEX = "uq_messages_thread_streaming"
+# Fresh-snapshot attempts of an open that collided on the busy index; one is enough
+# unless new turns of the same thread keep committing in between.
+_BUSY_RACE_RETRIES = 4
 
 
 class _BusyRace(Exception):
-    """Another turn won the thread's one streaming slot in the same instant."""
+    """A concurrent opener (of this turn or another) took the thread's streaming slot
+    after this statement's snapshot was taken."""
 
 
 _SHELL_JSON = _dump_json(ASSISTANT_SHELL)
@@ -154,23 +158,10 @@ class _TurnsMixin(_StoreBase):
 
         async def op(conn: Conn) -> tuple[TurnOpened, str]:
             if self._is_pg:
-                try:
-                    opened = await self._open_turn_pg(
-                        conn,
-                        thread_id,
-                        owner_id,
-                        turn_id,
-                        content,
-                        lease_owner,
-                        lease_seconds,
-                        history,
-                        key,
-                    )
-                except _BusyRace:
-                    busy = await conn.fetch_val(
-                        _pg_sql.STREAMING_TURN_OF_THREAD, {"thread_id": thread_id}
-                    )
-                    opened = TurnOpened(status="busy", busy_turn_id=busy)
+                opened = await self._open_turn_pg_retrying(
+                    conn, thread_id, owner_id, turn_id, content, lease_owner,
+                    lease_seconds, history, key,
+                )
             else:
                 opened = await self._open_turn_sqlite(
                     conn,
@@ -191,6 +182,44 @@ class _TurnsMixin(_StoreBase):
             )
         except DatabaseUnavailable:
             return TurnOpened(status="unavailable")
+
+    async def _open_turn_pg_retrying(
+        self,
+        conn: Conn,
+        thread_id: str,
+        owner_id: int,
+        turn_id: str,
+        content: str,
+        lease_owner: str,
+        lease_seconds: float,
+        history_limit: int | None,
+        key: tuple[str, str] | None,
+    ) -> TurnOpened:
+        """``_open_turn_pg``, run again when it lost a race for the busy index.
+
+        The statement's snapshot predates a concurrent opener's commit, so its checks
+        can pass while the insert of the shell then collides on the thread's one
+        streaming slot (``_BusyRace``) – whether the winner opened *this* turn (a double
+        submit) or another one. The failed statement wrote nothing; run again (a new
+        snapshot, which sees the winner's rows), it resolves to the existing rows or
+        reports the other turn as busy through its own checks. Only the race costs the
+        extra round trip.
+        """
+        for _ in range(_BUSY_RACE_RETRIES):
+            try:
+                return await self._open_turn_pg(
+                    conn, thread_id, owner_id, turn_id, content, lease_owner,
+                    lease_seconds, history_limit, key,
+                )
+            except _BusyRace:
+                continue
+        # Still colliding after several fresh snapshots: a storm of distinct turns on
+        # one thread. Whoever holds the slot now is busy, and never this turn (its
+        # own streaming row would have resolved the open above).
+        busy = await conn.fetch_val(_pg_sql.STREAMING_TURN_OF_THREAD, {"thread_id": thread_id})
+        if busy == turn_id:
+            raise DatabaseUnavailable("open_turn kept losing the race for its own turn")
+        return TurnOpened(status="busy", busy_turn_id=busy)
 
     async def _open_turn_pg(
         self,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import anyio
 import httpx
 import pytest
 
 from llm_adapters.scripted import TRACES
+from persistence import TurnOpened
 from tests.fixtures_server import GatewayServer, run_gateway
 from tests.sse_client import Stream, stream_request, validate_ui_stream
 
@@ -79,6 +81,35 @@ async def test_same_turn_after_it_ended_replays_the_stored_reply(gateway: Gatewa
                 == first.of_type("finish")[0]["messageMetadata"]["usage"])
         msgs, usage = await _rows(client, thread)
         assert len(msgs) == 2 and len(usage) == 1
+
+
+async def test_an_open_that_names_its_own_turn_busy_attaches(gateway: GatewayServer) -> None:
+    """The route's second line behind the store's race handling: should ``open_turn``
+    ever answer ``busy`` naming the request's own turn, the request attaches to that
+    turn's stream instead of answering ``409``."""
+    real_open = gateway.ctx.store.open_turn
+
+    async def open_turn(*args: Any, **kwargs: Any) -> TurnOpened:
+        opened = await real_open(*args, **kwargs)
+        if opened.status == "opened" and not opened.assistant_inserted:
+            return TurnOpened(status="busy", busy_turn_id=args[2])
+        return opened
+
+    gateway.ctx.store.open_turn = open_turn  # type: ignore[method-assign]
+    async with gateway.client() as client:
+        thread = await gateway.new_thread(client)
+        body = {"turn_id": "t1", "text": "x", "model": "scripted:tokens=30"}
+        turns = f"/v1/threads/{thread}/turns"
+        first = await stream_request(client, "POST", turns, json=body)
+        validate_ui_stream(first)
+        # Forget the in-memory copy, so the repeat reaches open_turn.
+        gateway.ctx.relay.retention_seconds = 0
+        gateway.ctx.relay.sweep()
+        again = await stream_request(client, "POST", turns, json=body)
+        assert again.status == 200, getattr(again, "body", b"")
+        validate_ui_stream(again)
+        assert again.chunks[0]["messageId"] == first.chunks[0]["messageId"]
+        assert again.text == first.text == _full(30)
 
 
 @pytest.mark.parametrize("after_end", [False, True], ids=["live", "ended"])

@@ -187,6 +187,66 @@ async def test_append_racing_open_creates_no_duplicates(
 
 
 @pytest.mark.anyio
+@pytest.mark.timeout(300)
+async def test_racing_opens_never_report_their_own_turn_busy(
+    store: Store, user_id: int, make_thread: MakeThread
+) -> None:
+    """300 rounds of 10 opens and 10 legacy appends of one turn at once, each on a new
+    thread: every open resolves to the same pair of rows, none answers ``busy``.
+
+    On PostgreSQL an open whose snapshot predates the winner's commit passes its checks
+    and then collides on the thread's one-streaming-row index; that collision must be
+    resolved against the winner's rows, not reported as the thread being busy.
+    """
+    content = build_user_content("hello t1")
+    for round_ in range(300):
+        thread_id = await make_thread()
+
+        async def append(thread_id: str = thread_id) -> object:
+            return await store.append_message(thread_id, user_id, "user", content, "t1")
+
+        async def open_(thread_id: str = thread_id) -> object:
+            return await _open(store, thread_id, user_id, "t1")
+
+        results = await _gather(*([append, open_] * 10))
+        opens = [r for r in results[1::2] if isinstance(r, TurnOpened)]
+        assert len(opens) == 10
+        assert [o.status for o in opens] == ["opened"] * 10, (round_, opens)
+        assert len({(o.user_message_id, o.assistant_message_id) for o in opens}) == 1
+        assert sum(o.assistant_inserted for o in opens) == 1
+        assert len({r.id for r in results[0::2]}) == 1  # type: ignore[attr-defined]
+    assert await _count(store, "SELECT count(*) FROM messages WHERE role = 'user'") == 300
+    assert await _count(store, "SELECT count(*) FROM messages WHERE role = 'assistant'") == 300
+
+
+@pytest.mark.anyio
+async def test_a_different_turn_racing_for_the_thread_is_reported_busy(
+    store: Store, user_id: int, make_thread: MakeThread
+) -> None:
+    """Opens of two turns of one thread at once: exactly one turn gets the thread, and
+    every open of the other names the winner as the busy turn (never itself)."""
+    for _ in range(30):
+        thread_id = await make_thread()
+
+        async def open_a(thread_id: str = thread_id) -> object:
+            return await _open(store, thread_id, user_id, "a")
+
+        async def open_b(thread_id: str = thread_id) -> object:
+            return await _open(store, thread_id, user_id, "b")
+
+        results = [r for r in await _gather(*([open_a, open_b] * 5))
+                   if isinstance(r, TurnOpened)]
+        winners = {t for t, r in zip("ab" * 5, results, strict=True) if r.status == "opened"}
+        assert len(winners) == 1
+        (winner,) = winners
+        for turn, r in zip("ab" * 5, results, strict=True):
+            if turn == winner:
+                assert r.status == "opened"
+            else:
+                assert r.status == "busy" and r.busy_turn_id == winner
+
+
+@pytest.mark.anyio
 async def test_append_without_turn_id_and_on_foreign_thread(
     store: Store, user_id: int, make_thread: MakeThread
 ) -> None:
