@@ -1,6 +1,6 @@
 """The ``anthropic`` adapter: the Messages API, streamed.
 
-Events handled (see ``shared/recordings/SOURCES.md``):
+Events handled (the cases: ``tests/fixtures/streams/README.md``):
 
 - ``message_start``: the model and the first usage figures;
 - content blocks: ``text`` -> ``TextDelta``; ``thinking`` (``thinking_delta`` ->

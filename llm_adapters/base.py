@@ -25,7 +25,7 @@ Role = Literal["user", "assistant"]
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
-    """One message of the conversation, with content parts as DESIGN.md stores them.
+    """One message of the conversation, with its stored content parts (docs/API.md).
 
     User parts: ``{"type":"text","text"}``, ``{"type":"image","image":"data:..."}``,
     ``{"type":"mentioned-documents","documents":[...]}``. Assistant parts:

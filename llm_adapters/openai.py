@@ -1,7 +1,7 @@
 """The ``openai`` adapter: any OpenAI-compatible Chat Completions endpoint, streamed.
 
 Works with OpenAI, vLLM, Ollama, llama.cpp's server, OpenRouter, Groq and
-DeepSeek as they really stream (see ``shared/recordings/SOURCES.md``):
+DeepSeek as they really stream (the cases: ``tests/fixtures/streams/README.md``):
 
 - text from ``delta.content`` (and ``delta.refusal``); reasoning from
   ``delta.reasoning_content`` (DeepSeek, vLLM) or ``delta.reasoning``

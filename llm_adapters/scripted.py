@@ -112,7 +112,7 @@ class ScriptedAdapter(BaseAdapter):
 
         async def pause() -> None:
             # Always suspend: a producer that never yields keeps generating
-            # after its client left (DESIGN.md, known traps).
+            # after its client left (docs/DECISIONS.md, "Known traps").
             if delay:
                 await anyio.sleep(delay)
             else:

@@ -2,9 +2,9 @@
 
 ``read_events`` parses a response body the way the AI SDK's parser does
 (comments skipped, events dispatched at a blank line). ``validate_ui_stream``
-enforces the chunk schema and ordering rules of ../shared/ai-sdk-protocol.md,
-plus our own: ids on every event, strictly increasing, ``finish`` then
-``[DONE]`` last.
+enforces the chunk schema and ordering rules of the AI SDK's UI message stream
+(docs/API.md, "The stream"; docs/DECISIONS.md, "Finish chunk order"), plus our
+own: ids on every event, strictly increasing, ``finish`` then ``[DONE]`` last.
 """
 
 from __future__ import annotations

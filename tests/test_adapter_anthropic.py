@@ -1,6 +1,7 @@
-"""The ``anthropic`` adapter against a fake upstream replaying real Messages API streams.
+"""The ``anthropic`` adapter against a fake upstream replaying Messages API streams.
 
-Expected values come from ``shared/recordings/SOURCES.md``.
+Each wire-format test runs on the project's own fixture and, when in use, on
+the real recording of the same case (``tests/stream_corpus.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 import httpx
 import pytest
 
+from llm_adapters._sse import SSEDecoder
 from llm_adapters.anthropic import AnthropicAdapter, map_stop_reason
 from llm_adapters.base import AdapterRequest, ChatMessage
 from llm_adapters.events import (
@@ -25,7 +27,8 @@ from llm_adapters.events import (
     ToolResult,
     Usage,
 )
-from tests.upstream_fakes import FakeResponse, FakeUpstream, recording, run_adapter
+from tests.stream_corpus import StreamCase, case, cases, check_text
+from tests.upstream_fakes import AdapterRun, FakeResponse, FakeUpstream, run_adapter
 from turngate.exceptions import UpstreamConnectError, UpstreamProtocolError, UpstreamStatusError
 
 pytestmark = pytest.mark.anyio
@@ -33,6 +36,8 @@ pytestmark = pytest.mark.anyio
 PNG_B64 = (
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8/5+hHgAHggJ/PchI7wAAAABJRU5ErkJggg=="
 )
+TEXT = case("anthropic-text")
+THINKING = case("anthropic-thinking")
 
 
 def request(
@@ -50,9 +55,9 @@ def adapter_for(fake: FakeUpstream, key: str = "ak-test") -> AnthropicAdapter:
     return adapter
 
 
-async def replay(name: str, **kw: object) -> tuple:
+async def replay(body: bytes, **kw: object) -> tuple:
     async with FakeUpstream() as fake:
-        fake.enqueue(FakeResponse.sse(recording(name), **kw))  # type: ignore[arg-type]
+        fake.enqueue(FakeResponse.sse(body, **kw))  # type: ignore[arg-type]
         async with adapter_for(fake) as adapter:
             run = await run_adapter(adapter, request())
         return run, fake.requests
@@ -70,86 +75,89 @@ def tool_order_ok(events: list) -> None:
     assert not open_ids
 
 
-# --- every recording ----------------------------------------------------------------
+def assert_final(run: AdapterRun, c: StreamCase) -> None:
+    """The last value of each count wins; ``message_start``'s come first, provisional."""
+    assert c.usage is not None and c.first_usage is not None
+    assert run.events[0] == Usage(c.usage_model, *c.first_usage, final=False)
+    assert run.events[-2:] == [Usage(c.usage_model, *c.usage), Finish(c.finish)]
+
+
+# --- every wire-format case, on the project's fixture and on the recording -----------
 
 
 @pytest.mark.parametrize("chunk_size", [None, 3])
-async def test_text_and_usage(chunk_size: int | None) -> None:
-    run, requests = await replay("anthropic-text-usage.sse", chunk_size=chunk_size)
+@pytest.mark.parametrize("c", cases("anthropic-text"))
+async def test_text_and_usage(c: StreamCase, chunk_size: int | None) -> None:
+    body = c.body()
+    assert b'event: ping\n' in body and b' }' in body  # a ping; JSON padded with spaces
+    run, requests = await replay(body, chunk_size=chunk_size)
     assert run.error is None
-    assert run.text == "- Captain\n- Scoop"
-    assert len(run.of(TextDelta)) == 4
+    assert run.text == c.text
+    assert len(run.of(TextDelta)) == c.text_deltas
     assert run.reasoning == "" and run.tool_calls == []
-    assert run.events[-2:] == [Usage("claude-sonnet-4-5-20250929", 17, 10), Finish("stop")]
+    assert_final(run, c)
     assert requests[0].completed
 
 
-async def test_tool_use_with_input_json_delta_and_no_final_blank_line() -> None:
-    body = recording("anthropic-tool-use-input-json-delta.sse")
+@pytest.mark.parametrize("c", cases("anthropic-tool-use"))
+async def test_tool_use_with_input_json_delta_and_no_final_blank_line(c: StreamCase) -> None:
+    body = c.body()
+    assert c.no_final_blank_line
     assert body.endswith(b'data: {"type":"message_stop"}')  # the edge case itself
-    run, _ = await replay("anthropic-tool-use-input-json-delta.sse")
+    run, _ = await replay(body)
     assert run.error is None
-    assert run.text == "I'll check the current weather in Paris for you."
-    assert run.tool_calls == [
-        ("toolu_01NRLabsLyVHZPKxbKvkfSMn", "get_weather", '{"location": "Paris"}')
-    ]
-    # fragments "", '{"locati', 'on": "P', 'ar', 'is"}': the empty one makes no delta
-    fragments = [d.args_text for d in run.of(ToolCallDelta)]
-    assert fragments == ['{"locati', 'on": "P', "ar", 'is"}']
+    assert run.text == c.text
+    assert run.tool_calls == c.tool_calls
+    # the first fragment is "": it makes no delta; every other one makes one
+    ((call_id, count),) = c.fragments.items()
+    assert len(run.of(ToolCallDelta)) == count
     tool_order_ok(run.events)
     # message_delta carries only output_tokens: input_tokens stay from message_start
-    assert run.events[-2:] == [Usage("claude-sonnet-4-20250514", 377, 65), Finish("tool-calls")]
+    assert c.first_usage is not None and c.usage is not None
+    assert c.usage[0] == c.first_usage[0]
+    assert_final(run, c)
 
 
-async def test_thinking_with_signature() -> None:
-    run, _ = await replay("anthropic-thinking-signature.sse")
+def signature_of(body: bytes) -> str:
+    decoder = SSEDecoder()
+    for event in decoder.feed(body) + decoder.flush():
+        payload = json.loads(event.data)
+        if payload.get("delta", {}).get("type") == "signature_delta":
+            return str(payload["delta"]["signature"])
+    raise AssertionError("no signature_delta")
+
+
+@pytest.mark.parametrize("c", cases("anthropic-thinking"))
+async def test_thinking_with_signature(c: StreamCase) -> None:
+    body = c.body()
+    run, _ = await replay(body)
     assert run.error is None
-    assert run.reasoning.startswith(
-        "The user wants two names for a pet pelican, and they want me to be brief."
-    )
-    assert run.reasoning.endswith("Let me give two brief, catchy names:")
-    assert len(run.of(ReasoningDelta)) == 5  # 6 thinking_deltas, the last one empty
-    assert run.text == (
-        '1. **Pouch** - references their iconic bill pouch\n2. **Pelé** - playful take on "pelican"'
-    )
+    check_text(run.reasoning, c.reasoning)
+    # the last thinking_delta is empty: it makes no delta
+    assert len(run.of(ReasoningDelta)) == c.reasoning_deltas
+    assert run.text == c.text
     first_text = next(i for i, e in enumerate(run.events) if isinstance(e, TextDelta))
     assert all(not isinstance(e, ReasoningDelta) for e in run.events[first_text:])
-    signature = json.loads(
-        next(
-            line[6:]
-            for line in recording("anthropic-thinking-signature.sse").decode().splitlines()
-            if "signature_delta" in line
-        )
-    )["delta"]["signature"]
-    assert len(signature) == 656
+    signature = signature_of(body)
+    assert len(signature) == c.signature_length
     assert all(signature not in str(e) for e in run.events)  # not output
-    assert run.events[-2:] == [Usage("claude-haiku-4-5-20251001", 46, 133), Finish("stop")]
+    assert_final(run, c)
 
 
-async def test_server_tool_then_tool_use_and_growing_input_tokens() -> None:
-    run, _ = await replay("anthropic-server-tool-then-tool-use.sse")
+@pytest.mark.parametrize("c", cases("anthropic-server-tool"))
+async def test_server_tool_then_tool_use_and_growing_input_tokens(c: StreamCase) -> None:
+    run, _ = await replay(c.body())
     assert run.error is None
-    assert run.text == (
-        "Let me search for a tool that can provide current exchange rate information."
-        "I found the right tool! Let me fetch the current USD to EUR exchange rate for you."
-    )
-    assert run.tool_calls == [
-        (
-            "srvtoolu_01S5swZdBmTzLDVzwcT5LbHp",
-            "tool_search_tool_bm25",
-            '{"query": "USD EUR exchange rate currency conversion"}',
-        ),
-        (
-            "toolu_01EFn5wTNBYA8Reni8rbmnHT",
-            "get_exchange_rate",
-            '{"from_currency": "USD", "to_currency": "EUR"}',
-        ),
-    ]
+    assert run.text == c.text
+    assert run.tool_calls == c.tool_calls
+    for call_id, count in c.fragments.items():
+        assert len([d for d in run.of(ToolCallDelta) if d.id == call_id]) == count
     tool_order_ok(run.events)
-    results = run.of(ToolResult)
-    assert [r.id for r in results] == ["srvtoolu_01S5swZdBmTzLDVzwcT5LbHp"]
-    # input_tokens 702 at message_start, 1591 in message_delta: the last value wins
-    assert run.events[-2:] == [Usage("claude-sonnet-4-6", 1591, 175), Finish("tool-calls")]
+    assert [r.id for r in run.of(ToolResult)] == c.tool_results
+    # message_delta's input_tokens supersede message_start's: the last value wins
+    assert c.first_usage is not None and c.usage is not None
+    assert c.usage[0] > c.first_usage[0]
+    assert_final(run, c)
 
 
 # --- the request ------------------------------------------------------------------------
@@ -173,8 +181,8 @@ async def test_request_body_history_image_and_headers() -> None:
     ]
     async with FakeUpstream() as fake:
         fake.enqueue(
-            FakeResponse.sse(recording("anthropic-text-usage.sse")),
-            FakeResponse.sse(recording("anthropic-text-usage.sse")),
+            FakeResponse.sse(TEXT.body()),
+            FakeResponse.sse(TEXT.body()),
         )
         async with adapter_for(fake, key="ak-test-key") as adapter:
             run = await run_adapter(adapter, AdapterRequest("claude-x", history, {"system": "hi"}))
@@ -216,8 +224,8 @@ def test_defaults_and_stop_reason_mapping() -> None:
 
 # --- failures -----------------------------------------------------------------------------
 
-# No recorded in-stream Anthropic error exists (SOURCES.md, "Not found"); this one has
-# the shape of the real payload quoted there.
+# An in-stream error event, as the Messages API documents it (``event: error`` with an
+# ``overloaded_error``, after the stream has started).
 ERROR_STREAM = (
     b"event: message_start\n"
     b'data: {"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant",'
@@ -270,11 +278,11 @@ async def test_529_then_success_retries_once() -> None:
     async with FakeUpstream() as fake:
         fake.enqueue(
             FakeResponse.json(529, {"type": "error", "error": {"type": "overloaded_error"}}),
-            FakeResponse.sse(recording("anthropic-text-usage.sse")),
+            FakeResponse.sse(TEXT.body()),
         )
         async with adapter_for(fake) as adapter:
             run = await run_adapter(adapter, request())
-    assert run.error is None and run.text == "- Captain\n- Scoop"
+    assert run.error is None and run.text == TEXT.text
     assert len(fake.requests) == 2
 
 
@@ -321,14 +329,13 @@ async def test_malformed_json() -> None:
 async def test_closing_the_generator_closes_the_upstream_connection() -> None:
     async with FakeUpstream() as fake:
         fake.enqueue(
-            FakeResponse.sse(recording("anthropic-thinking-signature.sse"), delay=0.02,
-                             hold_open=True)
+            FakeResponse.sse(THINKING.body(), delay=0.02, hold_open=True)
         )
         async with adapter_for(fake) as adapter:
             agen = adapter.stream(request())
             first = await agen.__anext__()
             # message_start's input tokens come first, as provisional usage
-            assert first == Usage("claude-haiku-4-5-20251001", 46, 3, final=False)
+            assert first == Usage(THINKING.usage_model, 52, 4, final=False)
             first = await agen.__anext__()
             assert isinstance(first, ReasoningDelta)
             closed_at = time.monotonic()

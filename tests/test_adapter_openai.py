@@ -1,6 +1,7 @@
-"""The ``openai`` adapter against a fake upstream replaying real provider streams.
+"""The ``openai`` adapter against a fake upstream replaying provider streams.
 
-Expected values come from ``shared/recordings/SOURCES.md``.
+Each wire-format test runs on the project's own fixture and, when in use, on
+the real recording of the same case (``tests/stream_corpus.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from llm_adapters.events import (
     Usage,
 )
 from llm_adapters.openai import OpenAIAdapter, map_finish_reason
-from tests.upstream_fakes import FakeResponse, FakeUpstream, recording, run_adapter
+from tests.stream_corpus import StreamCase, case, cases, check_text
+from tests.upstream_fakes import AdapterRun, FakeResponse, FakeUpstream, fixture, run_adapter
 from turngate.exceptions import (
     UpstreamConnectError,
     UpstreamProtocolError,
@@ -38,6 +40,8 @@ PNG = (
     "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8/5+hHgAHg"
     "gJ/PchI7wAAAABJRU5ErkJggg=="
 )
+TEXT = case("openai-text")
+DEEPSEEK = case("deepseek-reasoning")
 
 
 def request(text: str = "hello", model: str = "gpt-4o", **options: object) -> AdapterRequest:
@@ -53,9 +57,9 @@ def adapter_for(fake: FakeUpstream, key: str = "sk-test") -> OpenAIAdapter:
     return adapter
 
 
-async def replay(name: str, **kw: object) -> tuple:
+async def replay(body: bytes, **kw: object) -> tuple:
     async with FakeUpstream() as fake:
-        fake.enqueue(FakeResponse.sse(recording(name), **kw))  # type: ignore[arg-type]
+        fake.enqueue(FakeResponse.sse(body, **kw))  # type: ignore[arg-type]
         async with adapter_for(fake) as adapter:
             run = await run_adapter(adapter, request())
         return run, fake.requests
@@ -78,112 +82,106 @@ def assert_tool_events_well_ordered(events: list) -> None:
     assert ended == started
 
 
-# --- every recording ---------------------------------------------------------------
+def assert_final(run: AdapterRun, c: StreamCase) -> None:
+    assert c.usage is not None
+    final = Usage(c.usage_model, *c.usage)
+    assert run.of(Usage) == [final]
+    assert run.events[-2:] == [final, Finish(c.finish)]
 
 
-async def test_text_with_usage_in_empty_choices_chunk() -> None:
-    run, requests = await replay("openai-text-usage.sse")
+def assert_fragments(run: AdapterRun, c: StreamCase) -> None:
+    """Each non-empty argument fragment is one delta; the empty first one (that comes
+    with id and name) makes none."""
+    deltas = run.of(ToolCallDelta)
+    assert all(d.args_text for d in deltas)
+    for call_id, count in c.fragments.items():
+        assert len([d for d in deltas if d.id == call_id]) == count, call_id
+
+
+# --- every wire-format case, on the project's fixture and on the recording -----------
+
+
+@pytest.mark.parametrize("c", cases("openai-text"))
+async def test_text_with_usage_in_empty_choices_chunk(c: StreamCase) -> None:
+    run, requests = await replay(c.body())
     assert run.error is None
-    assert run.text == (
-        "I'm unable to provide real-time weather updates. To get the current weather in "
-        "San Francisco, I recommend checking a reliable weather website or a weather app."
-    )
+    assert run.text == c.text
+    if c.text_deltas is not None:
+        assert len(run.of(TextDelta)) == c.text_deltas
     assert run.reasoning == ""
     assert run.tool_calls == []
-    assert run.of(Usage) == [Usage("gpt-4o-2024-08-06", 14, 30)]
-    assert run.events[-2:] == [Usage("gpt-4o-2024-08-06", 14, 30), Finish("stop")]
+    assert_final(run, c)
     assert len(requests) == 1 and requests[0].completed
 
 
-async def test_parallel_fragmented_tool_calls() -> None:
-    run, _ = await replay("openai-tool-calls-parallel-fragmented.sse")
+@pytest.mark.parametrize("c", cases("openai-parallel-tools", "openai-single-tool"))
+async def test_fragmented_tool_calls(c: StreamCase) -> None:
+    run, _ = await replay(c.body())
     assert run.error is None
     assert run.text == ""
-    assert run.tool_calls == [
-        (
-            "call_JMW1whyEaYG438VE1OIflxA2",
-            "GetWeatherArgs",
-            '{"city": "Edinburgh", "country": "GB", "units": "c"}',
-        ),
-        (
-            "call_DNYTawLBoN8fj3KN6qU9N1Ou",
-            "get_stock_price",
-            '{"ticker": "AAPL", "exchange": "NASDAQ"}',
-        ),
-    ]
-    # SOURCES.md counts 12 and 10 fragments, the first of each being the empty
-    # string that comes with id and name; empty fragments make no delta.
-    deltas = run.of(ToolCallDelta)
-    assert len([d for d in deltas if d.id == "call_JMW1whyEaYG438VE1OIflxA2"]) == 12 - 1
-    assert len([d for d in deltas if d.id == "call_DNYTawLBoN8fj3KN6qU9N1Ou"]) == 10 - 1
-    assert all(d.args_text for d in deltas)
+    assert run.tool_calls == c.tool_calls
+    assert_fragments(run, c)
     assert_tool_events_well_ordered(run.events)
-    assert run.events[-2:] == [Usage("gpt-4o-2024-08-06", 149, 60), Finish("tool-calls")]
-
-
-async def test_single_strict_tool_call() -> None:
-    run, _ = await replay("openai-tool-call-single.sse")
-    assert run.error is None
-    assert run.tool_calls == [
-        ("call_CTf1nWJLqSeRgDqaCG27xZ74", "get_weather", '{"city":"San Francisco","state":"CA"}')
-    ]
-    assert len(run.of(ToolCallDelta)) == 11 - 1  # 11 fragments, the first one empty
-    assert_tool_events_well_ordered(run.events)
-    assert run.events[-2:] == [Usage("gpt-4o-2024-08-06", 48, 19), Finish("tool-calls")]
-
-
-DEEPSEEK_TEXT = "Hello there! 😊 How can I help you today?"
+    assert_final(run, c)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 7, 1])
-async def test_deepseek_reasoning_content_and_usage_on_finish_chunk(chunk_size: int | None) -> None:
-    run, _ = await replay(
-        "deepseek-reasoning-content-usage.sse", delay=0, chunk_size=chunk_size
-    )
+@pytest.mark.parametrize("c", cases("deepseek-reasoning"))
+async def test_reasoning_content_and_usage_on_finish_chunk(
+    c: StreamCase, chunk_size: int | None
+) -> None:
+    run, _ = await replay(c.body(), delay=0, chunk_size=chunk_size)
     assert run.error is None
-    assert run.reasoning.startswith('Hmm, the user just said "Hello". It\'s a simple greeting')
-    assert len(run.reasoning) == 882
-    assert len(run.of(ReasoningDelta)) == 198
-    assert run.text == DEEPSEEK_TEXT
+    check_text(run.reasoning, c.reasoning)
+    assert len(run.of(ReasoningDelta)) == c.reasoning_deltas
+    assert run.text == c.text
     # reasoning comes first, then the text
     kinds = [type(e) for e in run.events if isinstance(e, TextDelta | ReasoningDelta)]
     assert kinds == sorted(kinds, key=lambda k: k is TextDelta)
-    assert run.events[-2:] == [Usage("deepseek-reasoner", 6, 212), Finish("stop")]
+    assert_final(run, c)
 
 
-async def test_openrouter_error_chunk_yields_usage_then_raises() -> None:
-    run, _ = await replay("openrouter-reasoning-error-midstream.sse")
-    assert run.reasoning == "We need to respond to a greeting. The user"
+@pytest.mark.parametrize("c", cases("openrouter-error-chunk"))
+async def test_error_chunk_after_comments_yields_usage_then_raises(c: StreamCase) -> None:
+    body = c.body()
+    assert body.startswith(b": OPENROUTER PROCESSING\n\n")  # comment lines are skipped
+    run, _ = await replay(body)
+    assert run.reasoning == c.reasoning
+    if c.reasoning_deltas is not None:
+        assert len(run.of(ReasoningDelta)) == c.reasoning_deltas
     assert run.text == ""
     assert isinstance(run.error, UpstreamProtocolError)
-    assert run.of(Usage) == [Usage("minimax/minimax-m2:free", 43, 10)]
-    assert run.events[-1] == Usage("minimax/minimax-m2:free", 43, 10)
+    assert c.usage is not None
+    assert run.of(Usage) == [Usage(c.usage_model, *c.usage)]
+    assert run.events[-1] == Usage(c.usage_model, *c.usage)
     assert run.of(Finish) == []
-    assert "Token limit reached" not in str(run.error)
+    for text in c.provider_texts:
+        assert text not in str(run.error)
 
 
-async def test_groq_error_event_raises_without_usage() -> None:
-    run, _ = await replay("groq-reasoning-error-event-midstream.sse")
-    assert run.reasoning.startswith("We need to call the tool with invalid parameters first")
-    assert len(run.of(ReasoningDelta)) == 93
+@pytest.mark.parametrize("c", cases("groq-error-event"))
+async def test_error_event_raises_without_usage(c: StreamCase) -> None:
+    run, _ = await replay(c.body())
+    check_text(run.reasoning, c.reasoning)
+    assert len(run.of(ReasoningDelta)) == c.reasoning_deltas
     assert run.text == ""
     assert run.of(Usage) == [] and run.of(Finish) == []
     assert isinstance(run.error, UpstreamProtocolError)
     message = str(run.error)
-    assert "tool_use_failed" in message and "invalid_request_error" in message
-    assert "get_something_by_name" not in message  # no raw provider text
-    assert "validation failed" not in run.error.safe_message
+    for text in c.error_includes:
+        assert text in message
+    for text in c.provider_texts:  # no raw provider text
+        assert text not in message
+        assert text not in run.error.safe_message
 
 
-async def test_crlf_line_endings_parse_the_same() -> None:
-    body = recording("openai-text-usage.sse").replace(b"\n", b"\r\n")
-    async with FakeUpstream() as fake:
-        fake.enqueue(FakeResponse.sse(body, delay=0, chunk_size=5))
-        async with adapter_for(fake) as adapter:
-            run = await run_adapter(adapter, request())
+@pytest.mark.parametrize("c", cases("openai-text"))
+async def test_crlf_line_endings_parse_the_same(c: StreamCase) -> None:
+    body = c.body().replace(b"\n", b"\r\n")
+    run, _ = await replay(body, delay=0, chunk_size=5)
     assert run.error is None
-    assert run.text.startswith("I'm unable to provide real-time weather updates.")
-    assert run.events[-2:] == [Usage("gpt-4o-2024-08-06", 14, 30), Finish("stop")]
+    assert run.text == c.text
+    assert_final(run, c)
 
 
 # --- the request ---------------------------------------------------------------------
@@ -219,7 +217,7 @@ async def test_request_body_history_image_and_headers() -> None:
         ),
     ]
     async with FakeUpstream() as fake:
-        fake.enqueue(FakeResponse.sse(recording("openai-text-usage.sse")))
+        fake.enqueue(FakeResponse.sse(TEXT.body()))
         async with adapter_for(fake, key="sk-test-key") as adapter:
             req = AdapterRequest("gpt-4o-mini", history, {"temperature": 0.2, "system": "be brief"})
             run = await run_adapter(adapter, req)
@@ -260,7 +258,7 @@ async def test_request_body_history_image_and_headers() -> None:
 
 async def test_no_authorization_header_without_key() -> None:
     async with FakeUpstream() as fake:
-        fake.enqueue(FakeResponse.sse(recording("openai-text-usage.sse")))
+        fake.enqueue(FakeResponse.sse(TEXT.body()))
         async with adapter_for(fake, key="") as adapter:
             run = await run_adapter(adapter, request())
     assert run.error is None
@@ -282,7 +280,7 @@ async def test_http_500_then_success_retries_once() -> None:
     async with FakeUpstream() as fake:
         fake.enqueue(
             FakeResponse.json(500, {"error": {"type": "server_error"}}),
-            FakeResponse.sse(recording("openai-text-usage.sse")),
+            FakeResponse.sse(TEXT.body()),
         )
         async with adapter_for(fake) as adapter:
             run = await run_adapter(adapter, request())
@@ -354,18 +352,18 @@ async def test_malformed_json() -> None:
 
 
 async def test_stream_cut_before_finish_is_an_error() -> None:
-    body = b"\n\n".join(recording("openai-text-usage.sse").split(b"\n\n")[:5]) + b"\n\n"
+    body = b"\n\n".join(TEXT.body().split(b"\n\n")[:5]) + b"\n\n"
     async with FakeUpstream() as fake:
         fake.enqueue(FakeResponse.sse(body))
         async with adapter_for(fake) as adapter:
             run = await run_adapter(adapter, request())
     assert isinstance(run.error, UpstreamProtocolError)
-    assert run.text == "I'm unable to provide"
+    assert run.text == "Tide pools form where"  # the role chunk and four words
     assert run.of(Finish) == []
 
 
 async def test_read_timeout() -> None:
-    body = b"\n\n".join(recording("openai-text-usage.sse").split(b"\n\n")[:3]) + b"\n\n"
+    body = b"\n\n".join(TEXT.body().split(b"\n\n")[:3]) + b"\n\n"
     async with FakeUpstream() as fake:
         fake.enqueue(FakeResponse.sse(body, hold_open=True))
         async with adapter_for(fake) as adapter:
@@ -373,7 +371,7 @@ async def test_read_timeout() -> None:
             run = await run_adapter(adapter, request())
     assert isinstance(run.error, UpstreamTimeout)
     assert isinstance(run.error.__cause__, httpx.TimeoutException)
-    assert run.text == "I'm unable"
+    assert run.text == "Tide pools"
 
 
 # --- closing ------------------------------------------------------------------------------
@@ -382,7 +380,7 @@ async def test_read_timeout() -> None:
 async def test_closing_the_generator_closes_the_upstream_connection() -> None:
     async with FakeUpstream() as fake:
         fake.enqueue(
-            FakeResponse.sse(recording("deepseek-reasoning-content-usage.sse"), delay=0.01,
+            FakeResponse.sse(DEEPSEEK.body(), delay=0.01,
                              hold_open=True)
         )
         async with adapter_for(fake) as adapter:
@@ -399,7 +397,7 @@ async def test_closing_the_generator_closes_the_upstream_connection() -> None:
 async def test_cancelling_the_consumer_closes_the_upstream_connection() -> None:
     async with FakeUpstream() as fake:
         fake.enqueue(
-            FakeResponse.sse(recording("deepseek-reasoning-content-usage.sse"), delay=0.01,
+            FakeResponse.sse(DEEPSEEK.body(), delay=0.01,
                              hold_open=True)
         )
         seen = 0
@@ -419,8 +417,8 @@ async def test_cancelling_the_consumer_closes_the_upstream_connection() -> None:
 async def test_adapter_reuses_one_client_and_aclose_closes_it() -> None:
     async with FakeUpstream() as fake:
         fake.enqueue(
-            FakeResponse.sse(recording("openai-tool-call-single.sse")),
-            FakeResponse.sse(recording("openai-tool-call-single.sse")),
+            FakeResponse.sse(fixture("openai-tool-call-single.sse")),
+            FakeResponse.sse(fixture("openai-tool-call-single.sse")),
         )
         adapter = adapter_for(fake)
         await run_adapter(adapter, request())
@@ -434,8 +432,8 @@ async def test_adapter_reuses_one_client_and_aclose_closes_it() -> None:
 async def test_concurrent_streams_on_one_adapter_do_not_mix() -> None:
     async with FakeUpstream() as fake:
         fake.enqueue(
-            FakeResponse.sse(recording("openai-tool-calls-parallel-fragmented.sse"), delay=0.003),
-            FakeResponse.sse(recording("deepseek-reasoning-content-usage.sse"), delay=0.001),
+            FakeResponse.sse(fixture("openai-tool-calls-parallel-fragmented.sse"), delay=0.003),
+            FakeResponse.sse(DEEPSEEK.body(), delay=0.001),
         )
         async with adapter_for(fake) as adapter:
             runs: list = [None, None]
@@ -450,7 +448,7 @@ async def test_concurrent_streams_on_one_adapter_do_not_mix() -> None:
     by_usage = {r.of(Usage)[0].model: r for r in runs}
     assert by_usage["gpt-4o-2024-08-06"].text == ""
     assert len(by_usage["gpt-4o-2024-08-06"].tool_calls) == 2
-    assert by_usage["deepseek-reasoner"].text == DEEPSEEK_TEXT
+    assert by_usage["deepseek-reasoner"].text == DEEPSEEK.text
     assert all(r.error is None for r in runs)
 
 

@@ -11,7 +11,15 @@ import pytest
 
 from llm_adapters._sse import SSEDecoder, SSEEvent, aiter_sse
 from llm_adapters.pricing import PriceTable
-from tests.upstream_fakes import RECORDINGS_DIR, split_events
+from tests.stream_corpus import FIXTURES, RECORDINGS
+from tests.upstream_fakes import (
+    FIXTURES_DIR,
+    RECORDINGS_DIR,
+    recording,
+    recordings_in_use,
+    recordings_present,
+    split_events,
+)
 from turngate.exceptions import UpstreamProtocolError
 
 
@@ -75,14 +83,32 @@ def test_oversized_event_is_a_protocol_error() -> None:
         decoder.feed(b"data: " + b"x" * 200)
 
 
-@pytest.mark.parametrize("path", sorted(RECORDINGS_DIR.glob("*.sse")), ids=lambda p: p.name)
-def test_every_recording_parses_the_same_whole_or_byte_by_byte(path: Path) -> None:
-    body = path.read_bytes()
+def stream_bodies() -> list[object]:
+    """Every project fixture; and every recording when they are in use (all the files
+    in the folder, or the known names when it is required but missing, so that those
+    fail)."""
+    params = [pytest.param(path, id=f"fixture:{path.name}")
+              for path in sorted(FIXTURES_DIR.glob("*.sse"))]
+    if recordings_in_use():
+        paths = (sorted(RECORDINGS_DIR.glob("*.sse")) if recordings_present()
+                 else [RECORDINGS_DIR / c.file for c in RECORDINGS])
+        params += [pytest.param(path, id=f"recording:{path.name}") for path in paths]
+    return params
+
+
+@pytest.mark.parametrize("path", stream_bodies())
+def test_every_stream_parses_the_same_whole_or_byte_by_byte(path: Path) -> None:
+    body = recording(path.name) if path.parent == RECORDINGS_DIR else path.read_bytes()
     whole = parse(body)
     assert whole, "at least one event"
     assert parse(*[body[i : i + 1] for i in range(len(body))]) == whole
     assert b"".join(split_events(body)) == body
     assert not any(e.data.startswith(":") for e in whole)
+
+
+def test_every_fixture_has_its_oracle() -> None:
+    """A stream file without expected results would be replayed by nothing."""
+    assert sorted(p.name for p in FIXTURES_DIR.glob("*.sse")) == sorted(c.file for c in FIXTURES)
 
 
 @pytest.mark.anyio

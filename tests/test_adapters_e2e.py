@@ -1,11 +1,12 @@
 """The real adapters end to end: browser -> gateway (real uvicorn) -> fake upstream.
 
-Every recorded provider stream in ``../shared/recordings`` is replayed byte for
+Every provider stream of ``tests/stream_corpus.py`` (the project's own fixtures,
+and the recordings in ``../shared/recordings`` when in use) is replayed byte for
 byte by a fake upstream on 127.0.0.1 while a real HTTP client talks to a real
 gateway, on both databases. For each one the UI stream must be valid, and what
 the gateway persisted (the assistant's parts and status, and its token_usage
-row) must match what the upstream sent. The expected values are the oracles of
-``shared/recordings/SOURCES.md``, not values computed by the adapters.
+row) must match what the upstream sent. The expected values are the corpus's
+oracles, not values computed by the adapters.
 
 Also: the upstream request is closed within 100 ms of the browser leaving; a
 third-party adapter from an entry point works through the gateway; the second
@@ -20,7 +21,6 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,9 @@ import pytest
 from gateway.accumulator import estimate_tokens
 from tests.fixtures_server import free_port, run_gateway
 from tests.sse_client import Stream, parse_sse, stream_request, validate_ui_stream
-from tests.upstream_fakes import FakeResponse, FakeUpstream, recording
+from tests.stream_corpus import StreamCase, cases, check_text
+from tests.stream_corpus import case as fixture_case
+from tests.upstream_fakes import FakeResponse, FakeUpstream
 from turngate.exceptions import UpstreamProtocolError, UpstreamStatusError
 
 pytestmark = pytest.mark.anyio
@@ -45,15 +47,19 @@ PRICES: dict[str, dict[str, float]] = {
     "gpt-4o": {"input": 2.5, "output": 10},
     "deepseek-reasoner": {"input": 0.55, "output": 2.19},
     "openai/gpt-oss-120b": {"input": 0.15, "output": 0.6},
+    "qwen/qwen3-32b": {"input": 0.29, "output": 0.59},
     "claude-sonnet-4": {"input": 3, "output": 15},
     "claude-haiku-4-5": {"input": 1, "output": 5},
     "echo2": {"input": 1, "output": 2},
 }
-# minimax/minimax-m2:free (OpenRouter) is deliberately not priced: unknown costs 0.
+# The OpenRouter free models of the corpus are deliberately not priced: unknown costs 0.
 
 
-def cost(model: str, prompt: int, completion: int) -> int:
-    """The oracle: micro-dollars, rounded half up, from the configured table."""
+def cost(model: str | None, prompt: int, completion: int) -> int:
+    """The oracle: micro-dollars, rounded half up, from the configured table (an
+    unpriced model, None, costs 0)."""
+    if model is None:
+        return 0
     price = PRICES[model]
     total = Decimal(str(price["input"])) * prompt + Decimal(str(price["output"])) * completion
     return int(total.quantize(Decimal(1), rounding=ROUND_HALF_UP))
@@ -68,6 +74,9 @@ def gateway_env(fake: FakeUpstream, **extra: str) -> dict[str, str]:
         "TURNGATE_PRICES": json.dumps(PRICES),
         **extra,
     }
+
+
+OPENAI_TEXT = fixture_case("openai-text")
 
 
 def turn(model: str, text: str = "Hello there, model", turn_id: str | None = None) -> dict:
@@ -96,132 +105,7 @@ async def wait_final(client: httpx.AsyncClient, thread_id: str, within: float = 
             await anyio.sleep(0.02)
 
 
-# --- the recordings --------------------------------------------------------------
-
-
-@dataclass
-class Case:
-    recording: str
-    model: str  # the turn's model string
-    parts: list[dict[str, Any]]  # expected persisted assistant parts (see check_parts)
-    status: str
-    finish: str  # finishReason of the stream's finish chunk
-    prompt: int | None  # None: the provider never reported usage (estimated)
-    completion: int | None
-    cost: int | None
-    usage_model: str = ""  # key expected in model_breakdown
-    error: type | None = None
-    #: text the upstream sent that must never reach the browser (error bodies)
-    secret_texts: list[str] = field(default_factory=list)
-
-
-def tool(call_id: str, name: str, args_text: str, **extra: Any) -> dict[str, Any]:
-    return {"type": "tool-call", "toolCallId": call_id, "toolName": name,
-            "argsText": args_text, "args": json.loads(args_text), **extra}
-
-
-OPENAI_TEXT = (
-    "I'm unable to provide real-time weather updates. To get the current weather in "
-    "San Francisco, I recommend checking a reliable weather website or a weather app."
-)
-THINKING_TEXT = (
-    '1. **Pouch** - references their iconic bill pouch\n2. **Pelé** - playful take on "pelican"'
-)
-
-CASES = {
-    "openai-text": Case(
-        "openai-text-usage.sse", "openai:gpt-4o",
-        [{"type": "text", "text": OPENAI_TEXT}],
-        "complete", "stop", 14, 30, cost("gpt-4o", 14, 30), "gpt-4o-2024-08-06",
-    ),
-    "openai-parallel-tools": Case(
-        "openai-tool-calls-parallel-fragmented.sse", "openai:gpt-4o",
-        [
-            tool("call_JMW1whyEaYG438VE1OIflxA2", "GetWeatherArgs",
-                 '{"city": "Edinburgh", "country": "GB", "units": "c"}'),
-            tool("call_DNYTawLBoN8fj3KN6qU9N1Ou", "get_stock_price",
-                 '{"ticker": "AAPL", "exchange": "NASDAQ"}'),
-        ],
-        # 149 * 2.5 + 60 * 10 = 972.5 -> 973 (half up)
-        "complete", "tool-calls", 149, 60, 973, "gpt-4o-2024-08-06",
-    ),
-    "openai-single-tool": Case(
-        "openai-tool-call-single.sse", "openai:gpt-4o",
-        [tool("call_CTf1nWJLqSeRgDqaCG27xZ74", "get_weather",
-              '{"city":"San Francisco","state":"CA"}')],
-        "complete", "tool-calls", 48, 19, cost("gpt-4o", 48, 19), "gpt-4o-2024-08-06",
-    ),
-    "deepseek-reasoning": Case(
-        "deepseek-reasoning-content-usage.sse", "openai:deepseek-reasoner",
-        [{"type": "reasoning",
-          "text": ("Hmm, the user just said \"Hello\". It's a simple greeting", 882)},
-         {"type": "text", "text": "Hello there! 😊 How can I help you today?"}],
-        # 6 * 0.55 + 212 * 2.19 = 467.58 -> 468
-        "complete", "stop", 6, 212, 468, "deepseek-reasoner",
-    ),
-    "openrouter-error-chunk": Case(
-        "openrouter-reasoning-error-midstream.sse", "openai:minimax/minimax-m2:free",
-        [{"type": "reasoning", "text": "We need to respond to a greeting. The user"}],
-        "error", "error", 43, 10, 0, "minimax/minimax-m2:free",
-        error=UpstreamProtocolError, secret_texts=["Token limit reached"],
-    ),
-    "groq-error-event": Case(
-        "groq-reasoning-error-event-midstream.sse", "openai:openai/gpt-oss-120b",
-        [{"type": "reasoning",
-          "text": ("We need to call the tool with invalid parameters first", None)}],
-        "error", "error", None, None, None, "openai/gpt-oss-120b",
-        error=UpstreamProtocolError,
-        secret_texts=["Tool call validation failed", "tool_use_failed", "failed_generation"],
-    ),
-    "anthropic-text": Case(
-        "anthropic-text-usage.sse", "anthropic:claude-sonnet-4-5",
-        [{"type": "text", "text": "- Captain\n- Scoop"}],
-        "complete", "stop", 17, 10, cost("claude-sonnet-4", 17, 10),
-        "claude-sonnet-4-5-20250929",
-    ),
-    "anthropic-tool-use": Case(
-        "anthropic-tool-use-input-json-delta.sse", "anthropic:claude-sonnet-4-0",
-        [{"type": "text", "text": "I'll check the current weather in Paris for you."},
-         tool("toolu_01NRLabsLyVHZPKxbKvkfSMn", "get_weather", '{"location": "Paris"}')],
-        "complete", "tool-calls", 377, 65, cost("claude-sonnet-4", 377, 65),
-        "claude-sonnet-4-20250514",
-    ),
-    "anthropic-thinking": Case(
-        "anthropic-thinking-signature.sse", "anthropic:claude-haiku-4-5",
-        [{"type": "reasoning",
-          "text": ("The user wants two names for a pet pelican, and they want me to be brief.",
-                   None, "Let me give two brief, catchy names:")},
-         {"type": "text", "text": THINKING_TEXT}],
-        "complete", "stop", 46, 133, cost("claude-haiku-4-5", 46, 133),
-        "claude-haiku-4-5-20251001",
-    ),
-    "anthropic-server-tool": Case(
-        "anthropic-server-tool-then-tool-use.sse", "anthropic:claude-sonnet-4-6",
-        [{"type": "text",
-          "text": "Let me search for a tool that can provide current exchange rate information."},
-         tool("srvtoolu_01S5swZdBmTzLDVzwcT5LbHp", "tool_search_tool_bm25",
-              '{"query": "USD EUR exchange rate currency conversion"}', result=...),
-         {"type": "text", "text": "I found the right tool! Let me fetch the current USD to EUR "
-                                  "exchange rate for you."},
-         tool("toolu_01EFn5wTNBYA8Reni8rbmnHT", "get_exchange_rate",
-              '{"from_currency": "USD", "to_currency": "EUR"}')],
-        # message_delta's input_tokens (1591) supersede message_start's (702)
-        "complete", "tool-calls", 1591, 175, cost("claude-sonnet-4", 1591, 175),
-        "claude-sonnet-4-6",
-    ),
-}
-
-
-def check_text(actual: str, expected: Any) -> None:
-    if isinstance(expected, str):
-        assert actual == expected
-        return
-    start, length, *end = expected
-    assert actual.startswith(start), actual[:120]
-    if length is not None:
-        assert len(actual) == length, len(actual)
-    if end:
-        assert actual.rstrip().endswith(end[0]), actual[-120:]
+# --- every stream of the corpus ------------------------------------------------------
 
 
 def check_parts(actual: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
@@ -239,16 +123,10 @@ def check_parts(actual: list[dict[str, Any]], expected: list[dict[str, Any]]) ->
             assert "result" not in got, got
 
 
-def check_stream_matches(stream: Stream, case: Case) -> None:
+def check_stream_matches(stream: Stream, case: StreamCase) -> None:
     """The streamed chunks carry the same content as the expected parts."""
-    texts = [p["text"] for p in case.parts if p["type"] == "text"]
-    reasonings = [p["text"] for p in case.parts if p["type"] == "reasoning"]
-    if all(isinstance(t, str) for t in texts):
-        assert stream.text == "".join(texts)
-    if len(reasonings) == 1:
-        check_text(stream.reasoning, reasonings[0])
-    else:
-        assert stream.reasoning == ""
+    check_text(stream.text, case.text)
+    check_text(stream.reasoning, case.reasoning)
     calls = [p for p in case.parts if p["type"] == "tool-call"]
     available = stream.of_type("tool-input-available")
     assert [(c["toolCallId"], c["toolName"], c["input"]) for c in available] == [
@@ -263,15 +141,14 @@ def check_stream_matches(stream: Stream, case: Case) -> None:
     assert [c["toolCallId"] for c in stream.of_type("tool-output-available")] == results
 
 
-@pytest.mark.parametrize("name", list(CASES))
-async def test_recording_through_the_gateway(
-    database_url: str, name: str, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("case", cases())
+async def test_stream_through_the_gateway(
+    database_url: str, case: StreamCase, caplog: pytest.LogCaptureFixture
 ) -> None:
-    case = CASES[name]
     caplog.set_level(logging.DEBUG)
     body = turn(case.model, "Hello there, model")
     async with FakeUpstream() as fake:
-        fake.enqueue(FakeResponse.sse(recording(case.recording), delay=0.001))
+        fake.enqueue(FakeResponse.sse(case.body(), delay=0.001))
         async with run_gateway(database_url, **gateway_env(fake)) as gw, gw.client() as client:
             thread = await gw.new_thread(client)
             s = await stream_request(client, "POST", f"/v1/threads/{thread}/turns", json=body)
@@ -294,31 +171,30 @@ async def test_recording_through_the_gateway(
     assert req.json["messages"][-1]["content"] == body["text"]
 
     # what was persisted
-    assert assistant["status"] == case.status
+    assert assistant["status"] == ("error" if case.finish == "error" else "complete")
     assert assistant["turn_id"] == body["turn_id"]
     assert s.chunks[0]["messageId"] == str(assistant["id"])
-    check_parts(assistant["content"], case.parts)
+    check_parts(assistant["content"], list(case.parts))
     assert len(rows) == 1
     row = rows[0]
     assert row["message_id"] == assistant["id"]
-    if case.prompt is None:  # never reported: estimated from the characters
+    if case.usage is None:  # never reported: estimated from the characters
         prompt = estimate_tokens(len(body["text"]))
         completion = estimate_tokens(
             sum(len(p.get("text", "")) + len(p.get("argsText", "")) for p in assistant["content"])
         )
         assert row["estimated"] is True
-        assert row["cost_micros"] == cost(case.usage_model, prompt, completion)
     else:
-        prompt, completion = case.prompt, case.completion
+        prompt, completion = case.usage
         assert row["estimated"] is False
-        assert row["cost_micros"] == case.cost
+    assert row["cost_micros"] == cost(case.price, prompt, completion)
     assert (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"]) == (
         prompt, completion, prompt + completion
     )
     # reported usage is booked under the provider's model name, an estimate under the
     # turn's model string
     assert list(row["model_breakdown"]) == [
-        case.model if case.prompt is None else case.usage_model
+        case.model if case.usage is None else case.usage_model
     ]
 
     # what the browser was told
@@ -329,15 +205,16 @@ async def test_recording_through_the_gateway(
         "costMicros": row["cost_micros"], "estimated": row["estimated"],
     }
     errors = s.of_type("error")
-    if case.error is None:
-        assert errors == []
+    if case.finish == "error":
+        assert [e["errorText"] for e in errors] == [UpstreamProtocolError.safe_message]
     else:
-        assert [e["errorText"] for e in errors] == [case.error.safe_message]
+        assert errors == []
     raw = json.dumps([e.data for e in s.events]) + json.dumps(assistant) + json.dumps(rows)
-    for secret in [OPENAI_KEY, ANTHROPIC_KEY, *case.secret_texts]:
+    # neither the keys nor the provider's error text, nor even its error type and code
+    for secret in [OPENAI_KEY, ANTHROPIC_KEY, *case.provider_texts, *case.error_includes]:
         assert secret not in raw
         assert secret not in caplog.text
-    if name == "openrouter-error-chunk":  # an unpriced model costs 0 and says so once
+    if case.price is None:  # an unpriced model costs 0 and says so once
         warnings = [r for r in caplog.records if "price_unknown" in r.getMessage()]
         assert len(warnings) == 1
 
@@ -346,16 +223,16 @@ async def test_recording_through_the_gateway(
 
 
 @pytest.mark.parametrize(
-    ("model", "name", "k"),
-    [("openai:deepseek-reasoner", "deepseek-reasoning-content-usage.sse", 8),
-     ("anthropic:claude-haiku-4-5", "anthropic-thinking-signature.sse", 5)],
+    ("scenario", "k"), [("deepseek-reasoning", 8), ("anthropic-thinking", 5)]
 )
 async def test_browser_disconnect_closes_upstream_within_100ms(
-    database_url: str, model: str, name: str, k: int
+    database_url: str, scenario: str, k: int
 ) -> None:
+    streamed_case = fixture_case(scenario)
+    model = streamed_case.model
     async with FakeUpstream() as fake:
         # slow, and held open at the end: the generation is still running when we leave
-        fake.enqueue(FakeResponse.sse(recording(name), delay=0.05, hold_open=True))
+        fake.enqueue(FakeResponse.sse(streamed_case.body(), delay=0.05, hold_open=True))
         async with run_gateway(database_url, **gateway_env(fake)) as gw, gw.client() as client:
             thread = await gw.new_thread(client)
             url = f"/v1/threads/{thread}/turns"
@@ -382,7 +259,8 @@ async def test_browser_disconnect_closes_upstream_within_100ms(
     assert rows[0]["completion_tokens"] == estimate_tokens(len(stored))
     if model.startswith("anthropic"):
         # ... but the input tokens Anthropic reported when its stream opened are real.
-        assert rows[0]["prompt_tokens"] == 46
+        assert streamed_case.first_usage is not None
+        assert rows[0]["prompt_tokens"] == streamed_case.first_usage[0]
 
 
 # --- third-party adapter -----------------------------------------------------------
@@ -415,17 +293,14 @@ async def test_entry_point_adapter_end_to_end(database_url: str, tmp_path: Path)
 
 
 @pytest.mark.parametrize(
-    ("model", "first", "second", "first_text"),
-    [("openai:gpt-4o", "openai-text-usage.sse", "openai-tool-call-single.sse", OPENAI_TEXT),
-     ("anthropic:claude-sonnet-4-5", "anthropic-text-usage.sse",
-      "anthropic-tool-use-input-json-delta.sse", "- Captain\n- Scoop")],
+    ("first", "second"),
+    [("openai-text", "openai-single-tool"), ("anthropic-text", "anthropic-tool-use")],
 )
-async def test_second_turn_sends_the_first_turn(
-    database_url: str, model: str, first: str, second: str, first_text: str
-) -> None:
+async def test_second_turn_sends_the_first_turn(database_url: str, first: str, second: str) -> None:
+    model, first_text = fixture_case(first).model, fixture_case(first).text
     async with FakeUpstream() as fake:
-        fake.enqueue(FakeResponse.sse(recording(first), delay=0.001),
-                     FakeResponse.sse(recording(second), delay=0.001))
+        fake.enqueue(FakeResponse.sse(fixture_case(first).body(), delay=0.001),
+                     FakeResponse.sse(fixture_case(second).body(), delay=0.001))
         async with run_gateway(database_url, **gateway_env(fake)) as gw, gw.client() as client:
             thread = await gw.new_thread(client)
             url = f"/v1/threads/{thread}/turns"
@@ -506,7 +381,7 @@ async def test_one_retry_on_429_before_anything_streamed(database_url: str) -> N
         fake.enqueue(
             FakeResponse.json(429, {"error": {"type": "rate_limit_exceeded"}},
                               headers={"retry-after": "0"}),
-            FakeResponse.sse(recording("openai-text-usage.sse"), delay=0.001),
+            FakeResponse.sse(OPENAI_TEXT.body(), delay=0.001),
         )
         async with run_gateway(database_url, **gateway_env(fake)) as gw, gw.client() as client:
             thread = await gw.new_thread(client)
@@ -515,7 +390,7 @@ async def test_one_retry_on_429_before_anything_streamed(database_url: str) -> N
             validate_ui_stream(s)
             assistant = await wait_final(client, thread)
     assert len(fake.requests) == 2
-    assert s.text == OPENAI_TEXT and s.of_type("error") == []
+    assert s.text == OPENAI_TEXT.text and s.of_type("error") == []
     assert assistant["status"] == "complete"
 
 
@@ -539,11 +414,12 @@ async def test_history_after_tool_turn_keeps_text_parts_apart(database_url: str)
     """An assistant turn with text, tool calls and more text is sent back as its text
     parts separated by a blank line (not glued into one run-on sentence); the
     calls are not sent (no tool results to pair them with in the Messages API)."""
-    model = "anthropic:claude-sonnet-4-6"
+    tools = fixture_case("anthropic-server-tool")
+    model = tools.model
     async with FakeUpstream() as fake:
         fake.enqueue(
-            FakeResponse.sse(recording("anthropic-server-tool-then-tool-use.sse"), delay=0.001),
-            FakeResponse.sse(recording("anthropic-text-usage.sse"), delay=0.001),
+            FakeResponse.sse(tools.body(), delay=0.001),
+            FakeResponse.sse(fixture_case("anthropic-text").body(), delay=0.001),
         )
         async with run_gateway(database_url, **gateway_env(fake)) as gw, gw.client() as client:
             thread = await gw.new_thread(client)
@@ -555,9 +431,8 @@ async def test_history_after_tool_turn_keeps_text_parts_apart(database_url: str)
     assert fake.requests[1].json["messages"] == [
         {"role": "user", "content": "USD?"},
         {"role": "assistant", "content":
-            "Let me search for a tool that can provide current exchange rate information."
-            "\n\nI found the right tool! Let me fetch the current USD to EUR exchange rate "
-            "for you."},
+            "I'll search for today's ferry timetable first."
+            "\n\nFound it. Now I'll ask the booking tool for seats."},
         {"role": "user", "content": "Ok"},
     ]
 
@@ -568,9 +443,9 @@ PIXEL = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAA
 
 @pytest.mark.parametrize("model", ["openai:gpt-4o", "anthropic:claude-sonnet-4-5"])
 async def test_user_images_reach_the_upstream(database_url: str, model: str) -> None:
-    name = "openai-text-usage.sse" if model.startswith("openai") else "anthropic-text-usage.sse"
+    scenario = "openai-text" if model.startswith("openai") else "anthropic-text"
     async with FakeUpstream() as fake:
-        fake.enqueue(FakeResponse.sse(recording(name), delay=0.001))
+        fake.enqueue(FakeResponse.sse(fixture_case(scenario).body(), delay=0.001))
         async with run_gateway(database_url, **gateway_env(fake)) as gw, gw.client() as client:
             thread = await gw.new_thread(client)
             body = {**turn(model, "What is this?"), "images": [PIXEL]}
@@ -647,8 +522,8 @@ async def test_disconnect_during_the_retry_wait_sends_no_second_request(
 
 
 async def test_upstream_cut_mid_stream_keeps_the_partial_reply(database_url: str) -> None:
-    body = recording("openai-text-usage.sse")
-    cut = body[: body.index(b"\" weather\"")]  # ends inside an event: no usage, no [DONE]
+    body = OPENAI_TEXT.body()
+    cut = body[: body.index(b'" sea"')]  # ends inside an event: no usage, no [DONE]
     async with FakeUpstream() as fake:
         fake.enqueue(FakeResponse.sse(cut, delay=0.001))
         async with run_gateway(database_url, **gateway_env(fake)) as gw, gw.client() as client:
@@ -660,6 +535,6 @@ async def test_upstream_cut_mid_stream_keeps_the_partial_reply(database_url: str
             rows = await usage_rows(client, thread)
     assert [e["errorText"] for e in s.of_type("error")] == [UpstreamProtocolError.safe_message]
     assert assistant["status"] == "error"
-    assert s.text and OPENAI_TEXT.startswith(s.text)
+    assert s.text and str(OPENAI_TEXT.text).startswith(s.text)
     assert assistant["content"] == [{"type": "text", "text": s.text}]
     assert rows[0]["estimated"] is True

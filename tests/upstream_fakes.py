@@ -7,10 +7,10 @@ notices at once when its client goes away.
 
 Usage (asyncio backend, e.g. under ``@pytest.mark.anyio``)::
 
-    from tests.upstream_fakes import FakeResponse, FakeUpstream, recording
+    from tests.upstream_fakes import FakeResponse, FakeUpstream, fixture
 
     async with FakeUpstream() as fake:
-        fake.enqueue(FakeResponse.sse(recording("openai-text-usage.sse"), delay=0.005))
+        fake.enqueue(FakeResponse.sse(fixture("openai-text-usage.sse"), delay=0.005))
         env = {"OPENAI_BASE_URL": fake.url + "/v1", "OPENAI_API_KEY": "k"}
         ...                                   # run the adapter / the gateway against it
         req = fake.requests[0]                # every request, in arrival order
@@ -27,17 +27,24 @@ can also be an error status with a JSON body (``FakeResponse.json(401, {...})``)
 arbitrary bytes, split into tiny chunks (``chunk_size``), or held open after the
 last byte (``hold_open=True``, a stream that never ends, for disconnect tests).
 
-Replay is byte for byte: the recorded file is cut after each blank line
+Replay is byte for byte: the body is cut after each blank line
 (``\\n\\n`` / ``\\r\\n\\r\\n``) and, optionally, into pieces of ``chunk_size``
-bytes; each piece is one HTTP chunk; the pieces concatenate to the file exactly.
-Recordings are read from ``<repo>/../shared/recordings`` (never copied into
-the repository).
+bytes; each piece is one HTTP chunk; the pieces concatenate to the body exactly.
+
+Bodies come from two places (``tests/stream_corpus.py`` holds what each must
+produce): :func:`fixture`, the project's own streams in
+``tests/fixtures/streams/``, always there; and :func:`recording`, real captured
+streams in ``<repo>/../shared/recordings`` (outside the repository, never copied
+into it; ``TURNGATE_TEST_RECORDINGS_DIR`` points elsewhere). The recordings are
+an extra corpus: used when the folder is there, required under ``CI=true``
+unless ``TURNGATE_TEST_RECORDINGS=optional`` (see :func:`recordings_in_use`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
 from collections import deque
@@ -45,12 +52,55 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-RECORDINGS_DIR = Path(__file__).resolve().parents[2] / "shared" / "recordings"
+FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures" / "streams"
+RECORDINGS_DIR = Path(
+    os.environ.get("TURNGATE_TEST_RECORDINGS_DIR")
+    or Path(__file__).resolve().parents[2] / "shared" / "recordings"
+)
+
+
+def fixture(name: str) -> bytes:
+    """The exact bytes of one of the project's own stream bodies (``tests/fixtures/streams``)."""
+    return (FIXTURES_DIR / name).read_bytes()
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def recordings_present() -> bool:
+    return RECORDINGS_DIR.is_dir()
+
+
+def recordings_required() -> bool:
+    """Under ``CI=true`` the recordings must be there, unless
+    ``TURNGATE_TEST_RECORDINGS=optional`` (CI's run from a bare copy of the repository)."""
+    mode = os.environ.get("TURNGATE_TEST_RECORDINGS", "").strip().lower()
+    if mode not in ("", "required", "optional"):
+        raise ValueError(f"TURNGATE_TEST_RECORDINGS={mode!r}: use 'required' or 'optional'")
+    if mode:
+        return mode == "required"
+    return _truthy("CI")
+
+
+def recordings_in_use() -> bool:
+    """Whether tests are generated for the recordings: when the folder is there, and
+    when it is required (then a missing folder fails those tests instead of dropping them)."""
+    return recordings_present() or recordings_required()
 
 
 def recording(name: str) -> bytes:
-    """The exact bytes of a recorded upstream body from ``shared/recordings``."""
-    return (RECORDINGS_DIR / name).read_bytes()
+    """The exact bytes of a recorded upstream body from ``../shared/recordings``."""
+    try:
+        return (RECORDINGS_DIR / name).read_bytes()
+    except FileNotFoundError:
+        if recordings_present():
+            raise
+        raise FileNotFoundError(
+            f"{RECORDINGS_DIR} is missing: the recorded streams are required here "
+            "(CI=true or TURNGATE_TEST_RECORDINGS=required); set "
+            "TURNGATE_TEST_RECORDINGS=optional to run on the project's own fixtures only"
+        ) from None
 
 
 def split_events(body: bytes) -> list[bytes]:
@@ -371,12 +421,17 @@ async def run_adapter(adapter: Any, request: Any) -> AdapterRun:
 
 
 __all__ = [
+    "FIXTURES_DIR",
     "RECORDINGS_DIR",
     "AdapterRun",
     "run_adapter",
     "FakeResponse",
     "FakeUpstream",
     "RecordedRequest",
+    "fixture",
     "recording",
+    "recordings_in_use",
+    "recordings_present",
+    "recordings_required",
     "split_events",
 ]
