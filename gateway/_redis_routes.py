@@ -49,7 +49,7 @@ async def _counted(
 ) -> AsyncIterator[bytes]:
     """Follow ``body``; while the turn is live this reader keeps it alive, as a local one does."""
     ctx.metrics.active_streams.inc()
-    counted = live and ctx.shared is not None and ctx.settings.on_disconnect == "cancel"
+    counted = live and ctx.shared is not None and ctx.settings.on_disconnect != "continue"
     if counted:
         assert ctx.shared is not None
         await ctx.shared.reader_joined(thread_id, turn_id)

@@ -161,8 +161,10 @@ class RedisRelay:
             return
         if live is None or live.owner_id != owner:
             return
-        if request.get("if_unread") and live.subscribers > 0:
-            return  # the last remote reader left, but a reader here still follows it
+        if request.get("if_unread"):
+            # The last reader on other replicas left: the disconnect policy decides.
+            live.unread_elsewhere()
+            return
         if live.cancel("cancelled"):
             logger.info("turn_cancel_remote turn_id=%s", live.turn_id,
                         extra={"event": "turn_cancel_remote", "turn_id": live.turn_id})

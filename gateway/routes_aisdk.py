@@ -9,9 +9,14 @@
   the history itself, so earlier messages in the body are ignored. The reply
   is the turn stream of ``POST /v1/threads/{id}/turns``, byte for byte.
 - ``GET /api/chat/{id}/stream``: the ``useChat({resume: true})`` endpoint. 204
-  when no turn is generating on that thread in this process; else the turn's
+  when no turn is generating on that thread in this process (also for an unknown
+  or foreign chat id); else the turn's
   stream replayed from its first chunk and then followed live (the SDK's
   default ``resumeStreamIsReplay``).
+
+Errors on these routes are a plain-text sentence, because ``useChat`` shows the
+response body as the error message; the code is in ``x-turngate-error-code``
+(``gateway.errors``).
 """
 
 from __future__ import annotations
@@ -118,7 +123,9 @@ async def chat_stream(request: Request) -> Response:
     thread_id = check_thread_path_id(request.path_params["chat_id"], ctx.settings)
     user_id = await authenticate(request, ctx.store)
     if await ctx.store.get_thread(thread_id, user_id) is None:
-        raise not_found()
+        # useChat({resume: true}) asks on mount, also for a chat not started yet: 204
+        # is "nothing to resume", the same answer for someone else's chat (no leak).
+        return Response(status_code=204)
     live = ctx.relay.running_on_thread(thread_id)
     if live is None or live.owner_id != user_id:
         return Response(status_code=204)

@@ -181,6 +181,7 @@ async def run_turn(
         if (
             running is not None and running.owner_id == user_id
             and running.turn_id != body.turn_id
+            and not await ctx.runner.supersede(running)
         ):
             raise ApiError(
                 409, "thread_busy", "another turn is streaming on this thread",

@@ -171,16 +171,26 @@ async def test_routes_errors_and_ownership(database_url: str) -> None:
         async with httpx.AsyncClient(base_url=gw.url, headers=gw.auth(other_key)) as other:
             r = await other.post("/api/chat", json=body)
             assert r.status_code == 404, r.text
+            # Someone else's chat: the same answer as an unknown one (nothing to resume).
             r = await other.get(f"/api/chat/{chat_id}/stream")
-            assert r.status_code == 404
+            assert r.status_code == 204 and r.content == b""
             r = await other.get(f"/v1/threads/{chat_id}/messages", params={"format": "ui"})
             assert r.status_code == 404
         assert len(await _rows(gw, chat_id)) == 4
 
         r = await client.post("/api/chat", json={"id": chat_id, "messages": []})
-        assert r.status_code == 400 and r.json()["error"]["code"] == "missing_messages"
+        # useChat shows the body as the error message: a sentence, the code in a header.
+        assert r.status_code == 400 and r.headers["x-turngate-error-code"] == "missing_messages"
+        assert r.headers["content-type"].startswith("text/plain")
+        assert r.text == (
+            'Messages must be a non-empty array of UI messages (or send "message").')
         r = await client.post("/api/chat", json={"messages": body["messages"]})
         assert r.status_code == 400
         async with httpx.AsyncClient(base_url=gw.url) as anonymous:
             r = await anonymous.post("/api/chat", json=body)
-        assert r.status_code == 401
+        assert r.status_code == 401 and r.headers["x-turngate-error-code"] == "unauthorized"
+        assert r.text[0].isupper() and r.text.endswith(".") and "{" not in r.text
+        # An unknown chat id on the resume endpoint (useChat({resume: true}) on a new
+        # chat's mount): 204, and nothing is written.
+        r = await client.get(f"/api/chat/chat-{uuid.uuid4().hex[:12]}/stream")
+        assert r.status_code == 204 and r.content == b""
