@@ -91,11 +91,21 @@ async def list_threads(request: Request) -> Response:
 
 
 async def list_messages(request: Request) -> Response:
-    """``GET /v1/threads/{id}/messages``: the thread's messages in order."""
+    """``GET /v1/threads/{id}/messages``: the thread's messages in order.
+
+    Regenerated-away replies (``superseded``) only with ``?include=superseded``.
+    """
     ctx = context(request)
     thread_id = check_thread_path_id(request.path_params["thread_id"], ctx.settings)
     user_id = await authenticate(request, ctx.store)
-    rows = await ctx.store.list_messages(thread_id, user_id)
+    include = request.query_params.get("include", "")
+    if include not in ("", "superseded"):
+        raise ApiError(
+            400, "invalid_include", f"include {include[:20]!r} must be \"superseded\" or absent"
+        )
+    rows = await ctx.store.list_messages(
+        thread_id, user_id, include_superseded=include == "superseded"
+    )
     if rows is None:
         raise not_found()
     fmt = request.query_params.get("format", "native")

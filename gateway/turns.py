@@ -384,7 +384,7 @@ def history_messages(rows: list[Any], turn_id: str) -> list[ChatMessage]:
     for row in rows:
         if row.turn_id == turn_id:
             continue
-        if row.role not in ("user", "assistant") or row.status == "streaming":
+        if row.role not in ("user", "assistant") or row.status in ("streaming", "superseded"):
             continue
         parts = [p for p in row.content if isinstance(p, dict) and p.get("type") != "status"]
         if parts:

@@ -196,6 +196,21 @@ class _StoreBase:
                 raise
             await conn.execute("COMMIT")
 
+    @asynccontextmanager
+    async def _transaction(self, conn: Conn) -> AsyncIterator[Conn]:
+        """``conn`` inside one transaction (SQLite: ``_sqlite_writer``); only inside ``_run``."""
+        if not self._is_pg:
+            async with self._sqlite_writer(conn):
+                yield conn
+            return
+        await conn.execute("BEGIN")
+        try:
+            yield conn
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+        await conn.execute("COMMIT")
+
     def _ts_param(self, value: str) -> Any:
         """A timestamp string as the driver wants it (asyncpg needs a datetime)."""
         return _parse_iso(value) if self._is_pg else value
