@@ -136,12 +136,13 @@ async def test_disconnect_cancels_and_finalizes(
         produced = t.deltas_sent
         await anyio.sleep(0.2)
         assert TRACES[trace].deltas_sent == produced, "the adapter kept producing"
-        # The row holds exactly what was generated: a prefix of the scripted reply.
+        # The row holds what the reader was sent: a prefix of the scripted reply, at
+        # least what the client read, at most what was generated.
         text = "".join(p["text"] for p in assistant["content"] if p["type"] == "text")
         full = "".join(f"w{i} " for i in range(1, 401))
         assert full.startswith(text)
         assert text.startswith(s.text)
-        assert len(text.split()) == t.text_deltas_sent
+        assert len(text.split()) <= t.text_deltas_sent
         rows = await _usage(client, thread)
         assert len(rows) == 1 and rows[0]["estimated"] is True
         assert rows[0]["message_id"] == assistant["id"]
