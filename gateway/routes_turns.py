@@ -17,6 +17,7 @@ from gateway.limits import check_rate, check_stream_quota, release_stream, reser
 from gateway.relay import LiveTurn
 from gateway.streaming import follow_live, from_list, replay_chunks, sse_response
 from gateway.turns import history_messages
+from gateway.ui_messages import usage_metadata
 from gateway.validation import (
     TurnRequest,
     check_id,
@@ -78,13 +79,7 @@ async def _stored_usage(
         user_id, thread_id=thread_id, message_id=message_id, limit=1
     )
     for row in rows:
-        return {
-            "inputTokens": row.prompt_tokens,
-            "outputTokens": row.completion_tokens,
-            "totalTokens": row.total_tokens,
-            "costMicros": row.cost_micros,
-            "estimated": row.estimated,
-        }
+        return usage_metadata(row)
     return {"inputTokens": 0, "outputTokens": 0, "totalTokens": 0, "costMicros": 0,
             "estimated": True}
 

@@ -70,6 +70,17 @@ async def test_normal_reply(database_url: str) -> None:
         assert [u.message_id for u in usage_rows] == [rows[1].id]
         assert usage_rows[0].total_tokens == usage["totalTokens"]
 
+        # What a reload renders (?format=ui) is what the live stream built: the same
+        # ids and parts (part ids included), and every metadata key the stream set.
+        async with gw.client() as client:
+            r = await client.get(f"/v1/threads/{chat_id}/messages", params={"format": "ui"})
+        stored = r.json()["messages"]
+        assert [m["id"] for m in stored] == [m["id"] for m in out["messages"]]
+        for live, kept in zip(out["messages"], stored, strict=True):
+            assert kept["parts"] == live["parts"]
+            for key, value in (live.get("metadata") or {}).items():
+                assert kept["metadata"][key] == value, key
+
 
 async def test_stop_mid_stream_is_stored_cancelled(database_url: str) -> None:
     # The default policy (grace), with a short grace: nobody comes back, so it ends.
