@@ -284,8 +284,14 @@ class SharedRelay(Protocol):
     ) -> AsyncIterator[bytes] | None:
         """The turn's chunks after SSE id ``after``, then live; None if not relayed."""
 
-    async def request_cancel(self, thread_id: str, turn_id: str, owner_id: int) -> None:
-        """Ask whichever replica generates the turn to cancel it."""
+    async def request_cancel(
+        self, thread_id: str, turn_id: str, owner_id: int, *, supersede: bool = False
+    ) -> None:
+        """Ask whichever replica generates the turn to cancel it.
+
+        ``supersede``: only if every reader it had there has left (a new turn of its
+        thread wants the thread).
+        """
 
     async def reader_joined(self, thread_id: str, turn_id: str) -> None:
         """A reader on this replica follows a turn generated elsewhere."""

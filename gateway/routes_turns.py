@@ -8,7 +8,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway._redis_routes import attach_shared, cancel_shared, check_relay
+from gateway._redis_routes import attach_shared, cancel_shared, check_relay, supersede_shared
 from gateway.auth import CachedKey, authenticate, authenticate_key, cached_key, forget_key
 from gateway.auth import unauthorized as _unauthorized
 from gateway.context import AppContext, context
@@ -236,6 +236,19 @@ async def _open_and_start(
     if opened.status == "thread_not_found":
         raise not_found()
     own_turn_busy = opened.status == "busy" and opened.busy_turn_id == body.turn_id
+    if (
+        opened.status == "busy" and not own_turn_busy and opened.busy_turn_id is not None
+        and await supersede_shared(ctx, thread_id, opened.busy_turn_id, user_id)
+    ):
+        # Another replica's turn nobody reads any more ended for this one: open again.
+        opened = await ctx.store.open_turn(
+            thread_id, user_id, body.turn_id, content,
+            lease_owner=ctx.instance_id, lease_seconds=ctx.settings.lease_seconds,
+            with_history=True, history_limit=ctx.settings.history_messages,
+        )
+        if opened.status == "unavailable":
+            raise _unavailable()
+        own_turn_busy = opened.status == "busy" and opened.busy_turn_id == body.turn_id
     if opened.status == "busy" and not own_turn_busy:
         raise ApiError(
             409, "thread_busy", "another turn is streaming on this thread",
