@@ -307,15 +307,20 @@ async def regenerate(
     """Answer the turn's user message again; the reply it had becomes ``superseded``.
 
     ``replaces``: the reply the client saw. A regenerate sent twice makes one new
-    reply: the second finds it (replaces no longer current, or it streams) and
-    attaches to it. A reply still streaming with nobody reading is stopped first
-    (what its reader was sent stays in the superseded row); one with a reader is 409.
+    reply: the second finds it (replaces no longer current, or it streams with a
+    reader) and attaches to it. A reply still streaming with nobody reading (a
+    Stop, then Regenerate) is stopped first (what its reader was sent stays in the
+    superseded row); one that names it and has a reader is 409.
     """
     model_string = model or ctx.settings.default_model
     adapter, model_name = _resolve_adapter(ctx, model_string)
     live = ctx.relay.running_on_thread(thread_id)
     if live is not None and live.owner_id == user_id and live.turn_id == turn_id:
-        if replaces is None or replaces != live.message_id:
+        if replaces is not None and replaces != live.message_id:
+            # The reply the client saw was replaced already: a double click.
+            return sse_response(ctx, follow_live(ctx, live))
+        if replaces is None and not live.abandoned:
+            # Someone reads it (a double click without an id): attach, do not restart.
             return sse_response(ctx, follow_live(ctx, live))
         if not await ctx.runner.supersede(live):
             raise ApiError(

@@ -440,9 +440,6 @@ async def test_regenerate_reply_after_stop(driver: Driver, database_url: str) ->
     await _stop_then_regenerate(driver, database_url, "#messages .msg.assistant:last-child .regen")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server bug: regenerate() without a messageId right after Stop attaches to the "
-    "stopped generation (still in its grace) instead of superseding it"))
 async def test_regenerate_after_stop(driver: Driver, database_url: str) -> None:
     """The chat's Regenerate button: ``regenerate()``, which sends no messageId."""
     await _stop_then_regenerate(driver, database_url, "#regenerate")
