@@ -49,7 +49,7 @@ async def _counted(
 ) -> AsyncIterator[bytes]:
     """Follow ``body``; while the turn is live this reader keeps it alive, as a local one does."""
     ctx.metrics.active_streams.inc()
-    counted = live and ctx.shared is not None and ctx.settings.on_disconnect == "cancel"
+    counted = live and ctx.shared is not None and ctx.settings.on_disconnect != "continue"
     if counted:
         assert ctx.shared is not None
         await ctx.shared.reader_joined(thread_id, turn_id)
@@ -84,6 +84,17 @@ async def attach_shared(
     return sse_response(ctx, _counted(ctx, body, thread_id, turn_id, owner_id, streaming))
 
 
+async def _final_status(ctx: AppContext, thread_id: str, turn_id: str) -> str:
+    """The turn's row status once it is no longer streaming (or after ~1.5 s)."""
+    status = "streaming"
+    with anyio.move_on_after(CANCEL_WAIT_SECONDS):
+        while status == "streaming":
+            await anyio.sleep(0.05)
+            rows = await ctx.store.get_turn(thread_id, turn_id)
+            status = rows.assistant.status if rows.assistant is not None else "streaming"
+    return status
+
+
 async def cancel_shared(ctx: AppContext, thread_id: str, turn_id: str, owner_id: int) -> Response:
     """Ask the generating replica to cancel; answer once the row is finalized (or ~1.5 s)."""
     assert ctx.shared is not None
@@ -91,13 +102,28 @@ async def cancel_shared(ctx: AppContext, thread_id: str, turn_id: str, owner_id:
         await ctx.shared.request_cancel(thread_id, turn_id, owner_id)
     except RelayError:
         raise relay_unavailable() from None
-    status = "streaming"
-    with anyio.move_on_after(CANCEL_WAIT_SECONDS):
-        while status == "streaming":
-            await anyio.sleep(0.05)
-            rows = await ctx.store.get_turn(thread_id, turn_id)
-            status = rows.assistant.status if rows.assistant is not None else "streaming"
+    status = await _final_status(ctx, thread_id, turn_id)
     return JSONResponse({"cancelled": status == "cancelled", "status": status})
 
 
-__all__ = ["attach_shared", "cancel_shared", "check_relay", "relay_unavailable"]
+async def supersede_shared(ctx: AppContext, thread_id: str, turn_id: str, owner_id: int) -> bool:
+    """A new turn met ``turn_id`` streaming on another replica: end it if nobody reads it.
+
+    Under ``grace`` only. Readers on replicas other than the generating one are
+    counted here; the generating replica cancels only if its own readers all left
+    (as ``TurnRunner.supersede`` does locally). True once its row is final.
+    """
+    if ctx.shared is None or ctx.settings.on_disconnect != "grace":
+        return False
+    try:
+        if await ctx.shared.remote_readers(thread_id, turn_id) > 0:
+            return False
+        await ctx.shared.request_cancel(thread_id, turn_id, owner_id, supersede=True)
+    except RelayError:
+        return False
+    return await _final_status(ctx, thread_id, turn_id) != "streaming"
+
+
+__all__ = [
+    "attach_shared", "cancel_shared", "check_relay", "relay_unavailable", "supersede_shared",
+]

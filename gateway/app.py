@@ -48,6 +48,8 @@ def _routes() -> list[BaseRoute]:
         Route("/v1/threads/{thread_id}/turns", routes_turns.start_turn, methods=["POST"]),
         Route("/v1/threads/{thread_id}/turns/{turn_id}/stream", routes_turns.resume_turn,
               methods=["GET"]),
+        Route("/v1/threads/{thread_id}/turns/{turn_id}/regenerate", routes_turns.regenerate_turn,
+              methods=["POST"]),
         Route("/v1/threads/{thread_id}/turns/{turn_id}/cancel", routes_turns.cancel_turn,
               methods=["POST"]),
         Route("/v1/usage", routes_threads.list_usage, methods=["GET"]),

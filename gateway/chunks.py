@@ -173,4 +173,36 @@ class ChunkEncoder:
         return out
 
 
-__all__ = ["DONE_DATA", "PING", "STREAM_HEADERS", "ChunkEncoder", "encode", "encode_done"]
+def events_of_chunks(chunks: list[bytes]) -> list[AdapterEvent]:
+    """The adapter events that ``ChunkEncoder`` turned into ``chunks`` (their content).
+
+    The inverse of ``feed`` for what a reader was sent: used when a turn is stored as
+    it was delivered rather than as it was generated. Chunks without content (start,
+    ends, metadata, [DONE]) give nothing.
+    """
+    events: list[AdapterEvent] = []
+    for data in chunks:
+        _, _, body = data.partition(b"\ndata: ")
+        if not body.startswith(b"{"):
+            continue
+        chunk = json.loads(body)
+        kind = chunk.get("type")
+        if kind == "text-delta":
+            events.append(TextDelta(chunk["delta"]))
+        elif kind == "reasoning-delta":
+            events.append(ReasoningDelta(chunk["delta"]))
+        elif kind == "tool-input-start":
+            events.append(ToolCallStart(chunk["toolCallId"], chunk["toolName"]))
+        elif kind == "tool-input-delta":
+            events.append(ToolCallDelta(chunk["toolCallId"], chunk["inputTextDelta"]))
+        elif kind == "tool-input-available":
+            events.append(ToolCallEnd(chunk["toolCallId"]))
+        elif kind == "tool-output-available":
+            events.append(ToolResult(chunk["toolCallId"], chunk["output"]))
+    return events
+
+
+__all__ = [
+    "DONE_DATA", "PING", "STREAM_HEADERS", "ChunkEncoder", "encode", "encode_done",
+    "events_of_chunks",
+]

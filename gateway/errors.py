@@ -1,7 +1,9 @@
 """JSON errors: ``{"error": {"code", "message"}}`` and nothing else, ever.
 
 Handlers turn every exception that reaches Starlette into such a body, so a
-client never sees a traceback or an internal exception's text.
+client never sees a traceback or an internal exception's text. The AI SDK routes
+(``/api/...``) answer the same error as a plain-text sentence with the code in the
+``x-turngate-error-code`` header, since ``useChat`` shows the body as the message.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Mapping
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 logger = logging.getLogger("turngate.gateway")
 
@@ -42,6 +44,33 @@ def error_response(
     )
 
 
+# useChat shows a failed response's body text as the chat's error message, so the
+# routes it calls answer with a sentence; the code goes in a header.
+AISDK_PREFIX = "/api/"
+ERROR_CODE_HEADER = "x-turngate-error-code"
+
+
+def sentence(message: str) -> str:
+    """``message`` as a sentence a person reads: capital first letter, final stop."""
+    text = message.strip()
+    if not text:
+        return "The request failed."
+    text = text[0].upper() + text[1:]
+    return text if text[-1] in ".!?" else text + "."
+
+
+def _respond(
+    request: Request, status: int, code: str, message: str,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    if request.url.path.startswith(AISDK_PREFIX):
+        return PlainTextResponse(
+            sentence(message), status_code=status,
+            headers={**(headers or {}), ERROR_CODE_HEADER: code},
+        )
+    return error_response(status, code, message, headers)
+
+
 def not_found(what: str = "thread") -> ApiError:
     """The one 404 for missing and foreign resources alike (no existence leak)."""
     return ApiError(404, f"{what}_not_found", f"{what} not found")
@@ -49,7 +78,7 @@ def not_found(what: str = "thread") -> ApiError:
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.code, exc.message, exc.headers)
+    return _respond(request, exc.status, exc.code, exc.message, exc.headers)
 
 
 _HTTP_CODES = {
@@ -68,14 +97,14 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
-    return error_response(exc.status_code, code, message, exc.headers)
+    return _respond(request, exc.status_code, code, message, exc.headers)
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     logger.error(
         "unhandled_error path=%s error=%s", request.url.path, type(exc).__name__, exc_info=exc
     )
-    return error_response(500, "internal_error", "internal error")
+    return _respond(request, 500, "internal_error", "internal error")
 
 
 EXCEPTION_HANDLERS = {

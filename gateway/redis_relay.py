@@ -161,8 +161,14 @@ class RedisRelay:
             return
         if live is None or live.owner_id != owner:
             return
-        if request.get("if_unread") and live.subscribers > 0:
-            return  # the last remote reader left, but a reader here still follows it
+        if request.get("if_unread"):
+            # The last reader on other replicas left: the disconnect policy decides.
+            live.unread_elsewhere()
+            return
+        if request.get("supersede"):
+            if live.abandoned:  # what its last reader here was sent is what is kept
+                live.cancel("cancelled", keep_upto=live.last_delivered)
+            return
         if live.cancel("cancelled"):
             logger.info("turn_cancel_remote turn_id=%s", live.turn_id,
                         extra={"event": "turn_cancel_remote", "turn_id": live.turn_id})
@@ -196,15 +202,17 @@ class RedisRelay:
         return read_turn(self._client, key, after, still_streaming)
 
     async def request_cancel(
-        self, thread_id: str, turn_id: str, owner_id: int, *, if_unread: bool = False
+        self, thread_id: str, turn_id: str, owner_id: int, *, if_unread: bool = False,
+        supersede: bool = False,
     ) -> None:
         """Publish a cancel request; ``RelayError`` if Redis does not take it.
 
-        ``if_unread``: cancel only if no reader follows the turn on its replica
-        (sent when the last reader on another replica left).
+        ``if_unread``: the last reader on another replica left; the generating replica
+        applies its disconnect policy. ``supersede``: cancel only if every reader of
+        the turn on its replica has left (a new turn wants the thread).
         """
         message = json.dumps({"thread_id": thread_id, "turn_id": turn_id, "owner_id": owner_id,
-                              "if_unread": if_unread})
+                              "if_unread": if_unread, "supersede": supersede})
         try:
             with anyio.fail_after(CONNECT_TIMEOUT):
                 await self._client.publish(self.cancel_channel, message)

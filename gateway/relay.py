@@ -40,7 +40,17 @@ class LiveTurn:
     cancel_reason: str | None = None
     content: Any = None  # the turn's ContentBuilder, read by checkpoints
     checkpointed_version: int = 0  # the content version last saved (0: the stored shell)
+    # Readers: ``joins`` counts every reader that ever attached; ``last_delivered`` is the
+    # SSE id of the last chunk handed to the reader whose departure left none.
+    joins: int = 0
+    last_delivered: int = -1
+    # The disconnect policy (``TurnRunner``): called when the last reader has left.
+    on_unread: Callable[[LiveTurn], None] | None = None
+    # A cancel that keeps only the chunks up to this SSE id in the stored reply (what
+    # the last reader was sent), though generation went on meanwhile.
+    keep_upto: int | None = None
     _changed: anyio.Event = field(default_factory=anyio.Event)
+    _joined: anyio.Event = field(default_factory=anyio.Event)
     _waiting: int = 0
 
     def publish(self, chunks: list[bytes]) -> None:
@@ -67,15 +77,64 @@ class LiveTurn:
         self.finished_at = time.monotonic()
         self.cancel_scope = None
         self._wake()
+        self._joined.set()
 
-    def cancel(self, reason: str) -> bool:
-        """Stop the generation (it is finalized with ``reason``); False if not running."""
+    def cancel(self, reason: str, *, keep_upto: int | None = None) -> bool:
+        """Stop the generation (it is finalized with ``reason``); False if not running.
+
+        ``keep_upto``: store only what the chunks up to that SSE id carried.
+        """
         if self.done or self.cancel_scope is None:
             return False
         if self.cancel_reason is None:
             self.cancel_reason = reason
+            self.keep_upto = keep_upto
         self.cancel_scope.cancel()
         return True
+
+    def reader_joined(self) -> None:
+        """A reader follows the turn (here, or on another replica)."""
+        self.subscribers += 1
+        self.joins += 1
+        self._joined.set()
+        self._joined = anyio.Event()
+
+    def reader_left(self, delivered: int) -> None:
+        """A reader left after chunk ``delivered``; the last one out applies the policy."""
+        self.subscribers -= 1
+        if self.subscribers == 0 and not self.done:
+            self.last_delivered = delivered
+            if self.on_unread is not None:
+                self.on_unread(self)
+
+    def unread_elsewhere(self) -> None:
+        """The last reader on other replicas left; the policy applies if none is here."""
+        if self.subscribers == 0 and not self.done:
+            self.last_delivered = len(self.events) - 1
+            if self.on_unread is not None:
+                self.on_unread(self)
+
+    @property
+    def abandoned(self) -> bool:
+        """Whether readers came and all of them left while it still generates."""
+        return self.joins > 0 and self.subscribers == 0 and not self.done
+
+    async def wait_for_reader(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for a reader to attach; True if one did (or it ended)."""
+        joins = self.joins
+        with anyio.move_on_after(seconds):
+            while self.joins == joins and not self.done:
+                await self._joined.wait()
+        return self.joins != joins or self.done
+
+    async def wait_done(self) -> None:
+        """Wait until the turn is finalized."""
+        while not self.done:
+            self._waiting += 1
+            try:
+                await self._changed.wait()
+            finally:
+                self._waiting -= 1
 
     async def batches(self, after: int = -1) -> AsyncGenerator[tuple[int, list[bytes]], None]:
         """Like ``follow``, as ``(SSE id of the first chunk, chunks)`` (for a mirror)."""
@@ -160,6 +219,11 @@ class LocalRelay:
         if self.retention_seconds == 0:
             self._turns.pop((live.thread_id, live.turn_id), None)
 
+    def forget(self, live: LiveTurn) -> None:
+        """Drop a turn's in-memory copy now: its stored row is what a resume must see."""
+        if self._turns.get((live.thread_id, live.turn_id)) is live:
+            del self._turns[(live.thread_id, live.turn_id)]
+
     def _count(self, owner_id: int, delta: int) -> None:
         n = self._per_owner.get(owner_id, 0) + delta
         if n > 0:
@@ -220,8 +284,14 @@ class SharedRelay(Protocol):
     ) -> AsyncIterator[bytes] | None:
         """The turn's chunks after SSE id ``after``, then live; None if not relayed."""
 
-    async def request_cancel(self, thread_id: str, turn_id: str, owner_id: int) -> None:
-        """Ask whichever replica generates the turn to cancel it."""
+    async def request_cancel(
+        self, thread_id: str, turn_id: str, owner_id: int, *, supersede: bool = False
+    ) -> None:
+        """Ask whichever replica generates the turn to cancel it.
+
+        ``supersede``: only if every reader it had there has left (a new turn of its
+        thread wants the thread).
+        """
 
     async def reader_joined(self, thread_id: str, turn_id: str) -> None:
         """A reader on this replica follows a turn generated elsewhere."""

@@ -5,13 +5,20 @@
   ``{id, message}`` that sends only the last message). The chat id is the
   thread id (created for the caller when new; 404 when it is someone else's),
   the last user message's id is the turn id, its text parts joined are the
-  text and its image file parts (data URLs) are the images. The server keeps
+  text and its image file parts (data URLs) are the images. ``trigger:
+  "regenerate-message"`` answers that user message again (``messageId``: the
+  reply it replaces, which is kept as ``superseded``). The server keeps
   the history itself, so earlier messages in the body are ignored. The reply
   is the turn stream of ``POST /v1/threads/{id}/turns``, byte for byte.
 - ``GET /api/chat/{id}/stream``: the ``useChat({resume: true})`` endpoint. 204
-  when no turn is generating on that thread in this process; else the turn's
+  when no turn is generating on that thread in this process (also for an unknown
+  or foreign chat id); else the turn's
   stream replayed from its first chunk and then followed live (the SDK's
   default ``resumeStreamIsReplay``).
+
+Errors on these routes are a plain-text sentence, because ``useChat`` shows the
+response body as the error message; the code is in ``x-turngate-error-code``
+(``gateway.errors``).
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ from gateway.auth import authenticate
 from gateway.context import context
 from gateway.errors import ApiError, not_found
 from gateway.limits import check_rate
-from gateway.routes_turns import _attach_or_replay, run_turn
+from gateway.routes_turns import _attach_or_replay, regenerate, run_turn
 from gateway.validation import (
     check_id,
+    check_model_field,
     check_thread_path_id,
     parse_turn_request,
     read_json,
@@ -98,6 +106,15 @@ async def chat(request: Request) -> Response:
     message = _last_user_message(body)
     if "id" not in message:
         raise ApiError(400, "missing_message_id", "the user message must have an id")
+    if body.get("trigger") == "regenerate-message":
+        # messages end with the user message; messageId is the reply it replaces (the
+        # id our start chunk gave it), absent when the client has none.
+        turn_id = check_id(message["id"], "message id", ctx.settings)
+        replaces = body.get("messageId")
+        replaced = int(replaces) if isinstance(replaces, str) and replaces.isdigit() else None
+        return await regenerate(
+            ctx, user_id, thread_id, turn_id, check_model_field(body), replaced, started
+        )
     text, images = _text_and_images(message)
     turn = parse_turn_request(
         {"turn_id": message["id"], "text": text, "images": images, "model": body.get("model")},
@@ -118,7 +135,9 @@ async def chat_stream(request: Request) -> Response:
     thread_id = check_thread_path_id(request.path_params["chat_id"], ctx.settings)
     user_id = await authenticate(request, ctx.store)
     if await ctx.store.get_thread(thread_id, user_id) is None:
-        raise not_found()
+        # useChat({resume: true}) asks on mount, also for a chat not started yet: 204
+        # is "nothing to resume", the same answer for someone else's chat (no leak).
+        return Response(status_code=204)
     live = ctx.relay.running_on_thread(thread_id)
     if live is None or live.owner_id != user_id:
         return Response(status_code=204)

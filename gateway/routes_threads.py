@@ -8,9 +8,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.auth import authenticate
-from gateway.context import context
+from gateway.context import AppContext, context
 from gateway.errors import ApiError, not_found
 from gateway.limits import check_rate
+from gateway.ui_messages import to_ui_messages, usage_metadata
 from gateway.validation import (
     check_id,
     check_thread_path_id,
@@ -91,21 +92,47 @@ async def list_threads(request: Request) -> Response:
 
 
 async def list_messages(request: Request) -> Response:
-    """``GET /v1/threads/{id}/messages``: the thread's messages in order."""
+    """``GET /v1/threads/{id}/messages``: the thread's messages in order.
+
+    Regenerated-away replies (``superseded``) only with ``?include=superseded``.
+    """
     ctx = context(request)
     thread_id = check_thread_path_id(request.path_params["thread_id"], ctx.settings)
     user_id = await authenticate(request, ctx.store)
-    rows = await ctx.store.list_messages(thread_id, user_id)
+    include = request.query_params.get("include", "")
+    if include not in ("", "superseded"):
+        raise ApiError(
+            400, "invalid_include", f"include {include[:20]!r} must be \"superseded\" or absent"
+        )
+    rows = await ctx.store.list_messages(
+        thread_id, user_id, include_superseded=include == "superseded"
+    )
     if rows is None:
         raise not_found()
     fmt = request.query_params.get("format", "native")
     if fmt == "ui":
-        from gateway.ui_messages import to_ui_messages
-
-        return JSONResponse({"messages": to_ui_messages(rows)})
+        return JSONResponse({"messages": to_ui_messages(rows, await _usage_by_message(
+            ctx, user_id, thread_id))})
     if fmt != "native":
         raise ApiError(400, "invalid_format", f"format {fmt[:20]!r} must be \"native\" or \"ui\"")
     return JSONResponse({"messages": [message_json(r) for r in rows]})
+
+
+async def _usage_by_message(
+    ctx: AppContext, user_id: int, thread_id: str
+) -> dict[int, dict[str, Any]]:
+    """The thread's usage rows as the stream's ``finish`` reports them, by message id."""
+    usage: dict[int, dict[str, Any]] = {}
+    cursor: str | None = None
+    while True:
+        rows, cursor = await ctx.store.list_usage(
+            user_id, thread_id=thread_id, limit=_MAX_LIMIT, before=cursor
+        )
+        for row in rows:
+            if row.message_id is not None:
+                usage[row.message_id] = usage_metadata(row)
+        if cursor is None:
+            return usage
 
 
 async def append_message(request: Request) -> Response:

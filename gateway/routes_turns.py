@@ -1,4 +1,4 @@
-"""Turn routes: start (or attach to, or replay) a turn, resume its stream, cancel it."""
+"""Turn routes: start (or attach to, or replay) a turn, resume, regenerate or cancel it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway._redis_routes import attach_shared, cancel_shared, check_relay
+from gateway._redis_routes import attach_shared, cancel_shared, check_relay, supersede_shared
 from gateway.auth import CachedKey, authenticate, authenticate_key, cached_key, forget_key
 from gateway.auth import unauthorized as _unauthorized
 from gateway.context import AppContext, context
@@ -17,12 +17,15 @@ from gateway.limits import check_rate, check_stream_quota, release_stream, reser
 from gateway.relay import LiveTurn
 from gateway.streaming import follow_live, from_list, replay_chunks, sse_response
 from gateway.turns import history_messages
+from gateway.ui_messages import usage_metadata
 from gateway.validation import (
     TurnRequest,
     check_id,
+    check_model_field,
     check_thread_path_id,
     parse_turn_request,
     read_json,
+    require_object,
 )
 from llm_adapters.base import AdapterRequest, ChatMessage
 from llm_adapters.registry import parse_model
@@ -76,26 +79,25 @@ async def _stored_usage(
         user_id, thread_id=thread_id, message_id=message_id, limit=1
     )
     for row in rows:
-        return {
-            "inputTokens": row.prompt_tokens,
-            "outputTokens": row.completion_tokens,
-            "totalTokens": row.total_tokens,
-            "costMicros": row.cost_micros,
-            "estimated": row.estimated,
-        }
+        return usage_metadata(row)
     return {"inputTokens": 0, "outputTokens": 0, "totalTokens": 0, "costMicros": 0,
             "estimated": True}
 
 
 async def _attach_or_replay(
-    ctx: AppContext, user_id: int, thread_id: str, turn_id: str, after: int
+    ctx: AppContext, user_id: int, thread_id: str, turn_id: str, after: int,
+    message_id: int | None = None,
 ) -> Response | None:
     """Stream an existing turn: live from the relay, else rebuilt from the database.
 
-    None when the turn has no assistant row (nothing to resume).
+    None when the turn has no assistant row (nothing to resume). ``message_id``: the
+    reply wanted, when the relay may still hold the one it replaced (regenerate).
     """
     live = ctx.relay.get(thread_id, turn_id)
-    if live is not None and live.owner_id == user_id and not live.overflowed:
+    if (
+        live is not None and live.owner_id == user_id and not live.overflowed
+        and message_id in (None, live.message_id)
+    ):
         return sse_response(ctx, follow_live(ctx, live, after))
     try:
         rows = await ctx.store.get_turn(thread_id, turn_id)
@@ -115,7 +117,7 @@ async def _attach_or_replay(
         live = await ctx.relay.wait_for(
             thread_id, turn_id, within=2.0 if ctx.shared is None else 0.0
         )
-        if live is not None and live.owner_id == user_id:
+        if live is not None and live.owner_id == user_id and live.message_id == assistant.id:
             return sse_response(ctx, follow_live(ctx, live, after))
         raise ApiError(
             409, "turn_in_progress", "this turn is being generated elsewhere; retry shortly",
@@ -181,6 +183,7 @@ async def run_turn(
         if (
             running is not None and running.owner_id == user_id
             and running.turn_id != body.turn_id
+            and not await ctx.runner.supersede(running)
         ):
             raise ApiError(
                 409, "thread_busy", "another turn is streaming on this thread",
@@ -233,6 +236,19 @@ async def _open_and_start(
     if opened.status == "thread_not_found":
         raise not_found()
     own_turn_busy = opened.status == "busy" and opened.busy_turn_id == body.turn_id
+    if (
+        opened.status == "busy" and not own_turn_busy and opened.busy_turn_id is not None
+        and await supersede_shared(ctx, thread_id, opened.busy_turn_id, user_id)
+    ):
+        # Another replica's turn nobody reads any more ended for this one: open again.
+        opened = await ctx.store.open_turn(
+            thread_id, user_id, body.turn_id, content,
+            lease_owner=ctx.instance_id, lease_seconds=ctx.settings.lease_seconds,
+            with_history=True, history_limit=ctx.settings.history_messages,
+        )
+        if opened.status == "unavailable":
+            raise _unavailable()
+        own_turn_busy = opened.status == "busy" and opened.busy_turn_id == body.turn_id
     if opened.status == "busy" and not own_turn_busy:
         raise ApiError(
             409, "thread_busy", "another turn is streaming on this thread",
@@ -257,6 +273,110 @@ async def _open_and_start(
         user_message_id=opened.user_message_id, model_string=model_string, started=started,
     )
     return sse_response(ctx, follow_live(ctx, live)), True
+
+
+async def regenerate_turn(request: Request) -> Response:
+    """``POST /v1/threads/{id}/turns/{turn_id}/regenerate``: a new reply to that turn."""
+    ctx = context(request)
+    started = time.monotonic()
+    thread_id = check_thread_path_id(request.path_params["thread_id"], ctx.settings)
+    user_id = await authenticate(request, ctx.store)
+    await check_rate(ctx, user_id)
+    turn_id = check_id(request.path_params["turn_id"], "turn_id", ctx.settings)
+    empty = request.headers.get("content-length", "0") == "0" and (
+        "transfer-encoding" not in request.headers
+    )
+    body = {} if empty else require_object(
+        await read_json(request, ctx.settings.max_body_bytes)
+    )
+    replaces = body.get("replaces")
+    if replaces is not None and (type(replaces) is not int or replaces < 1):
+        raise ApiError(
+            400, "invalid_replaces",
+            f"replaces {str(replaces)[:20]!r} must be the id of the reply to replace",
+        )
+    return await regenerate(
+        ctx, user_id, thread_id, turn_id, check_model_field(body), replaces, started
+    )
+
+
+async def regenerate(
+    ctx: AppContext, user_id: int, thread_id: str, turn_id: str, model: str | None,
+    replaces: int | None, started: float,
+) -> Response:
+    """Answer the turn's user message again; the reply it had becomes ``superseded``.
+
+    ``replaces``: the reply the client saw. A regenerate sent twice makes one new
+    reply: the second finds it (replaces no longer current, or it streams with a
+    reader) and attaches to it. A reply still streaming with nobody reading (a
+    Stop, then Regenerate) is stopped first (what its reader was sent stays in the
+    superseded row); one that names it and has a reader is 409.
+    """
+    model_string = model or ctx.settings.default_model
+    adapter, model_name = _resolve_adapter(ctx, model_string)
+    live = ctx.relay.running_on_thread(thread_id)
+    if live is not None and live.owner_id == user_id and live.turn_id == turn_id:
+        if replaces is not None and replaces != live.message_id:
+            # The reply the client saw was replaced already: a double click.
+            return sse_response(ctx, follow_live(ctx, live))
+        if replaces is None and not live.abandoned:
+            # Someone reads it (a double click without an id): attach, do not restart.
+            return sse_response(ctx, follow_live(ctx, live))
+        if not await ctx.runner.supersede(live):
+            raise ApiError(
+                409, "thread_busy", "the reply is still being generated; stop it first",
+                {"Retry-After": _BUSY_RETRY_AFTER},
+            )
+    if ctx.runner.draining:
+        raise ApiError(503, "shutting_down", "the server is shutting down", {"Retry-After": "5"})
+    check_stream_quota(ctx, user_id)
+    check_relay(ctx)
+    held = await reserve_stream(ctx, user_id, thread_id, turn_id)
+    started_generation = False
+    try:
+        opened = await ctx.store.regenerate_turn(
+            thread_id, user_id, turn_id, replaces=replaces,
+            lease_owner=ctx.instance_id, lease_seconds=ctx.settings.lease_seconds,
+            history_limit=ctx.settings.history_messages,
+        )
+        if opened.status == "unavailable":
+            raise _unavailable()
+        if opened.status == "thread_not_found":
+            raise not_found()
+        if opened.status == "turn_not_found":
+            raise not_found("turn")
+        if opened.status == "not_last_turn":
+            raise ApiError(
+                409, "not_last_turn",
+                f"turn {turn_id[:40]!r} is not the thread's last; only the last reply "
+                "can be regenerated",
+            )
+        if opened.status == "busy":
+            raise ApiError(
+                409, "thread_busy", "the reply is still being generated; stop it first",
+                {"Retry-After": _BUSY_RETRY_AFTER},
+            )
+        assert opened.assistant_message_id is not None and opened.user_message_id is not None
+        if not opened.assistant_inserted:
+            response = await _attach_or_replay(
+                ctx, user_id, thread_id, turn_id, -1, opened.assistant_message_id
+            )
+            if response is None:
+                raise _unavailable()
+            return response
+        history = history_messages(opened.history or [], turn_id)
+        history.append(ChatMessage("user", opened.user_content or []))
+        fresh = LiveTurn(thread_id, turn_id, user_id, opened.assistant_message_id)
+        ctx.runner.launch(
+            fresh, adapter, AdapterRequest(model=model_name, messages=history),
+            user_message_id=opened.user_message_id, model_string=model_string,
+            started=started,
+        )
+        started_generation = True
+        return sse_response(ctx, follow_live(ctx, fresh))
+    finally:
+        if held and not started_generation:
+            await release_stream(ctx, user_id, thread_id, turn_id)
 
 
 async def resume_turn(request: Request) -> Response:
@@ -294,4 +414,6 @@ async def cancel_turn(request: Request) -> Response:
     return JSONResponse({"cancelled": False, "status": rows.assistant.status})
 
 
-__all__ = ["cancel_turn", "resume_turn", "run_turn", "start_turn"]
+__all__ = [
+    "cancel_turn", "regenerate", "regenerate_turn", "resume_turn", "run_turn", "start_turn",
+]

@@ -172,9 +172,13 @@ SETTINGS: tuple[Setting, ...] = (
             "Anthropic Messages API endpoint, without /v1."),
     Setting("ANTHROPIC_API_KEY", "anthropic_api_key", "", _secret,
             "Key for the anthropic adapter; never logged."),
-    Setting("TURNGATE_ON_DISCONNECT", "on_disconnect", "cancel", _choice("cancel", "continue"),
-            "When the browser leaves mid-stream: cancel the generation, or continue "
-            "it to the end so it can be resumed."),
+    Setting("TURNGATE_ON_DISCONNECT", "on_disconnect", "grace",
+            _choice("grace", "cancel", "continue"),
+            "When the last reader leaves mid-stream: go on for the grace period and cancel "
+            "unless a reader comes back (grace), cancel at once, or continue to the end."),
+    Setting("TURNGATE_DISCONNECT_GRACE_SECONDS", "disconnect_grace_seconds", "5",
+            _non_negative_float,
+            "Under grace: how long a turn with no reader goes on before it is cancelled."),
     Setting("TURNGATE_CHECKPOINT_SECONDS", "checkpoint_seconds", "2", _positive_float,
             "Interval at which a streaming reply's partial content is saved."),
     Setting("TURNGATE_LEASE_SECONDS", "lease_seconds", "15", _positive_float,
@@ -236,7 +240,8 @@ class Settings:
     openai_api_key: str | None = field(default=None, repr=False)
     anthropic_base_url: str = "https://api.anthropic.com"
     anthropic_api_key: str | None = field(default=None, repr=False)
-    on_disconnect: str = "cancel"
+    on_disconnect: str = "grace"
+    disconnect_grace_seconds: float = 5.0
     checkpoint_seconds: float = 2.0
     lease_seconds: float = 15.0
     finalize_timeout: float = 5.0

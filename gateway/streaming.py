@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -90,35 +91,24 @@ async def _end_streams_at_shutdown(ctx: AppContext, event: anyio.Event, streams:
 
 
 async def follow_live(ctx: AppContext, live: LiveTurn, after: int = -1) -> AsyncIterator[bytes]:
-    """Stream a live turn from SSE id ``after``; a departing last reader may cancel it."""
-    live.subscribers += 1
+    """Stream a live turn from SSE id ``after``; the last reader out may end it.
+
+    What happens to a turn nobody reads any more is the runner's disconnect policy
+    (``TurnRunner.on_unread``); this only tells it which chunk went out last.
+    """
+    live.reader_joined()
     ctx.metrics.active_streams.inc()
+    delivered = after
     try:
-        async for data in live.follow(after):
-            yield data
+        # aclosing: a departing reader must release the inner generator (and its
+        # waiter count) at once, not whenever the garbage collector gets to it.
+        async with aclosing(live.batches(after)) as batches:
+            async for first, chunks in batches:
+                yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                delivered = first + len(chunks) - 1  # handed to the transport
     finally:
-        live.subscribers -= 1
         ctx.metrics.active_streams.dec()
-        if (
-            not live.done
-            and live.subscribers == 0
-            and ctx.settings.on_disconnect == "cancel"
-            and not ctx.runner.draining
-        ):
-            if ctx.shared is None:
-                live.cancel("cancelled")
-            elif ctx.runner.task_group is not None:
-                # Readers on other replicas count too; asking Redis needs an await,
-                # which this finally (often under cancellation) must not do itself.
-                ctx.runner.task_group.start_soon(_cancel_unless_read_elsewhere, ctx, live)
-
-
-async def _cancel_unless_read_elsewhere(ctx: AppContext, live: LiveTurn) -> None:
-    assert ctx.shared is not None
-    if await ctx.shared.remote_readers(live.thread_id, live.turn_id) == 0 and (
-        live.subscribers == 0
-    ):
-        live.cancel("cancelled")
+        live.reader_left(delivered)
 
 
 def stored_events(parts: list[dict[str, Any]]) -> list[AdapterEvent]:

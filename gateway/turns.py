@@ -19,7 +19,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from gateway.accumulator import ContentBuilder, TurnUsage, estimate_tokens
-from gateway.chunks import ChunkEncoder
+from gateway.chunks import ChunkEncoder, events_of_chunks
 from gateway.relay import LiveTurn, LocalRelay, SharedRelay
 from llm_adapters.base import Adapter, AdapterRequest, ChatMessage
 from llm_adapters.events import FinishReason, Usage
@@ -84,6 +84,7 @@ class TurnRunner:
                  "userMessageId": str(user_message_id)},
             )
         )
+        live.on_unread = self.on_unread
         self.relay.add(live)
         if self.mirror is not None:
             self.task_group.start_soon(self.mirror.mirror, live)
@@ -195,6 +196,14 @@ class TurnRunner:
                 call_details=usage.call_details(),
                 estimated=usage.estimated,
             )
+            parts = content.final()
+            if live.keep_upto is not None and status == "cancelled":
+                # The reader left and nobody came back: store what it was sent, though
+                # the usage above counts every token generated meanwhile.
+                sent = ContentBuilder()
+                for event in events_of_chunks(live.events[: live.keep_upto + 1]):
+                    sent.feed(event)
+                parts = sent.final()
             t0 = time.monotonic()
             outcome = "failed"
             # Batched with the other turns that end meanwhile (gateway/_finalize.py).
@@ -202,7 +211,7 @@ class TurnRunner:
 
             with anyio.move_on_after(self.settings.finalize_timeout):
                 outcome = await finalize(
-                    self, live.message_id, live.thread_id, live.owner_id, content.final(),
+                    self, live.message_id, live.thread_id, live.owner_id, parts,
                     status, record,
                 )
             self.metrics.finalize_duration.observe(time.monotonic() - t0)
@@ -244,9 +253,69 @@ class TurnRunner:
         finally:
             live.finish(status)
             self.relay.ended(live)
+            if live.keep_upto is not None:
+                # Its relay copy has chunks past the stored reply: resume from the row.
+                self.relay.forget(live)
             self.metrics.finalizing.dec()
             if self.draining and not self.relay.running():
                 self._idle.set()
+
+    # -- readers leaving (TURNGATE_ON_DISCONNECT) ---------------------------
+
+    def on_unread(self, live: LiveTurn) -> None:
+        """The last reader of a running turn left: apply the disconnect policy.
+
+        ``cancel`` stops it now, ``grace`` after ``disconnect_grace_seconds`` unless a
+        reader attaches or resumes meanwhile, ``continue`` never. Either way what is
+        stored is what that last reader was sent. With several replicas a reader on
+        another replica keeps it going too (asked of Redis, hence a task: this runs
+        in a departing reader's ``finally``, often under cancellation).
+        """
+        policy = self.settings.on_disconnect
+        if policy == "continue" or self.draining or self.task_group is None:
+            return
+        if policy == "cancel" and self.mirror is None:
+            live.cancel("cancelled", keep_upto=live.last_delivered)
+            return
+        grace = self.settings.disconnect_grace_seconds if policy == "grace" else 0.0
+        self.task_group.start_soon(self._cancel_unless_read, live, grace)
+
+    async def _cancel_unless_read(self, live: LiveTurn, grace: float) -> None:
+        if grace > 0 and await live.wait_for_reader(grace):
+            return
+        if not live.abandoned or self.draining:
+            return
+        if self.mirror is not None and (
+            await self.mirror.remote_readers(live.thread_id, live.turn_id) > 0
+            or not live.abandoned
+        ):
+            return
+        if live.cancel("cancelled", keep_upto=live.last_delivered):
+            logger.info(
+                "turn_unread_cancelled turn_id=%s message_id=%s after_grace=%s",
+                live.turn_id, live.message_id, grace,
+                extra={"event": "turn_unread_cancelled", "turn_id": live.turn_id,
+                       "message_id": live.message_id, "grace_seconds": grace},
+            )
+
+    async def supersede(self, live: LiveTurn) -> bool:
+        """End a running turn that nobody reads any more, for a new turn of its thread.
+
+        Only under ``grace``, and only a turn whose readers all left (not one whose
+        first reader has not arrived yet). Returns once it is finalized (its thread is
+        free in the database); False if it may not be superseded.
+        """
+        if self.settings.on_disconnect != "grace" or not live.abandoned:
+            return False
+        if self.mirror is not None and await self.mirror.remote_readers(
+            live.thread_id, live.turn_id
+        ) > 0:
+            return False
+        if not live.cancel("cancelled", keep_upto=live.last_delivered):
+            return live.done
+        with anyio.move_on_after(self.settings.finalize_timeout + 1):
+            await live.wait_done()
+        return live.done
 
     # -- upkeep -----------------------------------------------------------
 
@@ -315,7 +384,7 @@ def history_messages(rows: list[Any], turn_id: str) -> list[ChatMessage]:
     for row in rows:
         if row.turn_id == turn_id:
             continue
-        if row.role not in ("user", "assistant") or row.status == "streaming":
+        if row.role not in ("user", "assistant") or row.status in ("streaming", "superseded"):
             continue
         parts = [p for p in row.content if isinstance(p, dict) and p.get("type") != "status"]
         if parts:

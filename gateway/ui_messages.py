@@ -14,13 +14,15 @@ turn is still generating), ``tool-<name>`` with a tool state, ``file`` for
 images and ``data-mentioned-documents`` for mentioned documents. The
 ``status`` placeholder of an empty reply is not a part: it goes to
 ``metadata.notice``. ``metadata`` also carries ``threadId``, ``turnId``,
-``status`` and ``createdAt``.
+``status`` and ``createdAt``, and for a reply what its stream's ``start`` and
+``finish`` gave the live view: ``userMessageId`` and ``usage``. A reasoning part
+keeps its stream id (``r<k>``), as the SDK's processor does.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 _DATA_URL_TYPE = re.compile(r"^data:([^;,]+)[;,]")
@@ -45,6 +47,30 @@ class MessageLike(Protocol):
     def turn_id(self) -> str | None: ...
     @property
     def created_at(self) -> str: ...
+
+
+class UsageLike(Protocol):
+    """What a stored usage row must have (``persistence.rows.UsageRow``)."""
+
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+    @property
+    def total_tokens(self) -> int: ...
+    @property
+    def cost_micros(self) -> int: ...
+    @property
+    def estimated(self) -> bool: ...
+
+
+def usage_metadata(row: UsageLike) -> dict[str, Any]:
+    """A stored usage row as the stream's ``finish`` reports it (``messageMetadata.usage``)."""
+    return {
+        "inputTokens": row.prompt_tokens, "outputTokens": row.completion_tokens,
+        "totalTokens": row.total_tokens, "costMicros": row.cost_micros,
+        "estimated": row.estimated,
+    }
 
 
 def _media_type(url: str) -> str:
@@ -97,12 +123,18 @@ def _assistant_parts(
     parts: list[dict[str, Any]] = [{"type": "step-start"}]
     notice: str | None = None
     state = "streaming" if streaming else "done"
+    started = 0  # text and reasoning parts, numbered as the stream's encoder numbers them
     for part in content:
         kind = part.get("type")
         if kind in ("text", "reasoning"):
             text = str(part.get("text", ""))
             if text:
-                parts.append({"type": kind, "text": text, "state": state})
+                started += 1
+                ui: dict[str, Any] = {"type": kind, "text": text, "state": state}
+                if kind == "reasoning":
+                    # The SDK keeps a reasoning part's stream id ("r<k>"), not a text's.
+                    ui = {"type": kind, "id": f"r{started}", "text": text, "state": state}
+                parts.append(ui)
         elif kind == "tool-call":
             parts.append(_tool_part(part, streaming))
         elif kind == "status":
@@ -112,8 +144,17 @@ def _assistant_parts(
     return parts, notice
 
 
-def to_ui_message(row: MessageLike) -> dict[str, Any]:
-    """One stored row as a ``UIMessage``."""
+def to_ui_message(
+    row: MessageLike,
+    *,
+    user_message_id: int | None = None,
+    usage: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One stored row as a ``UIMessage``.
+
+    An assistant row's metadata also gets what its stream's ``start`` and ``finish``
+    carried: ``userMessageId`` (the user row of its turn) and ``usage``, when given.
+    """
     metadata: dict[str, Any] = {
         "threadId": row.thread_id,
         "status": row.status,
@@ -122,6 +163,10 @@ def to_ui_message(row: MessageLike) -> dict[str, Any]:
     if row.turn_id is not None:
         metadata["turnId"] = row.turn_id
     if row.role == "assistant":
+        if user_message_id is not None:
+            metadata["userMessageId"] = str(user_message_id)
+        if usage is not None:
+            metadata["usage"] = usage
         parts, notice = _assistant_parts(row.content, row.status == "streaming")
         if notice:
             metadata["notice"] = notice
@@ -134,9 +179,20 @@ def to_ui_message(row: MessageLike) -> dict[str, Any]:
     }
 
 
-def to_ui_messages(rows: Iterable[MessageLike]) -> list[dict[str, Any]]:
-    """Stored rows, in order, as AI SDK ``UIMessage``s."""
-    return [to_ui_message(row) for row in rows]
+def to_ui_messages(
+    rows: Iterable[MessageLike], usage: Mapping[int, dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Stored rows, in order, as AI SDK ``UIMessage``s (``usage`` by assistant row id)."""
+    rows = list(rows)
+    users = {row.turn_id: row.id for row in rows if row.role == "user" and row.turn_id}
+    return [
+        to_ui_message(
+            row,
+            user_message_id=users.get(row.turn_id) if row.turn_id else None,
+            usage=(usage or {}).get(row.id),
+        )
+        for row in rows
+    ]
 
 
-__all__ = ["MessageLike", "to_ui_message", "to_ui_messages"]
+__all__ = ["MessageLike", "UsageLike", "to_ui_message", "to_ui_messages", "usage_metadata"]

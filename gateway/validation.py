@@ -315,14 +315,27 @@ def _legacy_part(role: str, part: Any, index: int, settings: Settings) -> dict[s
     return part
 
 
+def check_model_field(body: dict[str, Any]) -> str | None:
+    """The optional ``model`` of a body (regenerate): None, or a model string."""
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not model.strip() or len(model) > 200):
+        raise ApiError(
+            400, "invalid_model",
+            f"model {_shown(model)} must be a string in format \"<adapter>:<model>\"",
+        )
+    return model
+
+
 __all__ = [
     "MAX_JSON_DEPTH",
     "TurnRequest",
     "check_json_value",
     "check_id",
+    "check_model_field",
     "check_thread_path_id",
     "parse_legacy_message",
     "parse_turn_request",
     "read_json",
     "require_object",
 ]
+

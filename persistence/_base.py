@@ -84,6 +84,18 @@ class _TunedSQLiteConnection(sqlite3.Connection):
         self.row_factory = SQLITE_ROW_FACTORY
 
 
+@asynccontextmanager
+async def _begun(conn: Conn, begin: str) -> AsyncIterator[None]:
+    """``begin`` … COMMIT on ``conn``, rolled back if the block raises."""
+    await conn.execute(begin)
+    try:
+        yield
+    except BaseException:
+        await conn.execute("ROLLBACK")
+        raise
+    await conn.execute("COMMIT")
+
+
 class _StoreBase:
     """Connection handling, timestamps and ``_shielded``; the mixins add the operations."""
 
@@ -187,14 +199,18 @@ class _StoreBase:
         IMMEDIATE takes the write lock up front, so the checks and writes of one
         operation cannot interleave with another writer's. Only call it inside ``_run``.
         """
-        async with self._write_lock:
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
+        async with self._write_lock, _begun(conn, "BEGIN IMMEDIATE"):
+            yield conn
+
+    @asynccontextmanager
+    async def _transaction(self, conn: Conn) -> AsyncIterator[Conn]:
+        """``conn`` inside one transaction (SQLite: ``_sqlite_writer``); only inside ``_run``."""
+        if self._is_pg:
+            async with _begun(conn, "BEGIN"):
                 yield conn
-            except BaseException:
-                await conn.execute("ROLLBACK")
-                raise
-            await conn.execute("COMMIT")
+        else:
+            async with self._sqlite_writer(conn):
+                yield conn
 
     def _ts_param(self, value: str) -> Any:
         """A timestamp string as the driver wants it (asyncpg needs a datetime)."""

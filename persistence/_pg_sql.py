@@ -16,6 +16,13 @@ Notes that apply to all of them:
 
 from __future__ import annotations
 
+# The arbiter of a turn's rows: the partial unique index over the rows that are not
+# superseded (a regenerated reply keeps its old row, outside the index).
+ON_TURN_CONFLICT = (
+    "ON CONFLICT (thread_id, turn_id, role) "
+    "WHERE turn_id IS NOT NULL AND status <> 'superseded' DO NOTHING"
+)
+
 # Estimated usage of rows in CTE ``expired(id, thread_id, content, owner_id)``:
 # completion tokens = ceil(chars / 4) of every part's text.
 _ESTIMATED_USAGE = """
@@ -38,7 +45,7 @@ WITH th AS (
 ),
 mine AS (
     SELECT m.id, m.role, m.status FROM messages m JOIN th ON m.thread_id = th.id
-    WHERE m.turn_id = :turn_id
+    WHERE m.turn_id = :turn_id AND m.status <> 'superseded'
 ),
 holder AS (
     SELECT m.id, m.turn_id, coalesce(m.lease_expires_at < now(), false) AS expired
@@ -68,7 +75,7 @@ ins_user AS (
     SELECT go.id, 'user', CAST(:user_content AS jsonb), 'complete', :owner_id, :turn_id,
         now(), now()
     FROM go
-    ON CONFLICT (thread_id, turn_id, role) WHERE turn_id IS NOT NULL DO NOTHING
+    {ON_TURN_CONFLICT}
     RETURNING id
 ),
 ins_assistant AS (
@@ -79,7 +86,7 @@ ins_assistant AS (
         now() + make_interval(secs => CAST(:lease_seconds AS double precision)), now(), now()
     FROM go
     WHERE (SELECT count(*) FROM ins_user) >= 0  -- user row first: its id is the smaller
-    ON CONFLICT (thread_id, turn_id, role) WHERE turn_id IS NOT NULL DO NOTHING
+    {ON_TURN_CONFLICT}
     RETURNING id
 ),
 bump AS (
@@ -121,7 +128,7 @@ _HISTORY = """,
                 CASE WHEN e.id IS NULL THEN m.updated_at ELSE now() END AS updated_at
             FROM messages m JOIN th ON m.thread_id = th.id
             LEFT JOIN expired e ON e.id = m.id
-            WHERE m.turn_id IS DISTINCT FROM :turn_id
+            WHERE m.turn_id IS DISTINCT FROM :turn_id AND m.status <> 'superseded'
             ORDER BY m.id DESC
             LIMIT CAST(:history_limit AS bigint)
         ) AS h
@@ -160,7 +167,7 @@ def _keyed(sql: str) -> str:
 OPEN_TURN_KEYED = _keyed(OPEN_TURN)
 OPEN_TURN_WITH_HISTORY_KEYED = _keyed(OPEN_TURN_WITH_HISTORY)
 
-APPEND_MESSAGE = """
+APPEND_MESSAGE = f"""
 WITH th AS (
     SELECT id FROM threads WHERE id = :thread_id AND owner_id = :owner_id
 ),
@@ -170,7 +177,7 @@ ins AS (
     SELECT th.id, CAST(:role AS text), CAST(:content AS jsonb), 'complete',
         CAST(:author_id AS bigint), CAST(:turn_id AS text), now(), now()
     FROM th
-    ON CONFLICT (thread_id, turn_id, role) WHERE turn_id IS NOT NULL DO NOTHING
+    {ON_TURN_CONFLICT}
     RETURNING id
 ),
 bump AS (
@@ -182,7 +189,8 @@ SELECT
     EXISTS (SELECT 1 FROM th) AS thread_found,
     (SELECT id FROM ins) AS new_id,
     (SELECT m.id FROM messages m JOIN th ON m.thread_id = th.id
-     WHERE m.turn_id = CAST(:turn_id AS text) AND m.role = CAST(:role AS text)) AS old_id,
+     WHERE m.turn_id = CAST(:turn_id AS text) AND m.role = CAST(:role AS text)
+       AND m.status <> 'superseded') AS old_id,
     (SELECT count(*) FROM bump) AS bumped
 """
 

@@ -172,13 +172,19 @@ class _ThreadsMixin(_StoreBase):
             next_cursor = _encode_cursor(page[-1].updated_at, page[-1].id)
         return page, next_cursor
 
-    async def list_messages(self, thread_id: str, owner_id: int) -> list[MessageRow] | None:
-        """The thread's messages in order, or None if the thread is not the owner's."""
+    async def list_messages(
+        self, thread_id: str, owner_id: int, *, include_superseded: bool = False
+    ) -> list[MessageRow] | None:
+        """The thread's messages in order, or None if the thread is not the owner's.
+
+        Replies replaced by a regenerated one (``superseded``) only when asked for.
+        """
+        current = "" if include_superseded else " AND m.status <> 'superseded'"
         rows = await self._run(
             lambda c: c.fetch_all(
                 "SELECT t.id AS owned, m.id, m.thread_id, m.role, m.content, m.status, "
                 "m.turn_id, m.created_at, m.updated_at "
-                "FROM threads t LEFT JOIN messages m ON m.thread_id = t.id "
+                f"FROM threads t LEFT JOIN messages m ON m.thread_id = t.id{current} "
                 "WHERE t.id = :thread_id AND t.owner_id = :owner_id ORDER BY m.id",
                 {"thread_id": thread_id, "owner_id": owner_id},
             )
@@ -192,7 +198,7 @@ class _ThreadsMixin(_StoreBase):
         rows = await self._run(
             lambda c: c.fetch_all(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages "
-                "WHERE thread_id = :thread_id AND turn_id = :turn_id",
+                "WHERE thread_id = :thread_id AND turn_id = :turn_id AND status <> 'superseded'",
                 {"thread_id": thread_id, "turn_id": turn_id},
             )
         )

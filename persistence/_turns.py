@@ -272,7 +272,7 @@ class _TurnsMixin(_StoreBase):
             # Lost a race: the winner's rows were invisible to our snapshot.
             turn = await conn.fetch_all(
                 "SELECT id, role, status FROM messages "
-                "WHERE thread_id = :thread_id AND turn_id = :turn_id",
+                "WHERE thread_id = :thread_id AND turn_id = :turn_id AND status <> 'superseded'",
                 {"thread_id": thread_id, "turn_id": turn_id},
             )
             by_role = {r["role"]: r for r in turn}
@@ -327,8 +327,8 @@ class _TurnsMixin(_StoreBase):
             mine = {
                 r["role"]: r
                 for r in await conn.fetch_all(
-                    "SELECT id, role, status FROM messages "
-                    "WHERE thread_id = :thread_id AND turn_id = :turn_id",
+                    "SELECT id, role, status FROM messages WHERE thread_id = :thread_id "
+                    "AND turn_id = :turn_id AND status <> 'superseded'",
                     ids,
                 )
             }
@@ -347,7 +347,7 @@ class _TurnsMixin(_StoreBase):
                 "INSERT INTO messages (thread_id, role, content, status, author_id, turn_id, "
                 "created_at, updated_at) VALUES (:thread_id, 'user', :content, 'complete', "
                 ":owner_id, :turn_id, :now, :now) "
-                "ON CONFLICT (thread_id, turn_id, role) WHERE turn_id IS NOT NULL DO NOTHING "
+                + _pg_sql.ON_TURN_CONFLICT + " "
                 "RETURNING id",
                 {**ids, "content": content, "owner_id": owner_id, "now": now},
             )
@@ -355,7 +355,7 @@ class _TurnsMixin(_StoreBase):
                 "INSERT INTO messages (thread_id, role, content, status, turn_id, lease_owner, "
                 "lease_expires_at, created_at, updated_at) VALUES (:thread_id, 'assistant', "
                 ":shell, 'streaming', :turn_id, :lease_owner, :expires, :now, :now) "
-                "ON CONFLICT (thread_id, turn_id, role) WHERE turn_id IS NOT NULL DO NOTHING "
+                + _pg_sql.ON_TURN_CONFLICT + " "
                 "RETURNING id",
                 {
                     **ids,
@@ -373,7 +373,7 @@ class _TurnsMixin(_StoreBase):
             if history_limit is not None and assistant_new is not None:
                 rows = await conn.fetch_all(
                     f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE thread_id = :thread_id "
-                    "AND (turn_id IS NULL OR turn_id <> :turn_id) "
+                    "AND (turn_id IS NULL OR turn_id <> :turn_id) AND status <> 'superseded' "
                     "ORDER BY id DESC LIMIT :limit",
                     {**ids, "limit": history_limit},
                 )
@@ -390,6 +390,121 @@ class _TurnsMixin(_StoreBase):
                 "streaming" if assistant_new is not None else str(mine["assistant"]["status"])
             ),
             history=history,
+        )
+
+
+class _RegenerateMixin(_StoreBase):
+    async def regenerate_turn(
+        self,
+        thread_id: str,
+        owner_id: int,
+        turn_id: str,
+        *,
+        replaces: int | None,
+        lease_owner: str,
+        lease_seconds: float,
+        history_limit: int = 200,
+    ) -> TurnOpened:
+        """Start a new reply to a turn's user message, keeping the old one ``superseded``.
+
+        Only the thread's last turn can be regenerated (``not_last_turn``). ``replaces``
+        names the reply the caller saw; if the turn's current reply is another one, a
+        regeneration already happened (a double click) and its row is returned with
+        ``assistant_inserted=False`` to attach to or replay, as when ``replaces`` is
+        None and the current reply still streams. A current reply that streams and is
+        the one to replace is ``busy``: the caller stops it first. One transaction on
+        both databases (the thread row locked on PostgreSQL), so two regenerations at
+        once make one new row. Never raises for database failures: ``unavailable``.
+        """
+
+        async def op(conn: Conn) -> tuple[TurnOpened, str]:
+            async with self._transaction(conn):
+                opened = await self._regenerate(
+                    conn, thread_id, owner_id, turn_id, replaces, lease_owner,
+                    lease_seconds, history_limit,
+                )
+            return opened, _open_outcome(opened)
+
+        try:
+            return await self._shielded(
+                "regenerate_turn", op, thread_id=thread_id, turn_id=turn_id,
+                owner_id=owner_id,
+            )
+        except DatabaseUnavailable:
+            return TurnOpened(status="unavailable")
+
+    async def _regenerate(
+        self, conn: Conn, thread_id: str, owner_id: int, turn_id: str, replaces: int | None,
+        lease_owner: str, lease_seconds: float, history_limit: int,
+    ) -> TurnOpened:
+        lock = " FOR UPDATE" if self._is_pg else ""
+        ids = {"thread_id": thread_id, "turn_id": turn_id}
+        if await conn.fetch_val(
+            f"SELECT 1 FROM threads WHERE id = :thread_id AND owner_id = :owner_id{lock}",
+            {"thread_id": thread_id, "owner_id": owner_id},
+        ) is None:
+            return TurnOpened(status="thread_not_found")
+        mine = {
+            r["role"]: r
+            for r in await conn.fetch_all(
+                "SELECT id, role, status, content FROM messages WHERE thread_id = :thread_id "
+                "AND turn_id = :turn_id AND status <> 'superseded'",
+                ids,
+            )
+        }
+        user = mine.get("user")
+        if user is None:
+            return TurnOpened(status="turn_not_found")
+        later = await conn.fetch_val(
+            "SELECT 1 FROM messages WHERE thread_id = :thread_id AND id > :user_id "
+            "AND (turn_id IS NULL OR turn_id <> :turn_id) LIMIT 1",
+            {**ids, "user_id": user["id"]},
+        )
+        if later is not None:
+            return TurnOpened(status="not_last_turn")
+        current = mine.get("assistant")
+        if current is not None and (
+            (replaces is not None and int(current["id"]) != replaces)
+            or (replaces is None and current["status"] == "streaming")
+        ):
+            return TurnOpened(
+                status="opened", user_message_id=int(user["id"]),
+                assistant_message_id=int(current["id"]),
+                assistant_status=str(current["status"]),
+            )
+        if current is not None and current["status"] == "streaming":
+            return TurnOpened(status="busy", busy_turn_id=turn_id)
+        now = _utcnow_text()
+        if current is not None:
+            await conn.execute(
+                "UPDATE messages SET status = 'superseded', updated_at = :now WHERE id = :id",
+                {"id": current["id"], "now": self._ts_param(now)},
+            )
+        expires = _plus_seconds(now, lease_seconds)
+        new_id = await conn.fetch_val(
+            "INSERT INTO messages (thread_id, role, content, status, turn_id, lease_owner, "
+            "lease_expires_at, created_at, updated_at) VALUES (:thread_id, 'assistant', "
+            f"{'CAST(:shell AS jsonb)' if self._is_pg else ':shell'}, 'streaming', :turn_id, "
+            ":lease_owner, :expires, "
+            ":now, :now) RETURNING id",
+            {**ids, "shell": _SHELL_JSON, "lease_owner": lease_owner,
+             "expires": self._ts_param(expires), "now": self._ts_param(now)},
+        )
+        await conn.execute(
+            "UPDATE threads SET updated_at = :now WHERE id = :thread_id",
+            {"thread_id": thread_id, "now": self._ts_param(now)},
+        )
+        rows = await conn.fetch_all(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE thread_id = :thread_id "
+            "AND (turn_id IS NULL OR turn_id <> :turn_id) AND status <> 'superseded' "
+            "ORDER BY id DESC LIMIT :limit",
+            {**ids, "limit": history_limit},
+        )
+        return TurnOpened(
+            status="opened", user_message_id=int(user["id"]), assistant_message_id=int(new_id),
+            assistant_inserted=True, assistant_status="streaming",
+            history=[_message_row(r) for r in reversed(rows)],
+            user_content=_load_json(user["content"]),
         )
 
 

@@ -64,7 +64,7 @@ class _WritersMixin(_StoreBase):
                     # Lost a race: the winner's row was invisible to our snapshot.
                     old_id = await conn.fetch_val(
                         "SELECT id FROM messages WHERE thread_id = :thread_id "
-                        "AND turn_id = :turn_id AND role = :role",
+                        "AND turn_id = :turn_id AND role = :role AND status <> 'superseded'",
                         {"thread_id": thread_id, "turn_id": turn_id, "role": role},
                     )
             else:
@@ -90,7 +90,7 @@ class _WritersMixin(_StoreBase):
                 "INSERT INTO messages (thread_id, role, content, status, author_id, turn_id, "
                 "created_at, updated_at) VALUES (:thread_id, :role, :content, 'complete', "
                 ":author_id, :turn_id, :now, :now) "
-                "ON CONFLICT (thread_id, turn_id, role) WHERE turn_id IS NOT NULL DO NOTHING "
+                + _pg_sql.ON_TURN_CONFLICT + " "
                 "RETURNING id",
                 {k: v for k, v in values.items() if k != "owner_id"} | {"now": now},
             )
@@ -102,7 +102,7 @@ class _WritersMixin(_StoreBase):
                 return new_id, None, True
             old_id = await conn.fetch_val(
                 "SELECT id FROM messages WHERE thread_id = :thread_id "
-                "AND turn_id = :turn_id AND role = :role",
+                "AND turn_id = :turn_id AND role = :role AND status <> 'superseded'",
                 {k: values[k] for k in ("thread_id", "turn_id", "role")},
             )
             return None, old_id, True

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-OpenStatus = Literal["opened", "thread_not_found", "busy", "unavailable", "unauthorized"]
+OpenStatus = Literal[
+    "opened", "thread_not_found", "busy", "unavailable", "unauthorized",
+    "turn_not_found", "not_last_turn",
+]
 AppendOutcome = Literal["inserted", "race_recovered", "conflict_no_match"]
 
 
@@ -49,6 +52,9 @@ class TurnOpened:
     without this turn's rows; else None.
     ``status == "unauthorized"``: ``open_turn(key_prefix=..., key_hash=...)`` found
     that API key revoked, unknown or not ``owner_id``'s; nothing was written.
+    ``Store.regenerate_turn`` answers with the same record: ``turn_not_found`` (no
+    user row for that turn), ``not_last_turn`` (a later turn exists), and
+    ``user_content``, the stored user turn the new reply answers.
     """
 
     status: OpenStatus
@@ -59,6 +65,7 @@ class TurnOpened:
     assistant_status: str | None = None
     busy_turn_id: str | None = None
     history: list[MessageRow] | None = None
+    user_content: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True, slots=True)

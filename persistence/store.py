@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from persistence._accounts import _AccountsMixin
 from persistence._threads import _ThreadsMixin
-from persistence._turns import _TurnsMixin
+from persistence._turns import _RegenerateMixin, _TurnsMixin
 from persistence._writers import _WritersMixin
 
 
-class Store(_AccountsMixin, _ThreadsMixin, _TurnsMixin, _WritersMixin):
+class Store(_AccountsMixin, _ThreadsMixin, _TurnsMixin, _RegenerateMixin, _WritersMixin):
     """Async access to turngate's database (PostgreSQL via asyncpg, or SQLite).
 
     ``Store(url, *, statement_timeout=5.0, pool_size=None, acquire_timeout=None)``;

@@ -233,7 +233,8 @@ async def test_browser_disconnect_closes_upstream_within_100ms(
     async with FakeUpstream() as fake:
         # slow, and held open at the end: the generation is still running when we leave
         fake.enqueue(FakeResponse.sse(streamed_case.body(), delay=0.05, hold_open=True))
-        async with run_gateway(database_url, **gateway_env(fake)) as gw, gw.client() as client:
+        env = gateway_env(fake, TURNGATE_ON_DISCONNECT="cancel")
+        async with run_gateway(database_url, **env) as gw, gw.client() as client:
             thread = await gw.new_thread(client)
             url = f"/v1/threads/{thread}/turns"
             stream = Stream(0, {})
@@ -485,7 +486,8 @@ async def test_upstream_5xx_twice_is_retried_once_then_a_safe_error(database_url
 async def test_disconnect_before_the_first_token_closes_upstream(database_url: str) -> None:
     async with FakeUpstream() as fake:
         fake.enqueue(FakeResponse.sse(b"", hold_open=True))  # headers, then silence
-        async with run_gateway(database_url, **gateway_env(fake)) as gw, gw.client() as client:
+        env = gateway_env(fake, TURNGATE_ON_DISCONNECT="cancel")
+        async with run_gateway(database_url, **env) as gw, gw.client() as client:
             thread = await gw.new_thread(client)
             async with client.stream("POST", f"/v1/threads/{thread}/turns",
                                      json=turn("openai:gpt-4o")) as response:
@@ -506,7 +508,8 @@ async def test_disconnect_during_the_retry_wait_sends_no_second_request(
     async with FakeUpstream() as fake:
         fake.enqueue(FakeResponse.json(429, {"error": {"type": "rate_limit"}},
                                        headers={"retry-after": "2"}))
-        async with run_gateway(database_url, **gateway_env(fake)) as gw, gw.client() as client:
+        env = gateway_env(fake, TURNGATE_ON_DISCONNECT="cancel")
+        async with run_gateway(database_url, **env) as gw, gw.client() as client:
             thread = await gw.new_thread(client)
             async with client.stream("POST", f"/v1/threads/{thread}/turns",
                                      json=turn("openai:gpt-4o")) as response:

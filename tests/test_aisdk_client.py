@@ -70,9 +70,21 @@ async def test_normal_reply(database_url: str) -> None:
         assert [u.message_id for u in usage_rows] == [rows[1].id]
         assert usage_rows[0].total_tokens == usage["totalTokens"]
 
+        # What a reload renders (?format=ui) is what the live stream built: the same
+        # ids and parts (part ids included), and every metadata key the stream set.
+        async with gw.client() as client:
+            r = await client.get(f"/v1/threads/{chat_id}/messages", params={"format": "ui"})
+        stored = r.json()["messages"]
+        assert [m["id"] for m in stored] == [m["id"] for m in out["messages"]]
+        for live, kept in zip(out["messages"], stored, strict=True):
+            assert kept["parts"] == live["parts"]
+            for key, value in (live.get("metadata") or {}).items():
+                assert kept["metadata"][key] == value, key
+
 
 async def test_stop_mid_stream_is_stored_cancelled(database_url: str) -> None:
-    async with run_gateway(database_url) as gw:
+    # The default policy (grace), with a short grace: nobody comes back, so it ends.
+    async with run_gateway(database_url, TURNGATE_DISCONNECT_GRACE_SECONDS="0.5") as gw:
         chat_id = f"chat-{uuid.uuid4().hex[:12]}"
         out = await _chat(gw, "stop", chat_id, stopAfterChars=12,
                           model="scripted:tokens=200,delay_ms=20")
@@ -82,9 +94,9 @@ async def test_stop_mid_stream_is_stored_cancelled(database_url: str) -> None:
         assert len(client_text) >= 12
         assert len(client_text) < len("".join(f"w{i} " for i in range(1, 201)))
 
-        # useChat's stop() only drops the connection; the gateway cancels on disconnect.
+        # useChat's stop() only drops the connection; the gateway cancels after the grace.
         rows = []
-        for _ in range(100):
+        for _ in range(200):
             rows = await _rows(gw, chat_id)
             if rows[-1].status != "streaming":
                 break
@@ -171,16 +183,26 @@ async def test_routes_errors_and_ownership(database_url: str) -> None:
         async with httpx.AsyncClient(base_url=gw.url, headers=gw.auth(other_key)) as other:
             r = await other.post("/api/chat", json=body)
             assert r.status_code == 404, r.text
+            # Someone else's chat: the same answer as an unknown one (nothing to resume).
             r = await other.get(f"/api/chat/{chat_id}/stream")
-            assert r.status_code == 404
+            assert r.status_code == 204 and r.content == b""
             r = await other.get(f"/v1/threads/{chat_id}/messages", params={"format": "ui"})
             assert r.status_code == 404
         assert len(await _rows(gw, chat_id)) == 4
 
         r = await client.post("/api/chat", json={"id": chat_id, "messages": []})
-        assert r.status_code == 400 and r.json()["error"]["code"] == "missing_messages"
+        # useChat shows the body as the error message: a sentence, the code in a header.
+        assert r.status_code == 400 and r.headers["x-turngate-error-code"] == "missing_messages"
+        assert r.headers["content-type"].startswith("text/plain")
+        assert r.text == (
+            'Messages must be a non-empty array of UI messages (or send "message").')
         r = await client.post("/api/chat", json={"messages": body["messages"]})
         assert r.status_code == 400
         async with httpx.AsyncClient(base_url=gw.url) as anonymous:
             r = await anonymous.post("/api/chat", json=body)
-        assert r.status_code == 401
+        assert r.status_code == 401 and r.headers["x-turngate-error-code"] == "unauthorized"
+        assert r.text[0].isupper() and r.text.endswith(".") and "{" not in r.text
+        # An unknown chat id on the resume endpoint (useChat({resume: true}) on a new
+        # chat's mount): 204, and nothing is written.
+        r = await client.get(f"/api/chat/chat-{uuid.uuid4().hex[:12]}/stream")
+        assert r.status_code == 204 and r.content == b""

@@ -294,11 +294,15 @@ async def test_redis_lost_while_running(pg_url: str, redis_url: str) -> None:
         await proxy.close()
 
 
+@pytest.mark.parametrize("policy", ["grace", "cancel"])
 async def test_a_reader_on_another_replica_keeps_the_turn_alive(
-    pg_url: str, redis_url: str
+    pg_url: str, redis_url: str, policy: str
 ) -> None:
-    """As on one process: the generation stops only when the last reader anywhere left."""
-    async with replicas(pg_url, redis_url, 2) as (procs, headers), \
+    """As on one process: the disconnect policy applies only when the last reader
+    anywhere left (under grace, once the grace period has passed too)."""
+    env = ({"TURNGATE_DISCONNECT_GRACE_SECONDS": "0.5"} if policy == "grace"
+           else {"TURNGATE_ON_DISCONNECT": "cancel"})
+    async with replicas(pg_url, redis_url, 2, **env) as (procs, headers), \
             _client(procs[0], headers) as a, _client(procs[1], headers) as b:
         thread = (await a.post("/v1/threads", json={})).json()["id"]
         turns = f"/v1/threads/{thread}/turns"
@@ -329,12 +333,37 @@ async def test_a_reader_on_another_replica_keeps_the_turn_alive(
         async with anyio.create_task_group() as tg:
             tg.start_soon(leave_on_b)
             await stream_request(a, "POST", turns, json=body, limit=10)
-        with anyio.fail_after(2):
+        with anyio.fail_after(2.5):
             while (last := await _last_message(a, thread))["status"] == "streaming":
                 await anyio.sleep(0.05)
         assert last["status"] == "cancelled"
         text = last["content"][0]["text"]
-        assert len(text.split()) < 400
+        assert len(text.split()) < 400 and _full(400).startswith(text)
+
+
+async def test_a_new_turn_at_another_replica_supersedes_a_turn_nobody_reads(
+    pg_url: str, redis_url: str
+) -> None:
+    """useChat's Stop, then the next message through the load balancer to the other
+    replica: no 409; the stopped turn keeps what its reader was sent."""
+    async with replicas(pg_url, redis_url, 2, TURNGATE_DISCONNECT_GRACE_SECONDS="30") as (
+        procs, headers
+    ), _client(procs[0], headers) as a, _client(procs[1], headers) as b:
+        thread = (await a.post("/v1/threads", json={})).json()["id"]
+        turns = f"/v1/threads/{thread}/turns"
+        stopped = await stream_request(a, "POST", turns, json={
+            "turn_id": "t1", "text": "x", "model": "scripted:tokens=400,delay_ms=20"}, limit=12)
+        sent = anyio.current_time()
+        nxt = await stream_request(b, "POST", turns, json={
+            "turn_id": "t2", "text": "y", "model": "scripted:tokens=3"})
+        assert nxt.status == 200, getattr(nxt, "body", b"")
+        validate_ui_stream(nxt)
+        assert anyio.current_time() - sent < 5
+        msgs = (await a.get(f"/v1/threads/{thread}/messages")).json()["messages"]
+        by_turn = {m["turn_id"]: m for m in msgs if m["role"] == "assistant"}
+        assert by_turn["t1"]["status"] == "cancelled"
+        assert by_turn["t1"]["content"][0]["text"] == stopped.text
+        assert by_turn["t2"]["status"] == "complete"
 
 
 @asynccontextmanager

@@ -57,12 +57,14 @@ async def _open_stream(gw: GatewayServer, model: str) -> tuple[asyncio.StreamWri
 
 
 async def _wait_live_done(gw: GatewayServer, thread: str, turn_id: str, within: float) -> LiveTurn:
+    # Keep the turn once seen: a turn cancelled by its reader's departure leaves the
+    # relay as it ends (its stored row, not the relay's copy, is what resumes see).
+    seen: LiveTurn | None = None
     with anyio.fail_after(within):
-        while True:
-            live = gw.ctx.relay.get(thread, turn_id)
-            if live is not None and live.done:
-                return live
+        while seen is None or not seen.done:
+            seen = gw.ctx.relay.get(thread, turn_id) or seen
             await anyio.sleep(0.01)
+    return seen
 
 
 @sqlite_only
@@ -94,7 +96,8 @@ async def test_idle_stream_gets_ping_comments(database_url: str) -> None:
 @sqlite_only
 async def test_reader_that_stops_reading_is_dropped(database_url: str) -> None:
     send_timeout = 0.5
-    async with run_gateway(database_url, TURNGATE_SEND_TIMEOUT=str(send_timeout)) as gw:
+    async with run_gateway(database_url, TURNGATE_SEND_TIMEOUT=str(send_timeout),
+                           TURNGATE_ON_DISCONNECT="cancel") as gw:
         async with gw.client() as client:
             thread = await gw.new_thread(client)
         request, turn_id = _request(gw, thread, "scripted:tokens=1000000,delay_ms=0")
@@ -126,7 +129,7 @@ async def test_reader_that_stops_reading_is_dropped(database_url: str) -> None:
 
 @sqlite_only
 async def test_disconnect_cancels_an_idle_generation_within_1s(database_url: str) -> None:
-    async with run_gateway(database_url) as gw:
+    async with run_gateway(database_url, TURNGATE_ON_DISCONNECT="cancel") as gw:
         trace = uuid.uuid4().hex
         writer, thread, turn_id = await _open_stream(
             gw, f"scripted:tokens=3,delay_ms=5000,trace={trace}"

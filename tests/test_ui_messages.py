@@ -52,7 +52,7 @@ def test_assistant_parts_in_order_with_tool_states() -> None:
     assert msg["metadata"]["status"] == "cancelled"
     assert msg["parts"] == [
         {"type": "step-start"},
-        {"type": "reasoning", "text": "think", "state": "done"},
+        {"type": "reasoning", "id": "r1", "text": "think", "state": "done"},
         {"type": "tool-lookup", "toolCallId": "c1", "input": {"q": 1},
          "state": "output-available", "output": {"a": 2}},
         {"type": "tool-lookup", "toolCallId": "c2", "input": {"q": 2},
