@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -453,7 +453,7 @@ async def wait_final(
     return FinalTurn(message, mine)
 
 
-def usage_summary(rows: list[Mapping[str, Any]]) -> str:
+def usage_summary(rows: Sequence[Mapping[str, Any]]) -> str:
     """One line describing usage rows (for messages)."""
     return ", ".join(
         f"prompt={r['prompt_tokens']} completion={r['completion_tokens']} "
