@@ -405,7 +405,9 @@ class _Checker:
         worst = 0.0
         mid, ended_first = 0, 0
         problems: list[str] = []
+        done = 0
         for k in points:
+            done += 1
             stream, run, left, thread = await self._turn(leave_after=k)
             if run is None:
                 problems.append(f"cut {k}: the adapter was not called")
@@ -436,7 +438,7 @@ class _Checker:
                 problems.append(f"cut {k}: {len(final.usage)} usage rows; expected 1")
             if len(problems) >= 3:
                 break
-        figure = (f"{len(points)} cuts of {length} events: stopped within "
+        figure = (f"{done} of {len(points)} cuts of {length} events: stopped within "
                   f"{worst * 1000:.1f} ms at worst ({mid} cancelled mid-reply, "
                   f"{ended_first} had ended)")
         if problems:
