@@ -23,6 +23,8 @@ from persistence import Store, migrate
 
 #: How long ``live_server`` waits for uvicorn to start listening, in seconds.
 START_TIMEOUT = 20.0
+#: How long ``live_server`` waits for the server to shut down on exit, in seconds.
+STOP_TIMEOUT = 30.0
 
 
 def free_port() -> int:
@@ -97,6 +99,7 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
         self.startup_over = anyio.Event()
+        self.stopped = anyio.Event()
         self.failure: str | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -113,6 +116,7 @@ class _Server(uvicorn.Server):
             await self.serve()
         finally:
             self.startup_over.set()
+            self.stopped.set()
 
 
 @asynccontextmanager
@@ -140,7 +144,9 @@ async def live_server(
     The server runs in the caller's event loop on the asyncio backend (the
     database layer is asyncio-only), so a test can look at the app's state
     directly. On exit the server shuts down as on SIGTERM: running turns are
-    finalized and the lifespan closes the adapters.
+    finalized and the lifespan closes the adapters. An exception raised in the
+    block comes out as it is (not wrapped in an exception group); a server that
+    cannot start raises ``RuntimeError`` saying so.
     """
     async with AsyncExitStack() as stack:
         if database_url is None:
@@ -158,29 +164,47 @@ async def live_server(
             timeout_graceful_shutdown=5,
         )
         server = _Server(config)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(server.serve_until_exit)
-            try:
-                with anyio.fail_after(START_TIMEOUT):
-                    await server.startup_over.wait()
-                if not server.started:
-                    raise RuntimeError(
-                        f"the gateway on {database_url} stopped during start-up "
-                        f"({server.failure or 'see its log'}); expected it to listen on "
-                        "127.0.0.1"
-                    )
-                port = server.servers[0].sockets[0].getsockname()[1]
-                url = f"http://127.0.0.1:{port}"
-                async with AsyncExitStack() as own:
-                    store = await own.enter_async_context(Store(database_url))
-                    user_id = await store.create_user(user)
-                    key = await store.create_api_key(user_id)
-                    client = await own.enter_async_context(
-                        httpx.AsyncClient(
-                            base_url=url, headers={"authorization": f"Bearer {key}"},
-                            timeout=httpx.Timeout(30.0),
+        failure: str | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(server.serve_until_exit)
+                try:
+                    with anyio.fail_after(START_TIMEOUT):
+                        await server.startup_over.wait()
+                    if not server.started:
+                        failure = (
+                            f"the gateway on {database_url} stopped during start-up "
+                            f"({server.failure or 'see its log'}); expected it to listen on "
+                            "127.0.0.1"
                         )
-                    )
-                    yield LiveServer(url, key, client, user_id, database_url, app, server, store)
-            finally:
-                server.should_exit = True
+                    else:
+                        async with _session(app, server, database_url, user) as live:
+                            yield live
+                finally:
+                    # Also when the block raised: the server shuts down, it is not torn down.
+                    server.should_exit = True
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_TIMEOUT):
+                        await server.stopped.wait()
+        except BaseExceptionGroup as group:
+            # One failure (the caller's own, most often): raise it as it is.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        if failure is not None:
+            raise RuntimeError(failure)
+
+
+@asynccontextmanager
+async def _session(
+    app: Starlette, server: _Server, database_url: str, user: str
+) -> AsyncIterator[LiveServer]:
+    port = server.servers[0].sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    async with Store(database_url) as store:
+        user_id = await store.create_user(user)
+        key = await store.create_api_key(user_id)
+        async with httpx.AsyncClient(
+            base_url=url, headers={"authorization": f"Bearer {key}"},
+            timeout=httpx.Timeout(30.0),
+        ) as client:
+            yield LiveServer(url, key, client, user_id, database_url, app, server, store)

@@ -305,12 +305,22 @@ class TurnReader:
                 return event
         return None
 
-    def __aiter__(self) -> AsyncIterator[SSEEvent]:
-        return self._iterate()
+    def __aiter__(self) -> TurnReader:
+        return self
 
-    async def _iterate(self) -> AsyncIterator[SSEEvent]:
-        while (event := await self.next_event()) is not None:
-            yield event
+    async def __anext__(self) -> SSEEvent:
+        event = await self.next_event()
+        if event is None:
+            raise StopAsyncIteration
+        return event
+
+    async def aclose(self) -> None:
+        """Stop reading lines (the connection closes when ``open_turn``'s block ends)."""
+        lines, self._lines = self._lines, None
+        closer = getattr(lines, "aclose", None)
+        if closer is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await closer()
 
     async def read(self, limit: int | None = None) -> Stream:
         """Read until the end, or until ``limit`` events in all were read; the stream."""
@@ -342,7 +352,11 @@ async def open_turn(
     body = turn_body(text, turn_id=turn_id, model=model, **extra)
     url = f"/v1/threads/{thread_id}/turns"
     async with client.stream("POST", url, json=body) as response:
-        yield TurnReader(thread_id, body["turn_id"], response)
+        reader = TurnReader(thread_id, body["turn_id"], response)
+        try:
+            yield reader
+        finally:
+            await reader.aclose()
 
 
 async def start_turn(
