@@ -23,9 +23,13 @@ TEXT = "the quick brown fox jumps over the lazy dog again and again"
 REPLY = "".join(word.upper() + " " for word in TEXT.split())
 
 
-def test_registered_through_the_entry_point() -> None:
+async def test_registered_through_the_entry_point() -> None:
     found = {ep.name: ep.value for ep in entry_points(group="turngate.adapters")}
     assert found.get("shout") == "turngate_shout:ShoutAdapter", found
+    async with live_server() as server:
+        _, stream = await start_turn(server.client, await server.new_thread(), TEXT,
+                                     model="no-such-adapter")
+        assert stream.status == 400 and b"shout" in stream.body, stream.body
 
 
 async def test_reply_and_usage() -> None:
