@@ -94,7 +94,8 @@ async def test_cli_passes_openai_and_anthropic_against_the_fake_upstream() -> No
 @pytest.mark.parametrize(
     ("factory", "broken", "says"),
     [
-        (NeverAwaits, "yields", f"expected at most {MAX_EVENTS_PER_STEP}"),
+        (NeverAwaits, "yields", "0 other requests answered while it produced them; "
+                                f"expected at most {MAX_EVENTS_PER_STEP}"),
         (NoUsage, "usage", "no final Usage event: the row's usage was estimated"),
         (SwallowsCancel, "disconnect", "swallowed the cancellation"),
     ],

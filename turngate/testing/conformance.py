@@ -15,7 +15,9 @@ error check, throws an error into the stream. Each property is one
   row's usage was estimated, and the check says so and fails.
 - ``yields``: the producer suspends (yields to the event loop) at least once
   every :data:`MAX_EVENTS_PER_STEP` events, so other requests are served while
-  it streams and a departed client's turn can be cancelled.
+  it streams and a departed client's turn can be cancelled. The figure also
+  counts another client's requests answered while the adapter produced its
+  events.
 - ``disconnect``: a browser leaving after k events, for every k of the reply
   (or a sample of at least :data:`MIN_CUTS` spread over a long one), stops the
   adapter within :data:`STOP_WITHIN` seconds without it swallowing the
@@ -318,6 +320,7 @@ class _Checker:
         self.cuts = cuts
         self.timeout = timeout
         self.results: list[CheckResult] = []
+        self.served_meanwhile = 0
 
     async def _turn(self, leave_after: int | None = None) -> tuple[Stream, StreamRun | None,
                                                                    float, str]:
@@ -334,7 +337,25 @@ class _Checker:
         return stream, run, left, thread
 
     async def run(self) -> None:
-        full, run, _, thread = await self._turn()
+        answered: list[float] = []
+        streaming = anyio.Event()
+
+        async def other_requests() -> None:
+            # Another client's requests while the turn streams: each one answered
+            # means the loop was free meanwhile.
+            async with self.server.new_client() as other:
+                await streaming.wait()
+                while True:
+                    if (await other.get("/healthz")).status_code == 200:
+                        answered.append(time.monotonic())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other_requests)
+            streaming.set()
+            full, run, _, thread = await self._turn()
+            tg.cancel_scope.cancel()
+        if run is not None:
+            self.served_meanwhile = sum(run.started < t < run.ended_at for t in answered)
         if full.status != 200 or run is None:
             figure = (f"the turn answered {full.status} {full.body[:300]!r}; expected a 200 "
                       "stream from the adapter")
@@ -394,7 +415,8 @@ class _Checker:
         steps, seconds = run.longest_step()
         suspended = sum(run.suspended)
         figure = (f"at most {steps} of {len(run.events)} events in one loop step "
-                  f"({seconds * 1000:.2f} ms); suspended before {suspended} events")
+                  f"({seconds * 1000:.2f} ms); suspended before {suspended} events; "
+                  f"{self.served_meanwhile} other requests answered while it produced them")
         ok = steps <= MAX_EVENTS_PER_STEP
         if not ok:
             figure += f"; expected at most {MAX_EVENTS_PER_STEP} (it blocks the event loop)"
