@@ -159,6 +159,7 @@ def cmd_check_adapter(args: argparse.Namespace) -> int:
     """Run the conformance checks of turngate.testing.conformance; exit 0 only if all hold."""
     import functools
     import importlib
+    import logging
     import os
 
     import anyio
@@ -167,6 +168,8 @@ def cmd_check_adapter(args: argparse.Namespace) -> int:
     from turngate.testing.conformance import check_adapter
 
     _load_dotenv()
+    # The check throws errors and cuts turns on purpose: only errors are worth a log line.
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     factory = None
     if args.factory:
         module_name, sep, attr = args.factory.partition(":")
