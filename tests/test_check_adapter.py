@@ -63,6 +63,15 @@ async def test_scripted_passes_with_text_reasoning_and_tools() -> None:
     assert "cancelled mid-reply" in report.result("disconnect").figure
 
 
+async def test_the_environments_database_and_redis_stay_out(pg_url: str) -> None:
+    deployment = {"DATABASE_URL": "postgresql://nowhere.invalid/prod",
+                  "REDIS_URL": "redis://127.0.0.1:1/0"}
+    assert_all_pass(await check_adapter("scripted:tokens=30", env=deployment))
+    # A database given explicitly is used (and migrated first, here a no-op).
+    assert_all_pass(await check_adapter("scripted:tokens=30", env=deployment,
+                                        database_url=pg_url))
+
+
 async def test_cli_passes_scripted_and_prints_one_line_per_property(tmp_path: Path) -> None:
     code, out, err = await cli("check-adapter", "scripted:tokens=40,delay_ms=1")
     assert code == 0, out + err

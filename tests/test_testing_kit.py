@@ -19,6 +19,7 @@ import anyio.lowlevel
 import pytest
 
 from llm_adapters import AdapterEvent, AdapterRequest, BaseAdapter, Finish, TextDelta, Usage
+from tests.fixtures_db import _admin, pg_url_for
 from turngate.testing import (
     Stream,
     live_server,
@@ -136,6 +137,20 @@ async def test_wait_final_times_out_naming_the_status() -> None:
         r = await server.client.post(f"/v1/threads/{thread}/turns/{turn_id}/cancel")
         assert r.status_code == 200, r.text
         assert (await wait_final(server.client, thread, turn_id)).status == "cancelled"
+
+
+async def test_postgresql_is_migrated_only_when_asked(pg_url: str) -> None:
+    name = f"turngate_kit_{os.getpid()}"
+    await _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    await _admin(f"CREATE DATABASE {name}")
+    try:
+        with pytest.raises(RuntimeError, match="stopped during start-up"):
+            async with live_server(pg_url_for(name)):
+                raise AssertionError("served an empty PostgreSQL database")
+        async with live_server(pg_url_for(name), migrate_database=True) as server:
+            assert (await server.client.get("/readyz")).status_code == 200
+    finally:
+        await _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 async def test_a_server_that_cannot_start_says_so(tmp_path: Path) -> None:

@@ -546,11 +546,15 @@ async def check_adapter(
 
     ``env`` holds the adapter's settings (its base URL and key) and any gateway
     setting; ``check-adapter`` passes the process environment, as ``serve``
-    reads it. ``factory`` makes the adapter instead of the registry (an adapter
+    reads it (but its ``DATABASE_URL`` and ``REDIS_URL``: the check runs one
+    process on a fresh SQLite file, or on ``database_url``, migrated first).
+    ``factory`` makes the adapter instead of the registry (an adapter
     not installed yet). ``turn_timeout`` bounds each turn, in seconds.
     """
     environ = dict(env or {})
+    # One process on its own database: the deployment's database and Redis stay out.
     environ.pop("DATABASE_URL", None)
+    environ.pop("REDIS_URL", None)
     # One reader per turn, cancelled when it leaves; the checks poll freely.
     environ.update({
         "TURNGATE_ON_DISCONNECT": "cancel",
@@ -564,7 +568,8 @@ async def check_adapter(
 
     checker: _Checker | None = None
     async with live_server(database_url, env=environ, adapters={name: make_probe},
-                           user="check-adapter") as server:
+                           user="check-adapter",
+                           migrate_database=database_url is not None) as server:
         checker = _Checker(server, probe, model, prompt, cuts, turn_timeout)
         await checker.run()
     checker.check_cleanup()
