@@ -88,3 +88,16 @@ def test_the_kit_table_names_what_turngate_testing_exports() -> None:
     assert names, "no names found in the kit's table"
     missing = names - set(testing.__all__)
     assert not missing, f"documented but not exported by turngate.testing: {missing}"
+
+
+def test_the_kit_and_the_adapter_api_are_typed() -> None:
+    for package in ("turngate", "llm_adapters"):
+        assert (REPO / package / "py.typed").is_file(), package
+    mypy = Path(sys.executable).parent / "mypy"
+    example = REPO / "examples" / "turngate-shout"
+    result = subprocess.run(
+        [str(mypy), "--strict", "--ignore-missing-imports",
+         str(example / "turngate_shout.py"), str(example / "tests")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
