@@ -6,7 +6,9 @@ They echo the user's words back, as a well-behaved adapter would, except:
 - :class:`NoUsage` never reports usage (property ``usage``);
 - :class:`SwallowsCancel` catches the cancellation of its upstream call and goes on
   calling its upstream (property ``disconnect``); ``calls_after_cancel`` counts
-  the calls it made after it swallowed one.
+  the calls it made after it swallowed one;
+- :class:`Hangs` sends one word and then waits forever (every property after it
+  times out).
 """
 
 from __future__ import annotations
@@ -88,4 +90,18 @@ class SwallowsCancel(BaseAdapter):
         yield Finish("stop")
 
 
-__all__ = ["NeverAwaits", "NoUsage", "SwallowsCancel"]
+class Hangs(BaseAdapter):
+    """One word, then an upstream that never answers again."""
+
+    name = "hangs"
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        super().__init__(env)
+
+    async def stream(self, request: AdapterRequest) -> AsyncGenerator[AdapterEvent, None]:
+        yield TextDelta("one ")
+        await anyio.sleep_forever()
+        yield Finish("stop")
+
+
+__all__ = ["Hangs", "NeverAwaits", "NoUsage", "SwallowsCancel"]

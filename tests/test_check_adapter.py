@@ -17,7 +17,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.broken_adapters import NeverAwaits, NoUsage, SwallowsCancel
+from tests.broken_adapters import Hangs, NeverAwaits, NoUsage, SwallowsCancel
 from tests.upstream_fakes import FakeResponse, FakeUpstream, recording
 from turngate.testing.conformance import (
     MAX_EVENTS_PER_STEP,
@@ -121,6 +121,14 @@ async def test_broken_adapters_fail_naming_the_property(
     if isinstance(adapter, SwallowsCancel):
         # It really kept calling its upstream after the browser had left.
         assert adapter.calls_after_cancel > 0
+
+
+async def test_an_adapter_that_hangs_fails_after_the_turn_timeout() -> None:
+    started = anyio.current_time()
+    report = await check_adapter("hangs:v1", factory=Hangs, turn_timeout=1)
+    assert report.failed == list(PROPERTIES[:-1]), "\n".join(report.lines())
+    assert "not checked: a turn took longer than 1 s" in report.result("events").figure
+    assert anyio.current_time() - started < 15  # one timeout, then a bounded shutdown
 
 
 async def test_cli_fails_a_broken_adapter_with_exit_1() -> None:

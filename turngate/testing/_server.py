@@ -185,6 +185,8 @@ async def live_server(
                     server.should_exit = True
                     with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_TIMEOUT):
                         await server.stopped.wait()
+                    if not server.stopped.is_set():
+                        tg.cancel_scope.cancel()  # past the deadline: tear it down
         except BaseExceptionGroup as group:
             # One failure (the caller's own, most often): raise it as it is.
             if len(group.exceptions) == 1:

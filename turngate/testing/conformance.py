@@ -349,11 +349,18 @@ class _Checker:
                     if (await other.get("/healthz")).status_code == 200:
                         answered.append(time.monotonic())
 
+        outcome: tuple[Stream, StreamRun | None, float, str] | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(other_requests)
             streaming.set()
-            full, run, _, thread = await self._turn()
+            try:
+                outcome = await self._turn()
+            except TimeoutError:
+                pass  # raised below, outside the task group (not as an exception group)
             tg.cancel_scope.cancel()
+        if outcome is None:
+            raise TimeoutError
+        full, run, _, thread = outcome
         if run is not None:
             self.served_meanwhile = sum(run.started < t < run.ended_at for t in answered)
         if full.status != 200 or run is None:
@@ -367,6 +374,15 @@ class _Checker:
         self._check_yields(run)
         await self._check_disconnect(len(full.events))
         await self._check_errors(len(run.events))
+
+    def timed_out(self) -> None:
+        """Fail every property not checked yet: a turn outlived the turn timeout."""
+        done = {r.name for r in self.results}
+        for name in PROPERTIES[:-1]:
+            if name not in done:
+                self.results.append(CheckResult(
+                    name, False, f"not checked: a turn took longer than {self.timeout:g} s "
+                    "(the adapter never finished or never stopped)"))
 
     def _check_events(self, full: Stream, run: StreamRun, message: dict[str, Any],
                       stored: str) -> None:
@@ -559,6 +575,7 @@ async def check_adapter(
     environ.update({
         "TURNGATE_ON_DISCONNECT": "cancel",
         "TURNGATE_RATE_LIMIT_PER_MINUTE": "1000000",
+        "TURNGATE_SHUTDOWN_GRACE_SECONDS": "1",  # a stream left hanging is not waited for
     })
     name, _ = parse_model(model)
     probe = Probe(make_adapter(model, environ, factory))
@@ -571,7 +588,10 @@ async def check_adapter(
                            user="check-adapter",
                            migrate_database=database_url is not None) as server:
         checker = _Checker(server, probe, model, prompt, cuts, turn_timeout)
-        await checker.run()
+        try:
+            await checker.run()
+        except TimeoutError:
+            checker.timed_out()
     checker.check_cleanup()
     return AdapterReport(model, checker.results)
 
