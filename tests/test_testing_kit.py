@@ -175,3 +175,27 @@ def test_the_kit_imports_no_test_only_code() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60, env={**os.environ, "PYTHONPATH": ""})
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_package_docstring_example_runs_as_a_plain_script(tmp_path: Path) -> None:
+    import textwrap
+
+    import turngate.testing
+
+    doc = turngate.testing.__doc__ or ""
+    example = textwrap.dedent(doc.split("::\n")[1].split("\nNothing here")[0])
+    imports, _, body = example.partition("\n\n")
+    script = (
+        f"import anyio\n{imports}\n\nasync def main() -> None:\n"
+        + textwrap.indent(body, "    ")
+        + "\n    assert final.status == 'complete' and len(final.usage) == 1, final\n"
+        + "    print('ok', first.last_id, len(rest.events), final.text.count(' '))\n"
+        + "\nanyio.run(main, backend='asyncio')\n"
+    )
+    (tmp_path / "script.py").write_text(script)
+    result = subprocess.run([sys.executable, str(tmp_path / "script.py")], capture_output=True,
+                            text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, script + result.stdout + result.stderr
+    # 58 events: start, start-step, text-start, 50 deltas, text-end, finish-step,
+    # message-metadata, finish, [DONE]; the first 5 read, the rest resumed after id 4.
+    assert result.stdout.split() == ["ok", "4", str(58 - 5), "50"], result.stdout
