@@ -87,7 +87,7 @@ async def test_cli_passes_openai_and_anthropic_against_the_fake_upstream() -> No
         ("anthropic:claude-sonnet-4-5", "anthropic-text-usage.sse", "ANTHROPIC", ""),
     ]:
         async with FakeUpstream() as fake:
-            fake.default = FakeResponse.sse(recording(name), delay=0.002)
+            fake.default = FakeResponse.sse(recording(name), delay=0.005)
             env = {f"{env_name}_BASE_URL": fake.url + base, f"{env_name}_API_KEY": "sk-check"}
             code, out, err = await cli("check-adapter", model, env=env)
             assert code == 0, f"{model}:\n{out}{err}"
