@@ -177,7 +177,12 @@ def cmd_check_adapter(args: argparse.Namespace) -> int:
             print(f"turngate: --factory {args.factory!r} must be in format "
                   "\"<module>:<attribute>\"", file=sys.stderr)
             return 2
-        factory = getattr(importlib.import_module(module_name), attr)
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            print(f"turngate: --factory {args.factory!r} cannot be loaded ({exc}); expected "
+                  "an importable module and an attribute of it", file=sys.stderr)
+            return 2
     run = functools.partial(
         check_adapter, args.model, env=dict(os.environ), database_url=args.database_url,
         factory=factory, cuts=args.cuts, turn_timeout=args.turn_timeout,

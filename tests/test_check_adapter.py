@@ -145,6 +145,8 @@ async def test_cli_unknown_adapter_and_bad_factory_exit_2() -> None:
     assert code == 2 and "unknown adapter 'nosuch'" in err and "scripted" in err, err
     code, _, err = await cli("check-adapter", "x:y", "--factory", "no-colon")
     assert code == 2 and "--factory 'no-colon'" in err and "<module>:<attribute>" in err, err
+    code, _, err = await cli("check-adapter", "x:y", "--factory", "tests.broken_adapters:Nope")
+    assert code == 2 and "'tests.broken_adapters:Nope' cannot be loaded" in err, err
 
 
 def test_cut_points_cover_every_index_or_a_spread_sample() -> None:
