@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from importlib.metadata import entry_points
 
 import uvicorn
+from starlette.applications import Starlette
 
 from llm_adapters.registry import ENTRY_POINT_GROUP
 
@@ -55,14 +56,26 @@ def reload_dirs(extra: Iterable[str] = ()) -> list[str]:
     return sorted(os.path.realpath(d) for d in dirs)
 
 
+def create_worker_app() -> Starlette:
+    """The app of one reloader worker: settings from the environment, logging as
+    ``serve`` configures it (a worker is a fresh process)."""
+    from gateway.app import create_app
+    from gateway.logs import configure_logging
+    from gateway.settings import Settings
+
+    settings = Settings.from_env()
+    configure_logging(settings.log_format, settings.log_level)
+    return create_app(settings)
+
+
 def serve_reload(host: str, port: int, extra_dirs: Iterable[str] = ()) -> None:
     """Run the gateway under uvicorn's reloader until interrupted.
 
-    Each worker builds the app with ``gateway.app:create_app`` from the
+    Each worker builds the app with :func:`create_worker_app` from the
     environment (the ``.env`` file already loaded by the caller is inherited).
     """
     uvicorn.run(
-        "gateway.app:create_app",
+        "gateway.devserver:create_worker_app",
         factory=True,
         host=host,
         port=port,
@@ -75,4 +88,4 @@ def serve_reload(host: str, port: int, extra_dirs: Iterable[str] = ()) -> None:
     )
 
 
-__all__ = ["PROJECT_PACKAGES", "reload_dirs", "serve_reload"]
+__all__ = ["PROJECT_PACKAGES", "create_worker_app", "reload_dirs", "serve_reload"]

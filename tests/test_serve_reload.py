@@ -96,3 +96,5 @@ async def test_a_change_in_a_watched_directory_restarts_the_worker(tmp_path: Pat
         output = proc.stdout.read().decode() if proc.stdout else ""
         proc.stdout and proc.stdout.close()
     assert "first start" in output, output  # the parent printed the one-time key URL
+    # Each worker logs as `serve` does: both the first and the restarted one started.
+    assert output.count("started instance=") >= 2, output
