@@ -55,6 +55,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"    http://{shown_host}:{args.port}/#key={key}")
             print("(the key is shown only this once; `turngate keys create NAME` makes more)")
             sys.stdout.flush()
+    if getattr(args, "reload", False):
+        from gateway.devserver import serve_reload
+
+        serve_reload(args.host, args.port, args.reload_dir or ())
+        return 0
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -150,6 +155,56 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_check_adapter(args: argparse.Namespace) -> int:
+    """Run the conformance checks of turngate.testing.conformance; exit 0 only if all hold."""
+    import functools
+    import importlib
+    import logging
+    import os
+
+    import anyio
+
+    from turngate.exceptions import UnknownAdapter
+    from turngate.testing.conformance import check_adapter
+
+    _load_dotenv()
+    # The check throws errors and cuts turns on purpose: only errors are worth a log line.
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    factory = None
+    if args.factory:
+        module_name, sep, attr = args.factory.partition(":")
+        if not sep or not attr:
+            print(f"turngate: --factory {args.factory!r} must be in format "
+                  "\"<module>:<attribute>\"", file=sys.stderr)
+            return 2
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            print(f"turngate: --factory {args.factory!r} cannot be loaded ({exc}); expected "
+                  "an importable module and an attribute of it", file=sys.stderr)
+            return 2
+    run = functools.partial(
+        check_adapter, args.model, env=dict(os.environ), database_url=args.database_url,
+        factory=factory, cuts=args.cuts, turn_timeout=args.turn_timeout,
+        **({"prompt": args.prompt} if args.prompt else {}),
+    )
+    try:
+        report = anyio.run(run, backend="asyncio")
+    except UnknownAdapter as exc:
+        print(f"turngate: {exc}", file=sys.stderr)
+        return 2
+    for line in report.lines():
+        print(line)
+    sys.stdout.flush()
+    if report.ok:
+        print(f"turngate: {args.model}: all {len(report.results)} properties hold",
+              file=sys.stderr)
+        return 0
+    print(f"turngate: {args.model}: {len(report.failed)} of {len(report.results)} properties "
+          f"fail: {', '.join(report.failed)}", file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="turngate", description="A chat-turn gateway.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,7 +217,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--reload", action="store_true",
+                       help="restart on changes to the project, the installed adapter "
+                       "packages and any --reload-dir (development)")
+    serve.add_argument("--reload-dir", action="append", metavar="DIR",
+                       help="also watch DIR with --reload (repeatable)")
     serve.set_defaults(func=cmd_serve)
+    check = sub.add_parser(
+        "check-adapter",
+        help="check that an adapter is safe to plug in (conformance checks)",
+        description="Run the adapter conformance checks against a live gateway on a free "
+        "loopback port and print one line per property with the measured figure; exit 0 "
+        "only if all hold. The adapter's settings (base URL, key) come from the "
+        "environment, as for serve. See docs/ADAPTERS.md.",
+    )
+    check.add_argument("model", help='"<adapter>:<model>", e.g. scripted:tokens=100')
+    check.add_argument("--database-url", default=None,
+                       help="database for the check (default: a fresh SQLite file)")
+    check.add_argument("--factory", default=None, metavar="MODULE:ATTR",
+                       help="make the adapter with this class or factory instead of the "
+                       "registered one (an adapter not installed yet)")
+    check.add_argument("--prompt", default=None,
+                       help="the user text of every turn (default: ask for a long reply)")
+    check.add_argument("--cuts", type=int, default=20,
+                       help="disconnect at this many event indexes at least (default: 20)")
+    check.add_argument("--turn-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="longest one turn may take (default: 30)")
+    check.set_defaults(func=cmd_check_adapter)
     mig = sub.add_parser("migrate", help="bring the database schema to the newest version")
     mig.set_defaults(func=cmd_migrate)
     keys = sub.add_parser("keys", help="manage API keys")

@@ -12,6 +12,8 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 # A third-party adapter package, to prove the `turngate.adapters` entry point works.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check ./tests/third_party_adapter
+# The example adapter package of docs/ADAPTERS.md; its own suite runs after the main one.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check ./examples/turngate-shout
 
 # PostgreSQL (127.0.0.1:5432, trust auth) and Redis (127.0.0.1:6379).
 if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
@@ -47,6 +49,18 @@ if [ "$rc" -eq 5 ]; then
 fi
 if [ "$rc" -ne 0 ]; then
     exit "$rc"
+fi
+
+# The example adapter's own suite (on turngate.testing), when the whole suite runs.
+if [ "$#" -eq 0 ]; then
+    set +e
+    (cd examples/turngate-shout && ../../.venv/bin/python -m pytest)
+    example_rc=$?
+    set -e
+    if [ "$example_rc" -ne 0 ]; then
+        echo "examples/turngate-shout: its test suite failed (exit $example_rc)" >&2
+        exit "$example_rc"
+    fi
 fi
 
 # Under CI, run the whole suite once more from a bare copy of the repository: the

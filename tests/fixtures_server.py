@@ -1,4 +1,4 @@
-"""A real uvicorn server on 127.0.0.1, in the test's own event loop.
+"""A real uvicorn server on 127.0.0.1, in the test's own event loop (``turngate.testing``).
 
 Streaming and disconnects are tested over real HTTP (httpx.ASGITransport
 buffers whole bodies). The server runs in the test's loop, so tests can look
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -18,70 +17,46 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 
-from gateway.app import create_app
 from gateway.context import AppContext
-from gateway.settings import Settings
 from persistence import Store
+from turngate.testing import LiveServer, free_port, live_server
 
 
-@dataclass
 class GatewayServer:
-    """A running gateway and a user with a key."""
+    """A running gateway and a user with a key: ``turngate.testing.LiveServer``, with
+    ``client()`` making a new client (the names the test files use)."""
 
-    url: str
-    app: Starlette
-    server: uvicorn.Server
-    store: Store
-    user_id: int
-    key: str
+    def __init__(self, live: LiveServer) -> None:
+        self.live = live
+        self.url = live.url
+        self.app: Starlette = live.app
+        self.server: uvicorn.Server = live.server
+        self.store: Store = live.store
+        self.user_id = live.user_id
+        self.key = live.key
 
     @property
     def ctx(self) -> AppContext:
-        ctx: AppContext = self.app.state.ctx
-        return ctx
+        return self.live.ctx
 
     def auth(self, key: str | None = None) -> dict[str, str]:
-        return {"authorization": f"Bearer {key or self.key}"}
+        return self.live.auth(key)
 
     def client(self, **kwargs: Any) -> httpx.AsyncClient:
-        kwargs.setdefault("timeout", httpx.Timeout(30.0))
-        return httpx.AsyncClient(base_url=self.url, headers=self.auth(), **kwargs)
+        return self.live.new_client(**kwargs)
 
     async def new_user(self, name: str) -> tuple[int, str]:
-        user_id = await self.store.create_user(name)
-        return user_id, await self.store.create_api_key(user_id)
+        return await self.live.new_user(name)
 
     async def new_thread(self, client: httpx.AsyncClient, thread_id: str | None = None) -> str:
-        body = {} if thread_id is None else {"id": thread_id}
-        r = await client.post("/v1/threads", json=body)
-        assert r.status_code in (200, 201), r.text
-        return str(r.json()["id"])
+        return await self.live.new_thread(client, thread_id)
 
 
 @asynccontextmanager
 async def run_gateway(database_url: str, **env: str) -> AsyncIterator[GatewayServer]:
     """Start a gateway on a free port with settings from ``env``; stop it on exit."""
-    environ = {"DATABASE_URL": database_url, **env}
-    settings = Settings.from_env(environ)
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_config=None, lifespan="on", http="httptools",
-        timeout_graceful_shutdown=5,
-    )
-    server = uvicorn.Server(config)
-    async with Store(database_url) as store:
-        user_id = await store.create_user("alice")
-        key = await store.create_api_key(user_id)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(server.serve)
-            with anyio.fail_after(10):
-                while not server.started:
-                    await anyio.sleep(0.01)
-            port = server.servers[0].sockets[0].getsockname()[1]
-            try:
-                yield GatewayServer(f"http://127.0.0.1:{port}", app, server, store, user_id, key)
-            finally:
-                server.should_exit = True
+    async with live_server(database_url, env=env) as live:
+        yield GatewayServer(live)
 
 
 @pytest.fixture
@@ -91,14 +66,7 @@ async def gateway(database_url: str) -> AsyncIterator[GatewayServer]:
         yield gw
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+__all__ = ["GatewayServer", "ServerProcess", "free_port", "gateway", "run_gateway"]
 
 
 class ServerProcess:
