@@ -293,8 +293,11 @@ class TurnRunner:
                     await self._renew_stream_holds(self.limits)
                 await self.store.recover_expired_turns()
                 self.relay.sweep()
-            except Exception:
-                logger.exception("maintenance_failed")
+            except Exception as exc:
+                # One line per failed pass, naming the cause; the traceback only at debug.
+                logger.warning("maintenance_failed: %s", str(exc) or type(exc).__name__,
+                               exc_info=logger.isEnabledFor(logging.DEBUG),
+                               extra={"event": "maintenance_failed"})
 
     async def drain(self, grace: float) -> None:
         """Stop taking turns; let running ones finish within ``grace``, then interrupt them."""
