@@ -143,6 +143,7 @@ class TurnRunner:
                 status = live.cancel_reason or "cancelled"
         except UpstreamError as exc:
             status, error_text = "error", exc.safe_message
+            usage.failed(exc)  # a request that never reached the provider costs nothing
             self.metrics.upstream_errors.labels(adapter.name).inc()
             logger.warning(
                 "upstream_error turn_id=%s message_id=%s adapter=%s error=%s",
