@@ -146,11 +146,11 @@ class TurnRunner:
             usage.failed(exc)  # a request that never reached the provider costs nothing
             self.metrics.upstream_errors.labels(adapter.name).inc()
             logger.warning(
-                "upstream_error turn_id=%s message_id=%s adapter=%s error=%s",
-                live.turn_id, live.message_id, adapter.name, type(exc).__name__,
+                "upstream_error turn_id=%s message_id=%s adapter=%s error=%s (%s)",
+                live.turn_id, live.message_id, adapter.name, type(exc).__name__, exc,
                 extra={"event": "upstream_error", "turn_id": live.turn_id,
                        "message_id": live.message_id, "adapter": adapter.name,
-                       "error": type(exc).__name__},
+                       "error": type(exc).__name__, "detail": str(exc)},
             )
         except Exception:
             status, error_text = "error", GENERIC_ERROR

@@ -10,6 +10,7 @@ that call did reach the provider. End to end over HTTP, on both databases.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -92,14 +93,17 @@ async def test_unresolvable_host_costs_nothing(database_url: str) -> None:
     [("openai:gpt-4o", "OPENAI_API_KEY"), ("anthropic:claude-sonnet-4", "ANTHROPIC_API_KEY")],
 )
 async def test_missing_key_is_named_and_costs_nothing(
-    database_url: str, model: str, variable: str
+    database_url: str, model: str, variable: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The provider's own endpoint (the default base URL) with no key: nothing is sent
     # (the test machine could not reach it anyway), and the error says what is missing.
+    caplog.set_level(logging.WARNING, logger="turngate.turns")
     s, row = await _turn(database_url, model, OPENAI_API_KEY="", ANTHROPIC_API_KEY="")
     text = _error_text(s)
     assert f"{variable} is not set" in text, f"error text {text!r} does not name {variable}"
     _assert_zero_not_estimated(s, row)
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("upstream_error")]
+    assert len(logged) == 1 and f"{variable} is not set" in logged[0], logged
 
 
 @asynccontextmanager
