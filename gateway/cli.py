@@ -175,7 +175,7 @@ class _OneLineStartupFailure:
             await self.app(scope, receive, quiet_send)
         except Exception as exc:
             if failed:
-                logger.error("startup failed: %s", str(exc) or type(exc).__name__,
+                logger.error("startup failed: %s: %s", type(exc).__name__, exc,
                              extra={"event": "startup_failed"})
             raise
 

@@ -145,12 +145,15 @@ class TurnRunner:
             status, error_text = "error", exc.safe_message
             usage.failed(exc)  # a request that never reached the provider costs nothing
             self.metrics.upstream_errors.labels(adapter.name).inc()
+            # Our own words when nothing was sent ("OPENAI_API_KEY is not set"); never
+            # the provider's error details.
+            detail = "" if exc.reached_provider else f" ({exc})"
             logger.warning(
-                "upstream_error turn_id=%s message_id=%s adapter=%s error=%s (%s)",
-                live.turn_id, live.message_id, adapter.name, type(exc).__name__, exc,
+                "upstream_error turn_id=%s message_id=%s adapter=%s error=%s%s",
+                live.turn_id, live.message_id, adapter.name, type(exc).__name__, detail,
                 extra={"event": "upstream_error", "turn_id": live.turn_id,
                        "message_id": live.message_id, "adapter": adapter.name,
-                       "error": type(exc).__name__, "detail": str(exc)},
+                       "error": type(exc).__name__},
             )
         except Exception:
             status, error_text = "error", GENERIC_ERROR

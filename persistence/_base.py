@@ -285,7 +285,7 @@ class _StoreBase:
             extra={
                 "event": "db_op",
                 "op": op,
-                "outcome": outcome,
+                "outcome": wording,
                 "duration_ms": round(seconds * 1000, 3),
                 **ids,
             },
