@@ -175,6 +175,13 @@ class TurnUsage:
     cost: CostFn
     calls: list[CallRecord] = field(default_factory=list)
     provisional: Usage | None = None
+    #: The call failed before its request reached the provider (connection refused,
+    #: DNS, no API key): nothing was consumed, so nothing is estimated.
+    unsent: bool = False
+
+    def failed(self, error: BaseException) -> None:
+        """Note how the adapter call failed (``reached_provider`` of upstream errors)."""
+        self.unsent = getattr(error, "reached_provider", True) is False
 
     def add(self, usage: Usage) -> None:
         """Record an adapter's figures for one call (provisional ones wait for the final)."""
@@ -189,7 +196,12 @@ class TurnUsage:
 
     def settle(self, model: str, prompt_estimate: int, completion_estimate: int) -> None:
         """Close the books of a turn cut short: what the provider reported is kept,
-        what it never reported is estimated (and the record says so)."""
+        what it never reported is estimated (and the record says so). A call that
+        never reached the provider costs zero and is not an estimate."""
+        if self.unsent and self.provisional is None:
+            if not self.calls:  # booked as a real zero, so the row says which model failed
+                self.calls.append(CallRecord(model, 0, 0, 0))
+            return
         if self.provisional is not None:
             p = self.provisional
             self.provisional = None

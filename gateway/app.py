@@ -83,8 +83,14 @@ async def prepare_database(settings: Settings) -> None:
         )
 
 
-def create_app(settings: Settings | None = None, *, migrate_sqlite: bool = True) -> Starlette:
-    """Build the gateway app (settings from the environment unless given)."""
+def create_app(
+    settings: Settings | None = None, *, migrate_sqlite: bool = True, prepared: bool = False
+) -> Starlette:
+    """Build the gateway app (settings from the environment unless given).
+
+    ``prepared``: the caller already ran ``prepare_database`` (``turngate serve`` does,
+    before uvicorn starts, so that its failures are one line); the lifespan skips it.
+    """
     settings = settings or Settings.from_env()
     instance_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     metrics = Metrics()
@@ -125,7 +131,7 @@ def create_app(settings: Settings | None = None, *, migrate_sqlite: bool = True)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if migrate_sqlite or not settings.database_url.startswith("sqlite"):
+        if not prepared and (migrate_sqlite or not settings.database_url.startswith("sqlite")):
             await prepare_database(settings)
         await store.connect()
         ctx.shutdown_event = anyio.Event()

@@ -49,6 +49,7 @@ THIRD_PARTY_LEVELS = {
     "httpx": logging.WARNING,
     "httpcore": logging.WARNING,
     "asyncio": logging.INFO,
+    "alembic": logging.WARNING,  # "Context impl ..." on every migrate and schema check
 }
 
 

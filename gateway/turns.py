@@ -144,10 +144,14 @@ class TurnRunner:
                 status = live.cancel_reason or "cancelled"
         except UpstreamError as exc:
             status, error_text = "error", exc.safe_message
+            usage.failed(exc)  # a request that never reached the provider costs nothing
             self.metrics.upstream_errors.labels(adapter.name).inc()
+            # Our own words when nothing was sent ("OPENAI_API_KEY is not set"); never
+            # the provider's error details.
+            detail = "" if exc.reached_provider else f" ({exc})"
             logger.warning(
-                "upstream_error turn_id=%s message_id=%s adapter=%s error=%s",
-                live.turn_id, live.message_id, adapter.name, type(exc).__name__,
+                "upstream_error turn_id=%s message_id=%s adapter=%s error=%s%s",
+                live.turn_id, live.message_id, adapter.name, type(exc).__name__, detail,
                 extra={"event": "upstream_error", "turn_id": live.turn_id,
                        "message_id": live.message_id, "adapter": adapter.name,
                        "error": type(exc).__name__},
@@ -362,8 +366,11 @@ class TurnRunner:
                     await self._renew_stream_holds(self.limits)
                 await self.store.recover_expired_turns()
                 self.relay.sweep()
-            except Exception:
-                logger.exception("maintenance_failed")
+            except Exception as exc:
+                # One line per failed pass, naming the cause; the traceback only at debug.
+                logger.warning("maintenance_failed: %s", str(exc) or type(exc).__name__,
+                               exc_info=logger.isEnabledFor(logging.DEBUG),
+                               extra={"event": "maintenance_failed"})
 
     async def drain(self, grace: float) -> None:
         """Stop taking turns; let running ones finish within ``grace``, then interrupt them."""

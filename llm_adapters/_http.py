@@ -5,8 +5,11 @@ server-sent events. It runs inside ``async with client.stream(...)``, so closing
 the generator (``aclose()`` or cancellation) closes the upstream connection at
 once. Failures become the :class:`~turngate.exceptions.UpstreamError` tree:
 
-- ``httpx.ConnectError`` -> ``UpstreamConnectError`` (retried once);
-- any ``httpx.TimeoutException`` -> ``UpstreamTimeout``;
+- no API key where the provider's own endpoint needs one -> ``UpstreamNotConfigured``
+  naming the variable, before anything is sent;
+- ``httpx.ConnectError`` (refused, DNS) -> ``UpstreamConnectError`` (retried once);
+- any ``httpx.TimeoutException`` -> ``UpstreamTimeout`` (a connect or pool timeout
+  with ``reached_provider=False``: the request was never sent);
 - HTTP 4xx/5xx -> ``UpstreamStatusError`` (429 and 5xx retried once); the body
   is read (bounded) only to pick the provider's error ``type``/``code``, and the
   message never holds the body, the key or the URL;
@@ -33,6 +36,7 @@ from llm_adapters.base import BaseAdapter
 from turngate.exceptions import (
     UpstreamConnectError,
     UpstreamError,
+    UpstreamNotConfigured,
     UpstreamProtocolError,
     UpstreamStatusError,
     UpstreamTimeout,
@@ -125,6 +129,26 @@ class HTTPAdapter(BaseAdapter):
         self.base_url = base.rstrip("/")
         self.api_key = (self.env.get(self.api_key_env) or "").strip()
 
+    @property
+    def key_required(self) -> bool:
+        """An API key is needed on the provider's own endpoint; local and
+        self-hosted OpenAI/Anthropic-compatible servers may need none."""
+        if not self.api_key_env or not self.default_base_url:
+            return False
+        try:
+            return httpx.URL(self.base_url).host == httpx.URL(self.default_base_url).host
+        except httpx.InvalidURL:
+            return False
+
+    def check_configured(self) -> None:
+        """Raise ``UpstreamNotConfigured`` if a call could only fail for want of a key."""
+        if self.key_required and not self.api_key:
+            raise UpstreamNotConfigured(
+                f"{self.name}: {self.api_key_env} is not set",
+                f"The {self.name} adapter cannot call its provider: {self.api_key_env} "
+                "is not set on the gateway.",
+            )
+
     def _secrets(self) -> tuple[str, ...]:
         return (self.api_key,) if self.api_key else ()
 
@@ -156,12 +180,19 @@ class HTTPAdapter(BaseAdapter):
             pass
         status = response.status_code
         message = f"{self.name} upstream answered HTTP {status}"
-        return UpstreamStatusError(f"{message} ({summary})" if summary else message, status)
+        error = UpstreamStatusError(f"{message} ({summary})" if summary else message, status)
+        if status in (401, 403) and not self.api_key and self.api_key_env:
+            error.safe_message = (
+                f"The model provider refused the request: {self.api_key_env} is not set "
+                "on the gateway."
+            )
+        return error
 
     async def _sse_events(
         self, url: str, headers: Mapping[str, str], body: Mapping[str, Any]
     ) -> AsyncGenerator[SSEEvent, None]:
         """POST ``body`` as JSON to ``url`` and yield the SSE events of the answer."""
+        self.check_configured()
         client = self._get_client()
         payload = json.dumps(body, ensure_ascii=False).encode()
         send_headers = {
@@ -201,8 +232,11 @@ class HTTPAdapter(BaseAdapter):
                     continue
                 raise UpstreamConnectError(f"{self.name} upstream could not be reached") from exc
             except httpx.TimeoutException as exc:
+                # A connect or pool timeout: the request never left this process.
+                unsent = isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)
                 raise UpstreamTimeout(
-                    f"{self.name} upstream timed out ({type(exc).__name__})"
+                    f"{self.name} upstream timed out ({type(exc).__name__})",
+                    reached_provider=not (unsent and not yielded),
                 ) from exc
             except httpx.HTTPError as exc:
                 raise UpstreamProtocolError(

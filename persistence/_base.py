@@ -18,13 +18,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import anyio
 from databases import Database
 
+from persistence._errors import check_sqlite_location, unavailable
 from persistence._sql import SQLITE_ROW_FACTORY, Conn
 from persistence._urls import Dialect, _parse_url
 from turngate.exceptions import DatabaseUnavailable, PersistenceError
@@ -39,6 +39,12 @@ OperationObserver = Callable[[str, str, float], None]
 DEFAULT_POOL_SIZE = 10  # asyncpg's own default, kept
 
 OUTCOMES = ("inserted", "race_recovered", "conflict_no_match", "ok", "row_missing", "failed")
+
+# Writes the maintenance task repeats every few seconds for every running turn. Their
+# db_op lines are debug: at info they flooded the log (a no-op reaper pass every 2 s was
+# most of it). What they did is logged by their callers (e.g. "marked 2 turns
+# interrupted"), and a failed pass as one line by the maintenance loop.
+ROUTINE_OPS = frozenset({"checkpoint", "renew_leases", "recover_expired_turns"})
 
 
 async def _cheap_reset(con: Any) -> None:
@@ -148,11 +154,7 @@ class _StoreBase:
         if self.dialect == "sqlite":
             # aiosqlite leaves its worker thread posting to a closed loop when the file
             # cannot be opened, so refuse a missing directory before trying.
-            path = self._db.url.database
-            if path and path != ":memory:" and not Path(path).parent.is_dir():
-                raise DatabaseUnavailable(
-                    f"cannot open SQLite database {path!r}: no such directory"
-                )
+            check_sqlite_location(self.url)
         try:
             with anyio.fail_after(self._deadline, shield=True):
                 await self._db.connect()
@@ -167,7 +169,7 @@ class _StoreBase:
         except Exception as exc:
             if self._db.is_connected:
                 await self._db.disconnect()
-            raise DatabaseUnavailable(f"cannot connect to the database: {exc}") from exc
+            raise unavailable(exc, self.url, "cannot connect to the database") from exc
 
     async def disconnect(self) -> None:
         """Close the pool (idempotent)."""
@@ -216,7 +218,7 @@ class _StoreBase:
         """A timestamp string as the driver wants it (asyncpg needs a datetime)."""
         return _parse_iso(value) if self._is_pg else value
 
-    async def _run(self, fn: DbFn[T]) -> T:
+    async def _run(self, fn: DbFn[T], *, quiet: bool = False) -> T:
         """Run ``fn(conn)`` on one pooled connection, shielded from outside cancellation.
 
         The wait for a pooled connection is bounded by ``acquire_timeout`` (PostgreSQL);
@@ -257,8 +259,10 @@ class _StoreBase:
             raise DatabaseUnavailable(f"database unreachable: {exc}") from exc
         except Exception as exc:
             # Driver errors (asyncpg.PostgresError/InterfaceError, sqlite3.Error): the
-            # caller cannot tell them apart from an outage, but the log keeps the cause.
-            logger.warning("database error: %r", exc)
+            # caller cannot tell them apart from an outage, but the log keeps the cause
+            # (writers log it in their own db_op line: ``quiet``).
+            if not quiet:
+                logger.warning("database error: %r", exc)
             raise DatabaseUnavailable(f"database error: {type(exc).__name__}: {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover  (mypy: the shield returns)
 
@@ -270,9 +274,9 @@ class _StoreBase:
         """
         started = time.perf_counter()
         try:
-            result, outcome = await self._run(fn)
-        except BaseException:
-            self._report(op, "failed", started, **ids)
+            result, outcome = await self._run(fn, quiet=True)
+        except BaseException as exc:
+            self._report(op, "failed", started, error=str(exc) or type(exc).__name__, **ids)
             raise
         self._report(op, outcome, started, **ids)
         return result
@@ -280,17 +284,24 @@ class _StoreBase:
     def _report(self, op: str, outcome: str, started: float, **ids: Any) -> None:
         """The one structured log line of a writer, and the observer call."""
         seconds = time.perf_counter() - started
-        level = logging.WARNING if outcome == "failed" else logging.INFO
+        if op in ROUTINE_OPS:
+            level = logging.DEBUG
+        else:
+            level = logging.WARNING if outcome == "failed" else logging.INFO
+        # For a periodic pass, "row_missing" only means there was nothing to do.
+        wording = "nothing_to_do" if op in ROUTINE_OPS and outcome == "row_missing" else outcome
+        error = ids.get("error")
         logger.log(
             level,
-            "db_op %s %s %.2fms",
+            "db_op %s %s %.2fms%s",
             op,
-            outcome,
+            wording,
             seconds * 1000,
+            f" ({error})" if error else "",
             extra={
                 "event": "db_op",
                 "op": op,
-                "outcome": outcome,
+                "outcome": wording,
                 "duration_ms": round(seconds * 1000, 3),
                 **ids,
             },

@@ -31,3 +31,36 @@ def _parse_url(url: str | None) -> _ParsedUrl:
     raise ValueError(
         f"unsupported database URL scheme {scheme!r}: use postgresql:// or sqlite:///path"
     )
+
+
+def sqlite_path(url: str | None) -> str | None:
+    """The file of a SQLite URL (``sqlite:///rel`` or ``sqlite:////abs``), else None."""
+    parsed = _parse_url(url)
+    if parsed.dialect != "sqlite":
+        return None
+    rest = parsed.databases_url.partition("://")[2]
+    path = rest[1:] if rest.startswith("/") else rest
+    path = path.partition("?")[0]
+    return path if path and path != ":memory:" else None
+
+
+def display_url(url: str | None) -> str:
+    """The database as a user should read it: a SQLite file as its absolute path,
+    a PostgreSQL URL without its password."""
+    import os
+    from urllib.parse import urlsplit, urlunsplit
+
+    path = sqlite_path(url)
+    if path is not None:
+        return f"SQLite file {os.path.abspath(path)}"
+    parsed = _parse_url(url)
+    if parsed.dialect == "sqlite":
+        return "SQLite in memory"
+    parts = urlsplit(parsed.databases_url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    if parts.username:
+        netloc = f"{parts.username}{':***' if parts.password else ''}@{netloc}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))

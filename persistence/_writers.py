@@ -311,7 +311,14 @@ class _WritersMixin(_StoreBase):
                 ids = await self._recover_sqlite(conn)
             return ids, "ok" if ids else "row_missing"
 
-        return await self._shielded("recover_expired_turns", op)
+        ids = await self._shielded("recover_expired_turns", op)
+        if ids:
+            logger.info(
+                "recovered_turns: marked %d turn%s interrupted (lease expired), message_ids=%s",
+                len(ids), "" if len(ids) == 1 else "s", ",".join(map(str, ids)),
+                extra={"event": "recovered_turns", "count": len(ids), "message_ids": ids},
+            )
+        return ids
 
     async def _recover_sqlite(self, conn: Conn) -> list[int]:
         now = _utcnow_text()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -10,10 +12,11 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from persistence._urls import _parse_url
-from turngate.exceptions import DatabaseUnavailable
+from persistence._errors import check_sqlite_location, unavailable
+from persistence._urls import _parse_url, display_url
 
 logger = logging.getLogger("turngate.persistence")
 
@@ -44,24 +47,52 @@ def _current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
-async def migrate(url: str) -> None:
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """What ``migrate`` did: the revision before (None: empty) and after."""
+
+    before: str | None
+    after: str | None
+
+    @property
+    def changed(self) -> bool:
+        return self.before != self.after
+
+
+async def migrate(url: str) -> Migration:
     """Bring the schema of the database at ``url`` to the newest revision.
 
     On SQLite it also switches the file to WAL journaling, which persists in the
-    file, so concurrent readers and writers of the embedded default work.
+    file, so concurrent readers and writers of the embedded default work. Logs
+    ``schema migrated`` (naming the database) only when the revision changed.
+    Raises ``DatabaseUnavailable`` with a one-line cause if the database cannot
+    be reached or opened.
     """
     parsed = _parse_url(url)
+    if parsed.dialect == "sqlite":
+        check_sqlite_location(url)
     engine = create_async_engine(parsed.sqlalchemy_url)
     try:
         async with engine.begin() as conn:
             if parsed.dialect == "sqlite":
                 await conn.execute(text("PRAGMA journal_mode=WAL"))
+            before = await conn.run_sync(_current_revision)
             await conn.run_sync(_upgrade)
-    except OSError as exc:
-        raise DatabaseUnavailable(f"cannot migrate: database unreachable ({exc})") from exc
+            after = await conn.run_sync(_current_revision)
+    except (OSError, DBAPIError, sqlite3.Error) as exc:
+        raise unavailable(exc, url, "cannot migrate") from exc
     finally:
         await engine.dispose()
-    logger.info("schema migrated to %s", _head(), extra={"event": "db_migrate"})
+    result = Migration(before, after)
+    if result.changed:
+        logger.info("schema migrated to %s (%s, was %s)", after, display_url(url),
+                    before or "empty",
+                    extra={"event": "db_migrate", "revision": after, "previous": before,
+                           "database": display_url(url)})
+    else:
+        logger.debug("schema is current (%s, %s)", after, display_url(url),
+                     extra={"event": "db_schema_current", "revision": after})
+    return result
 
 
 async def schema_status(url: str) -> SchemaStatus:
@@ -74,12 +105,14 @@ async def schema_status(url: str) -> SchemaStatus:
     database cannot be reached.
     """
     parsed = _parse_url(url)
+    if parsed.dialect == "sqlite":
+        check_sqlite_location(url)
     engine = create_async_engine(parsed.sqlalchemy_url)
     try:
         async with engine.connect() as conn:
             current = await conn.run_sync(_current_revision)
-    except OSError as exc:
-        raise DatabaseUnavailable(f"database unreachable ({exc})") from exc
+    except (OSError, DBAPIError, sqlite3.Error) as exc:
+        raise unavailable(exc, url, "cannot read the schema") from exc
     finally:
         await engine.dispose()
     if current is None:

@@ -12,6 +12,7 @@ raise members of the same tree without importing each other or ``gateway``.
     └── AdapterError
         ├── UnknownAdapter          a model string names no registered adapter
         └── UpstreamError           the provider failed; never shown verbatim to a browser
+            ├── UpstreamNotConfigured   the adapter lacks a setting (its API key): nothing sent
             ├── UpstreamConnectError
             ├── UpstreamTimeout
             ├── UpstreamStatusError     a 4xx/5xx answer (``status_code``, ``retryable``)
@@ -74,6 +75,22 @@ class UpstreamError(AdapterError):
 
     safe_message = "The model provider failed to answer."
     retryable = False
+    #: False when the request certainly never reached the provider (no connection was
+    #: made, or it was never sent): such a call costs nothing and is not estimated.
+    reached_provider = True
+
+
+class UpstreamNotConfigured(UpstreamError):
+    """The adapter cannot call its provider as configured (a missing API key).
+
+    Its ``safe_message`` names the missing setting, never a value.
+    """
+
+    reached_provider = False
+
+    def __init__(self, message: str, safe_message: str) -> None:
+        super().__init__(message)
+        self.safe_message = safe_message
 
 
 class UpstreamConnectError(UpstreamError):
@@ -81,6 +98,7 @@ class UpstreamConnectError(UpstreamError):
 
     safe_message = "The model provider could not be reached."
     retryable = True
+    reached_provider = False
 
 
 class UpstreamTimeout(UpstreamError):
@@ -88,6 +106,10 @@ class UpstreamTimeout(UpstreamError):
 
     safe_message = "The model provider timed out."
     retryable = True
+
+    def __init__(self, message: str, *, reached_provider: bool = True) -> None:
+        super().__init__(message)
+        self.reached_provider = reached_provider
 
 
 class UpstreamStatusError(UpstreamError):
