@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from datetime import datetime
 
 import anyio
 import httpx
@@ -82,8 +83,12 @@ async def _ttfb(port: int, key: str, thread: str, turn: str) -> float:
         sock.close()
 
 
-def _median(xs: list[float]) -> float:
-    return sorted(xs)[len(xs) // 2]
+def _seconds(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def _ms(xs: list[float]) -> str:
+    return f"{min(xs) * 1000:.1f}/{sorted(xs)[len(xs) // 2] * 1000:.1f}"
 
 
 async def test_non_reading_clients_are_dropped_within_send_timeout(pg_url: str) -> None:
@@ -93,12 +98,14 @@ async def test_non_reading_clients_are_dropped_within_send_timeout(pg_url: str) 
     async with server(pg_url, **env) as (proc, key), httpx.AsyncClient(
         base_url=proc.url, headers={"authorization": f"Bearer {key}"}, timeout=30
     ) as client:
-        threads = [(await client.post("/v1/threads", json={})).json()["id"] for _ in range(n + 13)]
+        threads = [(await client.post("/v1/threads", json={})).json()["id"] for _ in range(n + 20)]
         normal = threads[n:]
 
         for i in range(2):  # warm up (first connections to the database, imports)
-            await _ttfb(proc.port, key, normal[11 + i], "warm")
-        idle = _median([await _ttfb(proc.port, key, normal[i], "idle") for i in range(5)])
+            await _ttfb(proc.port, key, normal[18 + i], "warm")
+        # Minimums of 7: the machine is shared and other work only adds to a sample,
+        # while a load that the 200 put on the server would raise every sample.
+        idle = [await _ttfb(proc.port, key, normal[i], "idle") for i in range(7)]
 
         # 200 clients with a 1 KiB receive buffer send a long turn and never read.
         stalled: list[socket.socket] = []
@@ -114,29 +121,34 @@ async def test_non_reading_clients_are_dropped_within_send_timeout(pg_url: str) 
                     await anyio.sleep(0.05)
             # While the 200 generate into full buffers (informational: 200 live
             # generations are real load until the send timeout tells them apart).
-            during = _median([await _ttfb(proc.port, key, normal[5 + i], "during")
-                              for i in range(3)])
-            deadline = sent_all + SEND_TIMEOUT + 5
-            with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
+            during = [await _ttfb(proc.port, key, normal[7 + i], "during") for i in range(3)]
+            # Bounds the wait only; each turn's own duration is checked below.
+            with anyio.fail_after(SEND_TIMEOUT + 20):
                 while await _metric(client, "turngate_active_generations") > 0:
                     await anyio.sleep(0.1)
             stopped_after = anyio.current_time() - sent_all
             # The 200 sockets are still open and unread: they cost a normal client nothing now.
-            after = _median([await _ttfb(proc.port, key, normal[8 + i], "after")
-                             for i in range(3)])
+            after = [await _ttfb(proc.port, key, normal[10 + i], "after") for i in range(7)]
         finally:
             for sock in stalled:
                 sock.close()
-        print(f"\nttfb median: idle {idle * 1000:.1f} ms, while the 200 generate "
-              f"{during * 1000:.1f} ms, after they were dropped {after * 1000:.1f} ms; all {n} "
-              f"generations stopped {stopped_after:.2f} s after the last request was sent")
-        assert after <= 2 * idle, (idle, after)
+        print(f"\nttfb min/median ms: idle {_ms(idle)}, while the 200 generate {_ms(during)}, "
+              f"after they were dropped {_ms(after)}; all {n} generations stopped "
+              f"{stopped_after:.2f} s after the last request was sent")
+        assert min(after) <= 2 * min(idle), (idle, after)
         # Ended under the disconnect policy (cancel): each row finalized, none streaming.
         finalized = await _metric(client, 'turngate_turns_finalized_total{status="cancelled"}')
         assert finalized == n
-        for thread in threads[:n:20]:
-            msgs = (await client.get(f"/v1/threads/{thread}/messages")).json()["messages"]
-            assert msgs[-1]["status"] == "cancelled"
+        # Each generation stopped within the send timeout + 5 s of its own start (the
+        # turn's row is written when it opens, and finalized when it stops).
+        longest = 0.0
+        for thread in threads[:n]:
+            reply = (await client.get(f"/v1/threads/{thread}/messages")).json()["messages"][-1]
+            assert reply["status"] == "cancelled"
+            ran = _seconds(reply["updated_at"]) - _seconds(reply["created_at"])
+            longest = max(longest, ran)
+        print(f"longest generation {longest:.2f} s (send timeout {SEND_TIMEOUT:g} s)")
+        assert longest <= SEND_TIMEOUT + 5
 
 
 def _read_all(sock: socket.socket, within: float) -> tuple[bytes, float]:
