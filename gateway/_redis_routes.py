@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import anyio
 from starlette.responses import JSONResponse, Response
 
+from gateway._redis_stream import RelayLost
 from gateway.context import AppContext
 from gateway.errors import ApiError
 from gateway.streaming import sse_response
@@ -15,6 +16,15 @@ from turngate.exceptions import RelayError
 
 # How long a cancel from another replica waits to see the turn finalized.
 CANCEL_WAIT_SECONDS = 1.5
+
+# The end of a follower whose copy of the turn was lost: an ``error`` chunk with
+# no ``id:`` (the client's Last-Event-ID stays that of the last real event), and
+# no finish or [DONE] (the turn has not ended). AI SDK clients see an error and
+# may resume; the chunk schema allows only ``errorText``.
+RESUME_CHUNK = (
+    b'data: {"type":"error","errorText":"The stream of this reply was interrupted '
+    b'(relay_lost). Resume it with Last-Event-ID to get the rest."}\n\n'
+)
 
 
 def relay_unavailable() -> ApiError:
@@ -56,6 +66,8 @@ async def _counted(
     try:
         async for data in body:
             yield data
+    except RelayLost:
+        yield RESUME_CHUNK
     finally:
         ctx.metrics.active_streams.dec()
         if counted and ctx.shared is not None and ctx.runner.task_group is not None:
@@ -75,11 +87,16 @@ async def attach_shared(
     """
     if ctx.shared is None:
         return None
+    if streaming and not ctx.shared.available:
+        # Generated elsewhere, and no way to follow it now: say so, with when to retry.
+        raise relay_unavailable()
     body = await ctx.shared.open(
         thread_id, turn_id, after, 2.0 if streaming else 0.0,
         _streaming_check(ctx, thread_id, turn_id),
     )
     if body is None:
+        if streaming and not ctx.shared.available:
+            raise relay_unavailable()  # Redis failed just now, while opening the copy
         return None
     return sse_response(ctx, _counted(ctx, body, thread_id, turn_id, owner_id, streaming))
 

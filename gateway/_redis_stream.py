@@ -21,6 +21,17 @@ logger = logging.getLogger("turngate.redis")
 
 # Fields of a stream entry.
 FIRST, COUNT, DATA, END = b"f", b"n", b"d", b"end"
+# Chunks per entry when a whole turn is written anew (``StreamWriter.rewrite``).
+REWRITE_CHUNKS = 1000
+
+
+class RelayLost(Exception):
+    """A follower's copy of the turn stopped before its end marker.
+
+    Redis failed, the copy has a hole (trimmed), or the turn is no longer
+    streaming while its copy stays silent (its replica died or lost Redis).
+    The follower is told to resume; the resume finds the rest wherever it is.
+    """
 
 
 def cut(data: bytes, seq: int) -> bytes:
@@ -70,10 +81,32 @@ class StreamWriter:
         )
         self.written = first + len(chunks) - 1
 
+    async def rewrite(self, live: LiveTurn) -> None:
+        """Replace the stream by every chunk ``live`` has so far, in one transaction.
+
+        After Redis came back (restarted empty, or holding a copy that stopped
+        when the writes failed): the same SSE ids as before, from the same
+        memory, so a follower's ``Last-Event-ID`` still means the same event. In
+        one MULTI so that a reader never sees a partial copy.
+        """
+        events = live.events[:]
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.key)
+        for first in range(0, len(events), REWRITE_CHUNKS):
+            batch = events[first : first + REWRITE_CHUNKS]
+            pipe.xadd(self.key, {FIRST: first, COUNT: len(batch), DATA: b"".join(batch)},
+                      maxlen=self.maxlen, approximate=True)
+        pipe.expire(self.key, self.ttl_running)
+        await pipe.execute()
+        self.written = len(events) - 1
+
     async def run(self, live: LiveTurn) -> None:
-        """Write every batch of ``live``, then the end marker. Raises on Redis errors."""
+        """Write every batch of ``live`` after ``written``, then the end marker.
+
+        Raises on Redis errors.
+        """
         try:
-            async for first, chunks in live.batches():
+            async for first, chunks in live.batches(self.written):
                 await self.write_batch(first, chunks)
                 await anyio.sleep(self.flush_interval)
         finally:
@@ -112,24 +145,26 @@ async def read_turn(
     """Every chunk of the turn after SSE id ``after``, then live ones, up to the end marker.
 
     A stream that stays silent for ``block_ms`` while the database says the turn
-    is no longer streaming (its replica died, or lost Redis) just ends: the
-    client resumes or reloads from the stored row. So does a gap (trimmed
-    entries) and a Redis failure.
+    is no longer streaming (its replica died, or lost Redis), a gap (trimmed
+    entries) and a Redis failure raise ``RelayLost`` after the chunks delivered
+    so far: the follower is told to resume (the rest comes from the relay once
+    it is back, or from the stored row).
     """
     last_id = b"0-0"
     delivered = after
     while True:
         try:
             found = await client.xread({key: last_id}, count=512, block=block_ms)
-        except Exception:
-            logger.warning("redis_read_failed key=%s", key, extra={"event": "redis_read_failed"})
-            return
+        except Exception as exc:
+            logger.warning("redis_read_failed key=%s error=%s", key, type(exc).__name__,
+                           extra={"event": "redis_read_failed", "error": type(exc).__name__})
+            raise RelayLost("redis") from None
         if not found:
             if not await still_streaming():
-                return
+                raise RelayLost("silent")
             continue
         out: list[bytes] = []
-        ended = False
+        ended = hole = False
         for entry_id, fields in found[0][1]:
             last_id = entry_id
             if END in fields:
@@ -140,15 +175,17 @@ async def read_turn(
             if last <= delivered:
                 continue
             if first > delivered + 1:  # trimmed away: cannot continue without a hole
-                ended = True
+                hole = True
                 break
             data = fields[DATA]
             out.append(data if first == delivered + 1 else cut(data, delivered + 1))
             delivered = last
         if out:
             yield out[0] if len(out) == 1 else b"".join(out)
+        if hole:
+            raise RelayLost("trimmed")
         if ended:
             return
 
 
-__all__ = ["StreamWriter", "cut", "first_entry", "read_turn"]
+__all__ = ["RelayLost", "StreamWriter", "cut", "first_entry", "read_turn"]

@@ -15,7 +15,11 @@ and does it with two tasks per stream:
   stalled or departed client). The watcher holds that deadline rather than a
   cancel scope around every chunk's ``send``: almost every send completes
   without suspending, and dropping the scope per chunk took one long turn
-  from about 49k to 66k events/s in bench/.
+  from about 49k to 66k events/s in bench/. That send only stays pending once
+  the kernel's send buffer is full (up to 4 MiB), so under ``turngate serve``
+  the kernel finds a stalled reader first (``TCP_USER_TIMEOUT``, see
+  ``gateway._http_guard``) and this response sees ``http.disconnect``; the
+  timer here is what remains under other servers.
 
   Cancelling a pending ``receive()`` is safe
   (servers implement it as an event or queue wait); cancelling the body's

@@ -109,6 +109,7 @@ async def _prepare_for_serve(settings: Settings) -> str | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway._http_guard import HeadLimits, guarded_http_protocol
     from gateway.app import create_app
     from gateway.logs import configure_logging
 
@@ -137,7 +138,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             host=args.host,
             port=port,
             loop="uvloop",
-            http="httptools",
+            # httptools with a head deadline, head size limits and TCP_USER_TIMEOUT.
+            http=guarded_http_protocol(HeadLimits(
+                settings.header_timeout, settings.max_header_bytes,
+                settings.max_pending_connections, settings.send_timeout,
+            )),
             log_config=None,
             lifespan="on",
             # A backstop only: the app's drain ends every live stream within the grace

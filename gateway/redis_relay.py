@@ -9,7 +9,9 @@
   generates it here.
 - Health: a ping every second. While Redis does not answer, ``available`` is
   False and new turns are refused (503); running turns go on and finalize in
-  the database as always.
+  the database as always. Followers of a turn through Redis are told to resume
+  (``RelayLost``); once Redis answers again, each running turn's writer copies
+  it anew from memory, so those resumes find it.
 
 Which replica generates a turn is not decided here: the database's partial
 unique index lets exactly one ``open_turn`` create the assistant row.
@@ -57,6 +59,7 @@ class RedisRelay:
         self.cancel_channel = f"{prefix}:cancel"
         self._client: Any = None
         self._available = False
+        self._back: anyio.Event | None = None  # set when Redis answers again
 
     # -- lifecycle --------------------------------------------------------
 
@@ -108,16 +111,47 @@ class RedisRelay:
     # -- this replica's turns ---------------------------------------------
 
     async def mirror(self, live: LiveTurn) -> None:
-        """Copy ``live`` to its stream until it ends; a Redis failure only stops the copy."""
+        """Copy ``live`` to its stream until it ends, again after each Redis failure.
+
+        A failure never touches the generation. While the turn runs, its copy is
+        written anew once Redis answers again (``StreamWriter.rewrite``: same
+        SSE ids, from memory), so followers that were told to resume can. A turn
+        that ended meanwhile is left to its stored row, which resumes replay.
+        """
         writer = StreamWriter(
             self._client, self.key(live.thread_id, live.turn_id), maxlen=self.maxlen,
             ttl_running=self.ttl_running, ttl_done=self.ttl_done,
             flush_interval=self.flush_interval,
         )
-        try:
-            await writer.run(live)
-        except Exception as exc:
-            self._lost("mirror", exc)
+        again = False
+        while True:
+            try:
+                if again:
+                    await writer.rewrite(live)
+                    logger.info("relay_resumed turn_id=%s events=%d", live.turn_id,
+                                writer.written + 1,
+                                extra={"event": "relay_resumed", "turn_id": live.turn_id,
+                                       "events": writer.written + 1})
+                await writer.run(live)
+                return
+            except Exception as exc:
+                self._lost("mirror", exc)
+            if not await self._wait_back(live):
+                return
+            again = True
+
+    async def _wait_back(self, live: LiveTurn) -> bool:
+        """Wait until Redis answers again (True), or until ``live`` has ended (False)."""
+        while not live.done:
+            if self.available:
+                return True
+            if self._back is None:
+                self._back = anyio.Event()
+            # The health task sets the event; the timeout only looks at live.done,
+            # which has no event of its own to wait on.
+            with anyio.move_on_after(HEALTH_INTERVAL):
+                await self._back.wait()
+        return False
 
     async def run(self, relay: LocalRelay) -> None:
         """Health pings and the cancel listener, for the life of the app."""
@@ -133,6 +167,9 @@ class RedisRelay:
                 if not self._available:
                     logger.info("redis_available", extra={"event": "redis_available"})
                 self._available = True
+                if self._back is not None:
+                    self._back.set()
+                    self._back = None
             except Exception as exc:
                 self._lost("ping", exc)
             await anyio.sleep(HEALTH_INTERVAL)

@@ -187,7 +187,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TURNGATE_FINALIZE_TIMEOUT", "finalize_timeout", "5", _positive_float,
             "Deadline of the shielded write that finalizes a turn."),
     Setting("TURNGATE_SEND_TIMEOUT", "send_timeout", "10", _positive_float,
-            "A client that accepts no bytes for this long is dropped."),
+            "A client that accepts no bytes for this long is dropped (on Linux counted "
+            "from when it stopped taking bytes, however much the server has buffered)."),
+    Setting("TURNGATE_HEADER_TIMEOUT", "header_timeout", "10", _positive_float,
+            "A connection must send its whole request head (request line and headers) "
+            "within this many seconds, else 408 and close."),
+    Setting("TURNGATE_MAX_HEADER_BYTES", "max_header_bytes", str(32 * 1024), _positive_int,
+            "Largest request head (request line and headers), in bytes (431 beyond it)."),
+    Setting("TURNGATE_MAX_PENDING_CONNECTIONS", "max_pending_connections", "1024",
+            _positive_int,
+            "Most connections still sending their request head; one more closes the "
+            "oldest of them."),
     Setting("TURNGATE_PING_SECONDS", "ping_seconds", "15", _positive_float,
             "Interval of keep-alive comments on idle streams."),
     Setting("TURNGATE_SHUTDOWN_GRACE_SECONDS", "shutdown_grace_seconds", "10", _non_negative_float,
@@ -246,6 +256,9 @@ class Settings:
     lease_seconds: float = 15.0
     finalize_timeout: float = 5.0
     send_timeout: float = 10.0
+    header_timeout: float = 10.0
+    max_header_bytes: int = 32 * 1024
+    max_pending_connections: int = 1024
     ping_seconds: float = 15.0
     shutdown_grace_seconds: float = 10.0
     relay_retention_seconds: float = 60.0

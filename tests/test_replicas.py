@@ -231,8 +231,11 @@ async def test_sigkill_one_replica_mid_turn_another_recovers(pg_url: str, redis_
                     await anyio.sleep(0.1)
         assert anyio.current_time() - killed_at <= LEASE + CHECKPOINT + 3
         assert last["content"][0]["text"].startswith("w1 w2 "), "checkpointed content lost"
-        # The reader attached on B was not left hanging: its stream ended.
+        # The reader attached on B was not left hanging: its stream ended, with an
+        # error event that has no id (told to resume) rather than finish/[DONE].
         assert box["b"].text.startswith("w1 w2 ")
+        end = box["b"].events[-1]
+        assert end.id is None and "relay_lost" in end.data, box["b"].events[-2:]
         usage = (await b.get("/v1/usage", params={"thread_id": thread})).json()["usage"]
         assert len(usage) == 1 and usage[0]["estimated"] is True
         nxt = await stream_request(b, "POST", f"/v1/threads/{thread}/turns",
