@@ -175,3 +175,20 @@ async def test_readyz_uses_the_apps_own_pool(_pg_session_database: str, pg_url: 
             assert opened <= 2 * gw.ctx.store.pool_size + 1
     finally:
         await proxy.close()
+
+
+async def test_a_statement_refused_for_its_data_leaves_the_replica_ready(
+    database_url: str,
+) -> None:
+    """Only database trouble counts against readiness: a constraint error is the
+    request's fault, and counting it would let any client take a replica out."""
+    from turngate.exceptions import DatabaseUnavailable
+
+    async with run_gateway(database_url) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+        assert (await _ready(client)).status_code == 200
+        with pytest.raises(DatabaseUnavailable):  # users.name is unique: alice exists
+            await gw.ctx.store._run(lambda c: c.execute(
+                "INSERT INTO users (name, created_at) VALUES ('alice', CURRENT_TIMESTAMP)"))
+        r = await _ready(client)
+        assert r.status_code == 200, r.text
+        assert gw.ctx.store.health.recent(60).count == 0
