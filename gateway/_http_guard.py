@@ -41,10 +41,10 @@ from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.header_limits import MAX_HEADERS
+
 logger = logging.getLogger("turngate.http")
 
-# More header lines than any browser or SDK sends; 20,000 were accepted before.
-MAX_HEADERS = 100
 # Guard warnings are summed over this many seconds, not logged per connection
 # (a slowloris run would otherwise write a line per connection).
 LOG_EVERY = 10.0
@@ -237,4 +237,4 @@ def _set_user_timeout(transport: asyncio.Transport, seconds: float) -> None:
         pass
 
 
-__all__ = ["MAX_HEADERS", "GuardedHttpToolsProtocol", "HeadLimits", "guarded_http_protocol"]
+__all__ = ["GuardedHttpToolsProtocol", "HeadLimits", "guarded_http_protocol"]

@@ -1,6 +1,6 @@
 """What a turn produced: the assistant's content parts, and its token usage.
 
-``ContentBuilder`` builds the parts DESIGN.md stores (``reasoning``, ``text``,
+``ContentBuilder`` builds the parts docs/API.md describes (``reasoning``, ``text``,
 ``tool-call``) in stream order, merging consecutive deltas of one kind. Text is
 kept as a list of fragments until a snapshot is taken, so a long reply costs
 O(n), not O(n^2). ``TurnUsage`` keeps one record per adapter call and derives

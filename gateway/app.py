@@ -21,6 +21,7 @@ from gateway._finalize import batcher_for
 from gateway._redis_limits import SharedLimits
 from gateway.context import AppContext
 from gateway.errors import EXCEPTION_HANDLERS
+from gateway.header_limits import HeaderLimits
 from gateway.metrics import Metrics
 from gateway.redis_relay import RedisRelay, connect_shared
 from gateway.relay import LocalRelay
@@ -171,7 +172,10 @@ def create_app(
                 with anyio.move_on_after(10):
                     await store.disconnect()
 
-    middleware: list[Middleware] = []
+    # Header limits first: an oversized request is answered before anything reads it.
+    middleware: list[Middleware] = [
+        Middleware(HeaderLimits, max_header_bytes=settings.max_header_bytes)
+    ]
     if settings.cors_origins:
         middleware.append(
             Middleware(

@@ -16,12 +16,15 @@ from weakref import WeakKeyDictionary
 
 from starlette.requests import Request
 
-from gateway.errors import ApiError
+from gateway.errors import ApiError, database_unavailable
 from persistence import Store, split_key
 from turngate.exceptions import PersistenceError
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="turngate"'}
 KEY_CACHE_SIZE = 10_000
+# "Bearer " and a 55-character key, with room to spare: anything longer cannot be a
+# key, and is refused on its length before it is split, hashed or looked up.
+MAX_AUTHORIZATION_BYTES = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,9 +90,21 @@ def unauthorized() -> ApiError:
     return ApiError(401, "unauthorized", "invalid or revoked API key", _CHALLENGE)
 
 
+def authorization_too_long(size: int) -> ApiError:
+    """401 for an ``Authorization`` header too long to hold a key."""
+    return ApiError(
+        401, "unauthorized",
+        f"the Authorization header has {size} bytes; expected \"Bearer <key>\" of at most "
+        f"{MAX_AUTHORIZATION_BYTES} bytes",
+        _CHALLENGE,
+    )
+
+
 def bearer_key(request: Request) -> str | None:
     """The key from ``Authorization: Bearer <key>``, if well formed."""
     header = request.headers.get("authorization", "")
+    if len(header) > MAX_AUTHORIZATION_BYTES:
+        raise authorization_too_long(len(header))
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         return None
@@ -107,10 +122,7 @@ async def authenticate_key(key: str | None, store: Store) -> int:
     try:
         user_id = await store.authenticate(key)
     except PersistenceError:
-        raise ApiError(
-            503, "database_unavailable", "the database is unavailable; retry later",
-            {"Retry-After": "2"},
-        ) from None
+        raise database_unavailable() from None
     ident = _ident(key)
     if user_id is None:
         if ident is not None:
@@ -149,9 +161,11 @@ def forget_key(store: Store, cached: CachedKey) -> None:
 
 
 __all__ = [
+    "MAX_AUTHORIZATION_BYTES",
     "CachedKey",
     "authenticate",
     "authenticate_key",
+    "authorization_too_long",
     "bearer_key",
     "cached_key",
     "forget_key",

@@ -12,8 +12,10 @@ import logging
 from collections.abc import Mapping
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from turngate.exceptions import PersistenceError
 
 logger = logging.getLogger("turngate.gateway")
 
@@ -100,6 +102,42 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return _respond(request, exc.status_code, code, message, exc.headers)
 
 
+# How long a client is told to wait after a database failure: a pool frees up or a
+# statement times out within seconds; a longer outage just gets asked again.
+DATABASE_RETRY_AFTER = "2"
+
+
+def database_unavailable() -> ApiError:
+    """The one 503 of every route while the database cannot answer (no driver text)."""
+    return ApiError(
+        503, "database_unavailable",
+        "the database is unavailable or busy (timed out, or no connection free); retry later",
+        {"Retry-After": DATABASE_RETRY_AFTER},
+    )
+
+
+async def _persistence_error(request: Request, exc: Exception) -> Response:
+    # A database outage, lock or exhausted pool is not a bug in the gateway: one line,
+    # no traceback (the store already logged the driver's cause), and a 503 the client
+    # can retry, whichever route's statement met it.
+    logger.warning(
+        "database_unavailable path=%s error=%s", request.url.path, str(exc)[:300],
+        extra={"event": "database_unavailable", "path": request.url.path},
+    )
+    error = database_unavailable()
+    return _respond(request, error.status, error.code, error.message, error.headers)
+
+
+async def _client_disconnect(request: Request, exc: Exception) -> Response:
+    # The client went away while its body was being read: its doing, not a server
+    # error. Nobody reads the answer; it only ends the request.
+    logger.info(
+        "client_disconnected path=%s while=reading_body", request.url.path,
+        extra={"event": "client_disconnected", "path": request.url.path},
+    )
+    return _respond(request, 400, "client_disconnected", "the client closed the connection")
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     logger.error(
         "unhandled_error path=%s error=%s", request.url.path, type(exc).__name__, exc_info=exc
@@ -110,7 +148,16 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS = {
     ApiError: _api_error,
     HTTPException: _http_exception,
+    PersistenceError: _persistence_error,
+    ClientDisconnect: _client_disconnect,
     Exception: _unexpected,
 }
 
-__all__ = ["EXCEPTION_HANDLERS", "ApiError", "error_response", "not_found"]
+__all__ = [
+    "DATABASE_RETRY_AFTER",
+    "EXCEPTION_HANDLERS",
+    "ApiError",
+    "database_unavailable",
+    "error_response",
+    "not_found",
+]

@@ -12,7 +12,7 @@ from gateway._redis_routes import attach_shared, cancel_shared, check_relay, sup
 from gateway.auth import CachedKey, authenticate, authenticate_key, cached_key, forget_key
 from gateway.auth import unauthorized as _unauthorized
 from gateway.context import AppContext, context
-from gateway.errors import ApiError, not_found
+from gateway.errors import ApiError, database_unavailable, not_found
 from gateway.limits import check_rate, check_stream_quota, release_stream, reserve_stream
 from gateway.relay import LiveTurn
 from gateway.streaming import follow_live, from_list, replay_chunks, sse_response
@@ -36,10 +36,7 @@ _BUSY_RETRY_AFTER = "2"
 
 
 def _unavailable() -> ApiError:
-    return ApiError(
-        503, "database_unavailable", "the database is unavailable; retry later",
-        {"Retry-After": "2"},
-    )
+    return database_unavailable()
 
 
 def _resolve_adapter(ctx: AppContext, model_string: str) -> tuple[Any, str]:

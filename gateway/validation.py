@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -17,16 +18,44 @@ from starlette.requests import Request
 
 from gateway.errors import ApiError
 from gateway.settings import Settings
+from persistence import build_user_content
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 _DATA_URL_RE = re.compile(r"^data:(image/[A-Za-z0-9.+-]+);base64,(.*)$", re.DOTALL)
 # NUL and lone surrogates: PostgreSQL rejects both in text and JSON, so they never get that far.
 _BAD_CHARS_RE = re.compile("[\x00\ud800-\udfff]")
 MAX_JSON_DEPTH = 32
+# The stored content-part schema (docs/API.md, "Stored content parts"): per role, each part type
+# and its keys, required and optional. A legacy append is held to it key by key, so a
+# client cannot store parts (or keys) the gateway itself would never write.
 _LEGACY_PART_TYPES = {
     "user": frozenset({"text", "image", "mentioned-documents"}),
-    "assistant": frozenset({"text", "reasoning", "tool-call"}),
+    "assistant": frozenset({"text", "reasoning", "tool-call", "status"}),
 }
+_PART_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "text": (frozenset({"type", "text"}), frozenset()),
+    "reasoning": (frozenset({"type", "text"}), frozenset()),
+    "image": (frozenset({"type", "image"}), frozenset()),
+    "mentioned-documents": (frozenset({"type", "documents"}), frozenset()),
+    "tool-call": (
+        frozenset({"type", "toolCallId", "toolName"}),
+        frozenset({"args", "argsText", "result"}),
+    ),
+    "status": (frozenset({"type", "text"}), frozenset()),
+}
+_DOCUMENT_KEYS = frozenset({"id", "title", "document_type"})
+# The only status part the gateway writes: the marker of a reply with no text.
+_STATUS_TEXTS = frozenset({"(no text response)"})
+# Raster formats every vision provider accepts, by the bytes they start with. SVG and
+# anything else is refused: no provider takes it as vision input, and SVG can carry
+# script into every client that renders the history.
+_IMAGE_SIGNATURES: dict[str, tuple[str, tuple[bytes, ...]]] = {
+    "image/png": ("PNG", (b"\x89PNG\r\n\x1a\n",)),
+    "image/jpeg": ("JPEG", (b"\xff\xd8\xff",)),
+    "image/gif": ("GIF", (b"GIF87a", b"GIF89a")),
+    "image/webp": ("WebP", (b"RIFF",)),
+}
+_IMAGE_TYPES_TEXT = "image/png, image/jpeg, image/gif or image/webp"
 
 
 def _shown(value: Any, limit: int = 40) -> str:
@@ -37,6 +66,31 @@ def _shown(value: Any, limit: int = 40) -> str:
 
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+class _NonFiniteNumber(ValueError):
+    """A JSON number too large for a double (``1e999``): Python reads it as infinity."""
+
+    def __init__(self, literal: str) -> None:
+        super().__init__(literal)
+        self.literal = literal
+
+
+def _finite_float(literal: str) -> float:
+    # json.loads turns 1e999 into inf, which PostgreSQL refuses in jsonb (a 500 at
+    # write time) and SQLite stores: refuse it here, on both, naming the number.
+    value = float(literal)
+    if not math.isfinite(value):
+        raise _NonFiniteNumber(literal)
+    return value
+
+
+def _non_finite_error(literal: str) -> ApiError:
+    return ApiError(
+        400, "invalid_json",
+        f"number {_shown(literal)} is out of range; expected a finite number "
+        "(at most about 1.8e308 in magnitude)",
+    )
 
 
 def check_json_value(data: Any) -> Any:
@@ -51,6 +105,8 @@ def check_json_value(data: Any) -> Any:
                     "strings must not contain NUL (\\u0000) or unpaired surrogates; "
                     "expected valid UTF-8 text",
                 )
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise _non_finite_error(repr(value))
         elif isinstance(value, dict | list):
             if depth > MAX_JSON_DEPTH:
                 raise ApiError(
@@ -92,7 +148,9 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         chunks.append(chunk)
     raw = b"".join(chunks)
     try:
-        data = json.loads(raw, parse_constant=_no_constants)
+        data = json.loads(raw, parse_constant=_no_constants, parse_float=_finite_float)
+    except _NonFiniteNumber as exc:
+        raise _non_finite_error(exc.literal) from None
     except (ValueError, UnicodeDecodeError, RecursionError):
         start = raw[:20].decode("utf-8", "replace")
         raise ApiError(
@@ -155,7 +213,12 @@ def _check_image(value: Any, index: int, settings: Settings) -> str:
             f"images[{index}] {_shown(value)} must be in format "
             "\"data:image/<type>;base64,<data>\"",
         )
-    payload = match.group(2)
+    mime, payload = match.group(1).lower(), match.group(2)
+    if mime not in _IMAGE_SIGNATURES:
+        raise ApiError(
+            400, "invalid_image",
+            f"images[{index}] has type {_shown(mime)}; expected {_IMAGE_TYPES_TEXT}",
+        )
     if len(payload) * 3 // 4 > settings.max_image_bytes + 3:
         raise ApiError(
             413, "image_too_large", f"images[{index}] exceeds {settings.max_image_bytes} bytes"
@@ -173,7 +236,22 @@ def _check_image(value: Any, index: int, settings: Settings) -> str:
         raise ApiError(
             413, "image_too_large", f"images[{index}] exceeds {settings.max_image_bytes} bytes"
         )
+    _check_image_bytes(mime, decoded, index)
     return value
+
+
+def _check_image_bytes(mime: str, decoded: bytes, index: int) -> None:
+    """The declared type must be one providers take, and the bytes must be of that type."""
+    name, signatures = _IMAGE_SIGNATURES[mime]
+    looks_right = decoded.startswith(signatures) and (
+        mime != "image/webp" or decoded[8:12] == b"WEBP"
+    )
+    if not looks_right:
+        raise ApiError(
+            400, "invalid_image",
+            f"images[{index}] is declared {mime} but its data starts {_shown(decoded[:8])}, "
+            f"not like a {name} file; expected {name} data",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +293,14 @@ def parse_turn_request(data: Any, settings: Settings) -> TurnRequest:
             400, "too_many_images", f"{len(images)} images; the limit is {settings.max_images}"
         )
     images = [_check_image(img, i, settings) for i, img in enumerate(images)]
+    if not images and not text.strip():
+        # Nothing to answer: a provider refuses an empty user message (or answers
+        # nonsense), after the rows and a usage row were written for it.
+        raise ApiError(
+            400, "empty_text",
+            f"text {_shown(text)} is empty or only whitespace and there are no images; "
+            "expected some text or at least one image",
+        )
     docs = body.get("mentioned_documents", [])
     if docs is None:
         docs = []
@@ -233,10 +319,16 @@ def parse_turn_request(data: Any, settings: Settings) -> TurnRequest:
             f"{len(docs)} mentioned_documents; the limit is 100",
         )
     model = body.get("model")
-    if model is not None and (not isinstance(model, str) or not model.strip() or len(model) > 200):
+    # isprintable(): no CR/LF or other control characters, which would end up in log
+    # lines, metric labels and provider request bodies.
+    if model is not None and (
+        not isinstance(model, str) or not model.strip() or len(model) > 200
+        or not model.isprintable()
+    ):
         raise ApiError(
             400, "invalid_model",
-            f"model {_shown(model)} must be a string in format \"<adapter>:<model>\"",
+            f"model {_shown(model)} must be a string of at most 200 printable characters "
+            "(no control characters) in format \"<adapter>:<model>\"",
         )
     return TurnRequest(turn_id, text, images, docs, model)
 
@@ -246,8 +338,9 @@ def parse_legacy_message(
 ) -> tuple[str, list[dict[str, Any]]]:
     """Role and content of a legacy append: a string, or an array of known, well-typed parts.
 
-    Parts the gateway itself would never write (usage, status, unknown types) are refused,
-    so a client cannot plant them in the history.
+    Parts the gateway itself would never write (usage parts, unknown types or keys, a
+    status part other than the no-text marker) are refused, so a client cannot plant
+    them in the history.
     """
     role = body.get("role")
     if not isinstance(role, str) or role not in _LEGACY_PART_TYPES:
@@ -260,7 +353,9 @@ def parse_legacy_message(
     if isinstance(content, str):
         parts: list[dict[str, Any]] = [{"type": "text", "text": content}]
     elif isinstance(content, list) and len(content) <= 200:
-        parts = [_legacy_part(role, part, i, settings) for i, part in enumerate(content)]
+        checked = [_legacy_part(role, part, i, settings) for i, part in enumerate(content)]
+        # A documents part left with no complete entry is not stored (as for a turn).
+        parts = [p for p in checked if p.get("type") != "mentioned-documents" or p["documents"]]
     else:
         raise ApiError(
             400, "invalid_content",
@@ -282,37 +377,79 @@ def parse_legacy_message(
 
 
 def _legacy_part(role: str, part: Any, index: int, settings: Settings) -> dict[str, Any]:
+    """One part of a legacy append, held to the stored schema (docs/API.md)."""
     allowed = _LEGACY_PART_TYPES[role]
     kind = part.get("type") if isinstance(part, dict) else None
-    if not isinstance(part, dict) or kind not in allowed:
+    if not isinstance(part, dict) or not isinstance(kind, str) or kind not in allowed:
         raise ApiError(
             400, "invalid_content",
             f"content[{index}] {_shown(part)} must be an object whose \"type\" is one of "
             f"{', '.join(sorted(allowed))} for role {role!r}",
         )
-    if kind in ("text", "reasoning") and not isinstance(part.get("text"), str):
+    fields: dict[str, Any] = part
+    required, optional = _PART_KEYS[kind]
+    missing = sorted(required - part.keys())
+    unknown = sorted(part.keys() - required - optional)
+    if missing or unknown:
+        what = (f"lacks {', '.join(map(repr, missing))}" if missing
+                else f"has unknown key {_shown(unknown[0])}")
         raise ApiError(
             400, "invalid_content",
-            f"content[{index}].text is {_kind(part.get('text'))}; expected a string",
+            f"content[{index}] ({kind}) {what}; expected exactly the keys "
+            f"{', '.join(sorted(required))}"
+            + (f" (optional: {', '.join(sorted(optional))})" if optional else ""),
+        )
+    if kind in ("text", "reasoning", "status") and not isinstance(part["text"], str):
+        raise ApiError(
+            400, "invalid_content",
+            f"content[{index}].text is {_kind(part['text'])}; expected a string",
+        )
+    if kind == "status" and part["text"] not in _STATUS_TEXTS:
+        raise ApiError(
+            400, "invalid_content",
+            f"content[{index}] status text {_shown(part['text'])} is not one the gateway "
+            f"writes; expected {' or '.join(map(repr, sorted(_STATUS_TEXTS)))}",
         )
     if kind == "image":
-        _check_image(part.get("image"), index, settings)
-    if kind == "mentioned-documents" and not (
-        isinstance(part.get("documents"), list)
-        and all(isinstance(d, dict) for d in part["documents"])
-    ):
+        _check_image(part["image"], index, settings)
+    if kind == "mentioned-documents":
+        fields = {"type": kind, "documents": _legacy_documents(part["documents"], index)}
+    if kind == "tool-call":
+        for key in ("toolCallId", "toolName"):
+            if not isinstance(part[key], str) or not part[key]:
+                raise ApiError(
+                    400, "invalid_content",
+                    f"content[{index}].{key} {_shown(part[key])} must be a non-empty string",
+                )
+        if "argsText" in part and not isinstance(part["argsText"], str):
+            raise ApiError(
+                400, "invalid_content",
+                f"content[{index}].argsText is {_kind(part['argsText'])}; expected a string",
+            )
+    return fields
+
+
+def _legacy_documents(documents: Any, index: int) -> list[dict[str, Any]]:
+    """Document entries: objects of id, title, document_type and nothing else.
+
+    Entries missing a field are dropped, as for a turn (docs/API.md); other keys are refused.
+    """
+    if not isinstance(documents, list) or len(documents) > 100:
         raise ApiError(
             400, "invalid_content",
-            f"content[{index}].documents must be an array of objects",
+            f"content[{index}].documents {_shown(documents)} must be an array of at most 100 "
+            "objects {\"id\", \"title\", \"document_type\"}",
         )
-    if kind == "tool-call" and not (
-        isinstance(part.get("toolCallId"), str) and isinstance(part.get("toolName"), str)
-    ):
-        raise ApiError(
-            400, "invalid_content",
-            f"content[{index}] tool-call needs string \"toolCallId\" and \"toolName\"",
-        )
-    return part
+    for entry in documents:
+        if not isinstance(entry, dict) or entry.keys() - _DOCUMENT_KEYS:
+            shown = entry if not isinstance(entry, dict) else sorted(entry.keys() - _DOCUMENT_KEYS)
+            raise ApiError(
+                400, "invalid_content",
+                f"content[{index}].documents has {_shown(shown)}; expected objects with only "
+                "\"id\", \"title\", \"document_type\"",
+            )
+    parts = build_user_content("", (), documents)
+    return parts[1]["documents"] if len(parts) > 1 else []
 
 
 def check_model_field(body: dict[str, Any]) -> str | None:

@@ -6,10 +6,11 @@ schema (alembic revisions in ``persistence/migrations``).
 
 from persistence._accounts import split_key
 from persistence._base import OperationObserver
+from persistence._probe import ProbeResult
 from persistence._threads import ThreadIdTaken
 from persistence._urls import DEFAULT_URL
 from persistence.content import build_user_content
-from persistence.migrate import SchemaStatus, migrate, schema_status
+from persistence.migrate import SchemaStatus, classify_revision, migrate, schema_status
 from persistence.rows import (
     AppendResult,
     FinalizeItem,
@@ -28,6 +29,7 @@ __all__ = [
     "FinalizeItem",
     "MessageRow",
     "OperationObserver",
+    "ProbeResult",
     "SchemaStatus",
     "Store",
     "ThreadIdTaken",
@@ -37,6 +39,7 @@ __all__ = [
     "UsageRecord",
     "UsageRow",
     "build_user_content",
+    "classify_revision",
     "migrate",
     "schema_status",
     "split_key",

@@ -25,6 +25,7 @@ import anyio
 from databases import Database
 
 from persistence._errors import check_sqlite_location, unavailable
+from persistence._health import DbHealth
 from persistence._sql import SQLITE_ROW_FACTORY, Conn
 from persistence._urls import Dialect, _parse_url
 from turngate.exceptions import DatabaseUnavailable, PersistenceError
@@ -128,6 +129,9 @@ class _StoreBase:
         # with DatabaseUnavailable (PostgreSQL; SQLite has no pool to wait for).
         self.acquire_timeout = statement_timeout if acquire_timeout is None else acquire_timeout
         self.on_operation: OperationObserver | None = None
+        # Every operation's outcome, for readiness: statements that fail while
+        # SELECT 1 still answers (a lock, a held pool) make the database not ready.
+        self.health = DbHealth()
         options: dict[str, Any]
         if self.dialect == "postgresql":
             options = {
@@ -219,6 +223,16 @@ class _StoreBase:
         return _parse_iso(value) if self._is_pg else value
 
     async def _run(self, fn: DbFn[T], *, quiet: bool = False) -> T:
+        """``_run_statement``, its outcome told to ``self.health``."""
+        try:
+            result = await self._run_statement(fn, quiet=quiet)
+        except DatabaseUnavailable as exc:
+            self.health.failed(exc)
+            raise
+        self.health.succeeded()
+        return result
+
+    async def _run_statement(self, fn: DbFn[T], *, quiet: bool = False) -> T:
         """Run ``fn(conn)`` on one pooled connection, shielded from outside cancellation.
 
         The wait for a pooled connection is bounded by ``acquire_timeout`` (PostgreSQL);

@@ -28,7 +28,7 @@ def build_user_content(
     images: Sequence[str] | None = None,
     mentioned_documents: Iterable[object] | None = None,
 ) -> list[dict[str, Any]]:
-    """Build the persisted parts of a user turn, exactly as DESIGN.md orders them.
+    """Build the persisted parts of a user turn, in the order docs/API.md gives.
 
     A text part first, then one image part per image (data URLs, kept as given),
     then one ``mentioned-documents`` part holding the valid entries (``id`` a

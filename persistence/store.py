@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from persistence._accounts import _AccountsMixin
+from persistence._probe import _HealthMixin
 from persistence._threads import _ThreadsMixin
 from persistence._turns import _RegenerateMixin, _TurnsMixin
 from persistence._writers import _WritersMixin
 
 
-class Store(_AccountsMixin, _ThreadsMixin, _TurnsMixin, _RegenerateMixin, _WritersMixin):
+class Store(
+    _AccountsMixin, _ThreadsMixin, _TurnsMixin, _RegenerateMixin, _WritersMixin, _HealthMixin
+):
     """Async access to turngate's database (PostgreSQL via asyncpg, or SQLite).
 
     ``Store(url, *, statement_timeout=5.0, pool_size=None, acquire_timeout=None)``;
@@ -26,6 +29,8 @@ class Store(_AccountsMixin, _ThreadsMixin, _TurnsMixin, _RegenerateMixin, _Write
       ``failed``), with a warning naming the pool size.
     ``store.dialect`` is ``"postgresql"`` or ``"sqlite"``. Set
     ``store.on_operation = fn(op, outcome, seconds)`` to observe every writer.
+    ``store.health`` records recent failures of every operation; ``store.probe()``
+    is readiness's round trip on the store's own pool.
 
     Every method runs its database work shielded from cancellation with a
     deadline; a cancellation of the caller is delivered at its next checkpoint.

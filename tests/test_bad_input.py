@@ -9,12 +9,14 @@ the snapshot taken before it. A good turn must still stream at the end.
 from __future__ import annotations
 
 import base64
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -68,8 +70,20 @@ def assert_no_leak(text: str, where: str = "") -> None:
 
 
 def assert_json_error(response: httpx.Response, status: int, code: str, where: str = "") -> dict:
-    """A JSON body ``{"error": {"code", "message"}}`` with the expected status and code."""
+    """A JSON body ``{"error": {"code", "message"}}`` with the expected status and code.
+
+    On the AI SDK routes (``/api/...``) the same error is a plain-text sentence with
+    the code in ``x-turngate-error-code`` (useChat shows the body as the message).
+    """
     assert response.status_code == status, f"{where}: {response.status_code} {response.text[:300]}"
+    request = getattr(response, "_request", None)
+    if request is not None and request.url.path.startswith("/api/"):
+        assert response.headers.get("content-type", "").startswith("text/plain"), where
+        assert response.headers.get("x-turngate-error-code") == code, where
+        text = response.text
+        assert text[:1].isupper() and text.endswith(".") and not text.startswith("{"), where
+        assert_no_leak(text, where)
+        return {"code": code, "message": text}
     assert response.headers.get("content-type", "").startswith("application/json"), where
     body = response.json()
     assert set(body) == {"error"}, f"{where}: {body}"
@@ -87,6 +101,20 @@ def client_for(gw: GatewayServer, key: str) -> httpx.AsyncClient:
 
 def data_url(n_bytes: int, mime: str = "image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(b"\x89PNG" + b"x" * (n_bytes - 4)).decode()
+
+
+SVG = "data:image/svg+xml;base64," + base64.b64encode(
+    b"<svg xmlns='http://www.w3.org/2000/svg'><script>alert(1)</script></svg>").decode()
+
+
+def server_failures(records: list[logging.LogRecord]) -> list[str]:
+    """Log records of request handling that report a server error or carry a traceback."""
+    return [
+        f"{r.name} {r.levelname} {r.getMessage()[:200]}"
+        for r in records
+        if (r.name.startswith("uvicorn") or r.name.startswith("turngate"))
+        and (r.exc_info is not None or r.levelno >= logging.ERROR)
+    ]
 
 
 @dataclass
@@ -191,6 +219,40 @@ CASES: list[Case] = [
          content=b"role=user", headers={"content-type": "application/x-www-form-urlencoded"}),
     Case("append: surrogate", "POST", M, 400, "invalid_json",
          content=b'{"role": "user", "content": "\\ud800"}', headers=JSON_CT),
+    Case("append: 1e999 in a part", "POST", M, 400, "invalid_json",
+         content=b'{"role": "user", "content": [{"type": "text", "text": "x", "n": 1e999}]}',
+         headers=JSON_CT, says="1e999"),
+    Case("append: -1e999 as a turn_id", "POST", M, 400, "invalid_json",
+         content=b'{"role": "user", "content": "x", "turn_id": -1e999}', headers=JSON_CT,
+         says="-1e999"),
+    Case("append: extra key in a text part", "POST", M, 400, "invalid_content",
+         json={"role": "user", "content": [{"type": "text", "text": "x", "admin": True}]},
+         says="'admin'"),
+    Case("append: text part without text", "POST", M, 400, "invalid_content",
+         json={"role": "user", "content": [{"type": "text"}]}, says="'text'"),
+    Case("append: extra key in an image part", "POST", M, 400, "invalid_content",
+         json={"role": "user", "content": [
+             {"type": "image", "image": "data:image/png;base64,iVBORw0KGgo=", "url": "x"}]},
+         says="'url'"),
+    Case("append: extra key in a document", "POST", M, 400, "invalid_content",
+         json={"role": "user", "content": [{"type": "mentioned-documents", "documents": [
+             {"id": "d", "title": "t", "document_type": "pdf", "html": "<b>"}]}]},
+         says="html"),
+    Case("append: extra key in a tool call", "POST", M, 400, "invalid_content",
+         json={"role": "assistant", "content": [
+             {"type": "tool-call", "toolCallId": "c", "toolName": "n", "eval": "x"}]},
+         says="'eval'"),
+    Case("append: reasoning from the user", "POST", M, 400, "invalid_content",
+         json={"role": "user", "content": [{"type": "reasoning", "text": "x"}]},
+         says="reasoning"),
+    Case("append: status part of made-up text", "POST", M, 400, "invalid_content",
+         json={"role": "assistant", "content": [{"type": "status", "text": "approved"}]},
+         says="'approved'"),
+    Case("append: type not a string", "POST", M, 400, "invalid_content",
+         json={"role": "user", "content": [{"type": ["text"], "text": "x"}]}),
+    Case("append: SVG image part", "POST", M, 400, "invalid_image",
+         json={"role": "user", "content": [{"type": "image", "image": SVG}]},
+         says="image/svg+xml"),
     # --- POST /v1/threads/{id}/turns
     Case("turn: missing turn_id", "POST", T, 400, "missing_turn_id", json=_turn(turn_id=...)),
     Case("turn: missing text", "POST", T, 400, "missing_text", json=_turn(text=...)),
@@ -216,6 +278,32 @@ CASES: list[Case] = [
     Case("turn: image too large", "POST", T, 413, "image_too_large",
          json=_turn(images=[data_url(2000)]), says="1024"),
     Case("turn: image a number", "POST", T, 400, "invalid_image", json=_turn(images=[1])),
+    Case("turn: empty text, no image", "POST", T, 400, "empty_text", json=_turn(text=""),
+         says="expected some text or at least one image"),
+    Case("turn: whitespace text, no image", "POST", T, 400, "empty_text",
+         json=_turn(text=" \n\t "), says="' \\n\\t '"),
+    Case("turn: SVG image", "POST", T, 400, "invalid_image", json=_turn(images=[SVG]),
+         says="image/svg+xml"),
+    Case("turn: SVG declared as PNG", "POST", T, 400, "invalid_image",
+         json=_turn(images=["data:image/png;base64," + base64.b64encode(
+             b"<svg xmlns='http://www.w3.org/2000/svg'/>").decode()]), says="PNG"),
+    Case("turn: image/x-icon", "POST", T, 400, "invalid_image",
+         json=_turn(images=[data_url(10, "image/x-icon")]), says="image/png"),
+    Case("turn: 1e999 in documents", "POST", T, 400, "invalid_json",
+         content=b'{"turn_id": "a", "text": "b", "mentioned_documents": [{"id": 1e999}]}',
+         headers=JSON_CT, says="1e999"),
+    Case("turn: model with CR/LF", "POST", T, 400, "invalid_model",
+         json=_turn(model="scripted\r\nx-injected: 1"), says="\\r\\n"),
+    Case("turn: model with a tab", "POST", T, 400, "invalid_model",
+         json=_turn(model="scripted:\ttokens=2"), says="control characters"),
+    Case("chat: whitespace text", "POST", "/api/chat", 400, "empty_text",
+         json={"id": "{missing}", "messages": [
+             {"id": "m1", "role": "user", "parts": [{"type": "text", "text": "  "}]}]}),
+    # --- headers
+    Case("authorization of 2 KiB", "GET", "/v1/threads", 401, "unauthorized",
+         auth="Bearer " + "A" * 2048, says="2055 bytes"),
+    Case("too many headers", "GET", "/v1/threads", 431, "too_many_headers",
+         headers={f"x-filler-{i}": "1" for i in range(150)}, says="100"),
     Case("turn: documents an object", "POST", T, 400, "invalid_mentioned_documents",
          json=_turn(mentioned_documents={"id": 1})),
     Case("turn: documents of strings", "POST", T, 400, "invalid_mentioned_documents",
@@ -330,7 +418,10 @@ def test_the_table_is_big_and_distinct() -> None:
     assert len(routes) >= 9
 
 
-async def test_bad_requests_write_nothing_and_a_good_turn_still_streams(world: World) -> None:
+async def test_bad_requests_write_nothing_and_a_good_turn_still_streams(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     store = world.gw.store
     failures: list[str] = []
     async with httpx.AsyncClient(base_url=world.gw.url, timeout=30) as client:
@@ -348,6 +439,7 @@ async def test_bad_requests_write_nothing_and_a_good_turn_still_streams(world: W
             except AssertionError as exc:
                 failures.append(str(exc))
         assert not failures, "\n".join(failures)
+        assert server_failures(caplog.records) == []
 
         before = await snapshot(store)
         good = await stream_request(
@@ -359,3 +451,95 @@ async def test_bad_requests_write_nothing_and_a_good_turn_still_streams(world: W
     after = await snapshot(store)
     assert after["messages"] == before["messages"] + 2
     assert after["token_usage"] == before["token_usage"] + 1
+
+
+async def test_huge_and_countless_headers_are_refused_before_any_route(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 16 MiB Authorization and 20,000 header fields: 431 JSON at once, nothing written,
+    and the key is never looked up (no database statement for it)."""
+    caplog.set_level(logging.INFO)
+    store = world.gw.store
+    before = await snapshot(store)
+    huge_auth = b"authorization: Bearer " + b"A" * (16 * 1024 * 1024) + b"\r\n"
+    auth = f"authorization: Bearer {world.gw.key}\r\n".encode()
+    path = world.fill(M)
+    # Raw bytes: httpx takes many seconds to prepare such requests, the server under one.
+    r = await raw_post(world.gw.url, path, huge_auth, b'{"role": "user", "content": "x"}')
+    error = assert_json_error(r, 431, "headers_too_large", "16 MiB authorization")
+    assert "'authorization'" in error["message"] and "32768" in error["message"], error
+    many = b"".join(f"x-h{i}: 1\r\n".encode() for i in range(20_000))
+    r = await raw_post(world.gw.url, path, auth + many, b'{"role": "user", "content": "x"}')
+    error = assert_json_error(r, 431, "too_many_headers", "20,000 headers")
+    count = re.search(r"has (\d+) header fields", error["message"])
+    assert count is not None and int(count.group(1)) > 20_000, error
+    assert await snapshot(store) == before
+    assert server_failures(caplog.records) == []
+    async with world.gw.client() as client:  # and the server is fine
+        assert (await client.get(path)).status_code == 200
+
+
+async def test_client_leaving_mid_body_is_logged_as_the_clients(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A disconnect while the body is read: one INFO line, no error, no traceback."""
+    caplog.set_level(logging.DEBUG)
+    store = world.gw.store
+    before = await snapshot(store)
+    host, port = world.gw.url.removeprefix("http://").split(":")
+    for route in (M, T):
+        head = (
+            f"POST {world.fill(route)} HTTP/1.1\r\nhost: {host}\r\n"
+            f"authorization: Bearer {world.gw.key}\r\ncontent-type: application/json\r\n"
+            "content-length: 1000\r\n\r\n"
+        ).encode()
+        stream = await anyio.connect_tcp(host, int(port))
+        await stream.send(head + b'{"role": "user", "content": "half')
+        with anyio.fail_after(10):  # the body is being waited for: leave now
+            while not _body_read_started(world):
+                await anyio.sleep(0.01)
+        await stream.aclose()
+        with anyio.fail_after(10):
+            while len(_disconnect_lines(caplog)) < (1 if route == M else 2):
+                await anyio.sleep(0.01)
+    lines = _disconnect_lines(caplog)
+    assert len(lines) == 2, lines
+    assert all(r.levelno == logging.INFO and r.exc_info is None for r in lines)
+    assert server_failures(caplog.records) == []
+    assert not [r for r in caplog.records if "ClientDisconnect" in r.getMessage()]
+    assert await snapshot(store) == before
+
+
+async def raw_post(url: str, path: str, header_lines: bytes, body: bytes) -> httpx.Response:
+    """POST over a plain socket; the answer read to the end of the connection."""
+    host, port = url.removeprefix("http://").split(":")
+    head = (
+        f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n"
+    ).encode()
+    async with await anyio.connect_tcp(host, int(port)) as stream:
+        await stream.send(head + header_lines + b"\r\n" + body)
+        received = b""
+        with anyio.fail_after(30):
+            try:
+                while chunk := await stream.receive():
+                    received += chunk
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                pass
+    status_line, _, rest = received.partition(b"\r\n")
+    raw_headers, _, content = rest.partition(b"\r\n\r\n")
+    headers = [tuple(line.decode("latin-1").split(": ", 1)) for line in raw_headers.split(b"\r\n")]
+    return httpx.Response(int(status_line.split()[1]), headers=headers, content=content)
+
+
+def _disconnect_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage().startswith("client_disconnected")]
+
+
+def _body_read_started(world: World) -> bool:
+    # The server's connections: one of them is inside a request whose body is awaited.
+    server = world.gw.server
+    return any(
+        getattr(getattr(conn, "cycle", None), "more_body", False)
+        for conn in server.server_state.connections
+    )

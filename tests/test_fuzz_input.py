@@ -57,6 +57,7 @@ ids = st.one_of(
 images = st.lists(
     st.one_of(
         st.just("data:image/png;base64,iVBORw0KGgo="),
+        st.just("data:image/svg+xml;base64,PHN2Zy8+"),
         st.builds(lambda s: "data:image/png;base64," + s, st.text(max_size=20)),
         st.text(max_size=20),
         any_json,
@@ -72,7 +73,7 @@ parts = st.lists(
     st.fixed_dictionaries(
         {"type": st.sampled_from(["text", "image", "reasoning", "tool-call", "status", "x"])},
         optional={"text": any_json, "image": any_json, "toolCallId": any_json,
-                  "toolName": any_json, "documents": any_json},
+                  "toolName": any_json, "documents": any_json, "extra": any_json},
     ),
     max_size=3,
 )
@@ -94,7 +95,8 @@ turn_optional = {
     "mentioned_documents": documents,
     "model": mostly(
         st.sampled_from(["scripted", "scripted:tokens=2", "scripted:tokens=x", "scripted:zz=1",
-                         "nosuch:m", ":", "openai:", "scripted:tokens=99999999999"]),
+                         "nosuch:m", ":", "openai:", "scripted:tokens=99999999999",
+                         "scripted\r\nx: y", "scripted:\x07"]),
         any_json,
     ),
 }
@@ -124,7 +126,10 @@ def bodies(route: str) -> st.SearchStrategy[bytes]:
             any_json.map(lambda b: json.dumps(b).encode()),
             st.binary(max_size=120),
             st.sampled_from([b"", b"{", b"NaN", b'{"text": Infinity}', b"[" * 200 + b"]" * 200,
-                             b'{"turn_id": "a", "text": "\\u0000"}', b'{"text": "\\udc00"}']),
+                             b'{"turn_id": "a", "text": "\\u0000"}', b'{"text": "\\udc00"}',
+                             b'{"turn_id": "a", "text": "b", "x": 1e999}',
+                             b'{"role": "user", "content": [{"type": "text", "text": "a", '
+                             b'"n": -1e400}]}']),
         ),
     )
 

@@ -151,3 +151,44 @@ async def test_serve_refuses_an_older_schema_and_accepts_a_newer_one(pg_url: str
             await store._db.execute(
                 "INSERT INTO alembic_version (version_num) VALUES (:v)", {"v": _head()}
             )
+
+
+async def test_readyz_uses_the_apps_own_pool(_pg_session_database: str, pg_url: str) -> None:
+    """No connection (or engine) per probe: a balancer probing every second must not
+    cost the database a connection setup each time."""
+    from tests.fault_proxy import FaultProxy
+
+    proxy = FaultProxy()
+    await proxy.start()
+    try:
+        async with run_gateway(proxy.url(_pg_session_database)) as gw, httpx.AsyncClient(
+            base_url=gw.url, timeout=30
+        ) as client:
+            assert (await _ready(client)).status_code == 200
+            opened = proxy.connections
+            for _ in range(20):
+                r = await _ready(client)
+                assert r.status_code == 200, r.text
+                assert r.json()["checks"] == {"server": "ok", "database": "ok", "schema": "ok"}
+            assert proxy.connections == opened
+            # The app's pool, the fixture's own store, start-up's schema check.
+            assert opened <= 2 * gw.ctx.store.pool_size + 1
+    finally:
+        await proxy.close()
+
+
+async def test_a_statement_refused_for_its_data_leaves_the_replica_ready(
+    database_url: str,
+) -> None:
+    """Only database trouble counts against readiness: a constraint error is the
+    request's fault, and counting it would let any client take a replica out."""
+    from turngate.exceptions import DatabaseUnavailable
+
+    async with run_gateway(database_url) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+        assert (await _ready(client)).status_code == 200
+        with pytest.raises(DatabaseUnavailable):  # users.name is unique: alice exists
+            await gw.ctx.store._run(lambda c: c.execute(
+                "INSERT INTO users (name, created_at) VALUES ('alice', CURRENT_TIMESTAMP)"))
+        r = await _ready(client)
+        assert r.status_code == 200, r.text
+        assert gw.ctx.store.health.recent(60).count == 0

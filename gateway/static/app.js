@@ -223,7 +223,7 @@
     }
     scroll() { els.messages.scrollTop = els.messages.scrollHeight; }
 
-    // Stored content parts (DESIGN.md "Content parts").
+    // Stored content parts (docs/API.md, "Stored content parts").
     renderStored(row, usage) {
       this.setMessageId(row.id);
       (row.content ?? []).forEach((part, index) => {
