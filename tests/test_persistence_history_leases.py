@@ -153,9 +153,19 @@ async def test_renew_leases_extends_only_this_owners_streaming_rows(
     await store.finalize_turn(d.assistant_message_id, t4, user_id, [], "complete", USAGE)
     before = await store.get_turn(t1, "a")
 
-    assert await store.renew_leases("proc-1", 60) == 2  # a and b; d is finished
-    assert await store.renew_leases("nobody", 60) == 0
-    assert ("renew_leases", "ok") in seen and ("renew_leases", "row_missing") in seen
+    ids = [x.assistant_message_id for x in (a, b, c, d)]
+    assert all(i is not None for i in ids)
+    # Only the rows named, and of those only this owner's streaming ones: c is another
+    # process's, d is finished.
+    renewed = await store.renew_leases("proc-1", 60, ids)  # type: ignore[arg-type]
+    assert renewed == {a.assistant_message_id, b.assistant_message_id}
+    assert await store.renew_leases("nobody", 60, ids) == set()  # type: ignore[arg-type]
+    assert await store.renew_leases("proc-1", 60, []) == set()  # no statement at all
+    assert ("renew_leases", "row_missing") in seen
+    assert await store.renew_leases(
+        "proc-1", 60, [a.assistant_message_id]  # type: ignore[list-item]
+    ) == {a.assistant_message_id}
+    assert ("renew_leases", "ok") in seen
 
     await anyio.sleep(0.6)
     assert await store.recover_expired_turns() == [c.assistant_message_id]
@@ -167,7 +177,7 @@ async def test_renew_leases_extends_only_this_owners_streaming_rows(
     assert after.assistant == before.assistant
     assert a.assistant_message_id is not None and b.assistant_message_id is not None
     with pytest.raises(ValueError):
-        await store.renew_leases("proc-1", 0)
+        await store.renew_leases("proc-1", 0, [1])
 
 
 @pytest.mark.anyio
