@@ -427,16 +427,14 @@ class TurnRunner:
                 await self._idle.wait()
         for live in self.relay.running():
             live.cancel("interrupted")
+        # The process is leaving: a final write still failing gets the attempt it has in
+        # flight (or one more) and is given up, before the streams are cut at shutdown
+        # (grace + finalize timeout + 1 s). Its row keeps the last checkpoint for a reaper,
+        # and its stream ends with an error that says the reply was not saved.
+        self._give_up.set()
         if self.relay.running():
             with anyio.move_on_after(self.settings.finalize_timeout + 1):
                 await self._idle.wait()  # set by the last _finish while draining
-        if self.relay.running():
-            # Final writes the database has not taken by now are given up: the process
-            # is leaving. Their rows keep the last checkpoint for a reaper to interrupt,
-            # and their streams end with an error that says the reply was not saved.
-            self._give_up.set()
-            with anyio.move_on_after(self.store.statement_timeout * 3 + 2):
-                await self._idle.wait()
 
 
 def history_messages(rows: list[Any], turn_id: str) -> list[ChatMessage]:

@@ -353,3 +353,60 @@ async def test_an_owner_that_cannot_take_its_row_back_stops_and_says_so(
         assert old["content"] == [{"type": "text", "text": w.stream.text}]
         usage = (await client.get("/v1/usage", params={"thread_id": thread})).json()["usage"]
         assert len(usage) == 1 and usage[0]["message_id"] == live.message_id
+
+
+async def test_a_drain_gives_up_a_final_write_the_database_never_takes(outage: Outage) -> None:
+    from gateway.turns import NOT_SAVED_ERROR
+
+    env = _env(TURNGATE_SHUTDOWN_GRACE_SECONDS="0.5")
+    async with run_gateway(outage.gateway_url, **env) as gw, gw.client() as client:
+        thread = await gw.new_thread(client)
+        w = Watched()
+        started = w.when(lambda: w.deltas >= 5)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: w.read(client, "POST", f"/v1/threads/{thread}/turns", json={
+                "turn_id": "t1", "text": "x", "model": "scripted:tokens=20,delay_ms=10"}))
+            await started.wait()
+            await outage.begin()
+            live = gw.ctx.relay.get(thread, "t1")
+            assert live is not None
+            await _until(lambda: live.finalizing, 5)
+            assert gw.ctx.shutdown_event is not None
+            shutdown_at = time.monotonic()
+            gw.ctx.shutdown_event.set()  # what SIGTERM does
+        # Given up at the end of the grace (0.5 s), after the attempt then in flight, and
+        # before the streams still open are cut (grace + finalize timeout + 1 s).
+        assert w.finish_at is not None and w.finish_at - shutdown_at < 2.5
+        validate_ui_stream(w.stream)
+        assert [e["errorText"] for e in w.stream.of_type("error")] == [NOT_SAVED_ERROR]
+        assert w.stream.of_type("finish")[0]["finishReason"] == "error"
+        assert _metric(gw, "turngate_turns_finalized_total", status="complete") == 0
+        await outage.end()
+    rows = await outage.fetch("SELECT status FROM messages WHERE role = 'assistant'")
+    assert [r[0] for r in rows] == ["streaming"], "left for a reaper, with its checkpoint"
+
+
+async def test_a_write_whose_answer_was_lost_is_recognised_on_the_retry(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway._finalize as finalize_module
+
+    real = finalize_module.finalize
+    calls: list[str] = []
+
+    async def lost_answer(*args: Any) -> str:
+        outcome = await real(*args)
+        calls.append(outcome)
+        return "failed" if len(calls) == 1 else outcome  # committed, answer lost
+
+    monkeypatch.setattr(finalize_module, "finalize", lost_answer)
+    async with run_gateway(database_url, **_env()) as gw, gw.client() as client:
+        thread = await gw.new_thread(client)
+        w = Watched()
+        await w.read(client, "POST", f"/v1/threads/{thread}/turns", json={
+            "turn_id": "t1", "text": "x", "model": "scripted:tokens=5"})
+        assert calls == ["ok", "row_missing"]  # the retry found the row final already
+        validate_ui_stream(w.stream)
+        assert w.stream.of_type("finish")[0]["finishReason"] == "stop"
+        assert _metric(gw, "turngate_turns_finalized_total", status="complete") == 1
+        assert _metric(gw, "turngate_finalize_retries_total") == 1

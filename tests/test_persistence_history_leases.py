@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import AsyncIterator
 
 import anyio
 import pytest
@@ -229,3 +230,55 @@ async def test_an_exhausted_pool_answers_unavailable_promptly(
         # The pool is whole afterwards.
         again = await _open(store, thread_id, owner, "t1")
         assert again.status == "opened" and again.assistant_inserted
+
+
+@pytest.mark.anyio
+async def test_a_renewal_that_waited_behind_a_lock_still_renews(
+    pg_url: str, user_id_pg: tuple[Store, int]
+) -> None:
+    """Leases run from the statement's clock, not from when it was sent (PostgreSQL)."""
+    import asyncpg
+
+    store, owner = user_id_pg
+    thread, _ = await store.create_thread(owner, None, None)
+    opened = await _open(store, thread.id, owner, "a", lease_seconds=60)
+    assert opened.assistant_message_id is not None
+    # Prepared once on the store's one connection, as in a running gateway: the queued
+    # execution's transaction then starts when it is sent, not when the lock goes.
+    await store.renew_leases("proc-1", 60, [opened.assistant_message_id])
+    locker = await asyncpg.connect(pg_url, timeout=10)
+    try:
+        tx = locker.transaction()
+        await tx.start()
+        await locker.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+        async with anyio.create_task_group() as tg:
+            box: dict[str, set[int]] = {}
+
+            async def renew() -> None:
+                box["renewed"] = await store.renew_leases(
+                    "proc-1", 1.0, [opened.assistant_message_id]  # type: ignore[list-item]
+                )
+
+            tg.start_soon(renew)
+            # The renewal is queued behind the lock for longer than the lease it asks for.
+            with anyio.fail_after(5):
+                while not await locker.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND position('UPDATE messages SET lease_expires_at' in query) > 0"
+                ):
+                    await anyio.sleep(0.02)
+            await anyio.sleep(1.5)  # the stall itself, longer than the 1 s lease
+            await tx.rollback()
+        assert box["renewed"] == {opened.assistant_message_id}
+        left = await locker.fetchval(
+            "SELECT extract(epoch FROM lease_expires_at - clock_timestamp()) FROM messages "
+            "WHERE id = $1", opened.assistant_message_id)
+        assert left > 0.5, "the renewal committed a lease that had already run out"
+    finally:
+        await locker.close()
+
+
+@pytest.fixture
+async def user_id_pg(pg_url: str) -> AsyncIterator[tuple[Store, int]]:
+    async with Store(pg_url, pool_size=1) as s:
+        yield s, await s.create_user("alice")
