@@ -209,7 +209,9 @@ class TurnRunner:
                 estimated=usage.estimated,
             )
             t0 = time.monotonic()
-            outcome, attempts = await self._write_final(live, content.final(), status, record)
+            outcome, attempts = await self._write_final(
+                live, content.final(), content.event_map(), status, record
+            )
             self.metrics.finalize_duration.observe(time.monotonic() - t0)
             if live.lease_gone:
                 error_text = LEASE_LOST_ERROR
@@ -262,7 +264,8 @@ class TurnRunner:
                 self._idle.set()
 
     async def _write_final(
-        self, live: LiveTurn, parts: list[dict[str, Any]], status: str, record: UsageRecord
+        self, live: LiveTurn, parts: list[dict[str, Any]], event_map: list[Any], status: str,
+        record: UsageRecord,
     ) -> tuple[str, int]:
         """Write the turn's final row and usage until it lands; ``(outcome, attempts)``.
 
@@ -285,7 +288,7 @@ class TurnRunner:
             async with live.db_lock:
                 outcome = await finalize(
                     self, live.message_id, live.thread_id, live.owner_id, parts, status,
-                    record,
+                    record, event_map,
                 )
             if outcome == "row_missing" and attempts > 1:
                 outcome = await self._written_already(live, status)
@@ -363,15 +366,18 @@ class TurnRunner:
                 return  # its final write has begun: the row is no longer a checkpoint's
             version = content.version if content is not None else live.checkpointed_version
             parts = content.snapshot() if content is not None else [{"type": "text", "text": ""}]
+            stream_map = content.event_map() if content is not None else []
             if not lost and await self.store.checkpoint(
                 live.message_id, parts, lease_owner=self.instance_id,
-                lease_seconds=self.settings.lease_seconds,
+                lease_seconds=self.settings.lease_seconds, event_map=stream_map,
             ):
                 live.checkpointed_version = version
                 return
-            await self._lease_lost(live, parts, version)
+            await self._lease_lost(live, parts, stream_map, version)
 
-    async def _lease_lost(self, live: LiveTurn, parts: list[dict[str, Any]], version: int) -> None:
+    async def _lease_lost(
+        self, live: LiveTurn, parts: list[dict[str, Any]], stream_map: list[Any], version: int
+    ) -> None:
         """Our row was not ours any more: take it back, or stop the generation.
 
         Taking it back works when a reaper marked it ``interrupted`` (the owner
@@ -383,7 +389,7 @@ class TurnRunner:
         """
         reclaimed = await self.store.checkpoint(
             live.message_id, parts, lease_owner=self.instance_id,
-            lease_seconds=self.settings.lease_seconds, reclaim=True,
+            lease_seconds=self.settings.lease_seconds, reclaim=True, event_map=stream_map,
         )
         fields = {"message_id": live.message_id, "thread_id": live.thread_id,
                   "turn_id": live.turn_id}

@@ -195,6 +195,7 @@ SELECT
 FINALIZE_TURN = """
 WITH upd AS (
     UPDATE messages SET content = CAST(:content AS jsonb), status = CAST(:status AS text),
+        event_map = CAST(:event_map AS text),
         updated_at = now(), lease_owner = NULL, lease_expires_at = NULL
     WHERE id = :message_id AND status IN ('streaming', 'interrupted')
     RETURNING id
@@ -224,7 +225,7 @@ _LEASE_END = "clock_timestamp() + make_interval(secs => CAST(:lease_seconds AS d
 
 CHECKPOINT = f"""
 UPDATE messages SET content = CAST(:content AS jsonb), updated_at = now(),
-    lease_expires_at = {_LEASE_END}
+    event_map = CAST(:event_map AS text), lease_expires_at = {_LEASE_END}
 WHERE id = :message_id AND status = 'streaming' AND lease_owner = :lease_owner
 RETURNING id
 """
@@ -238,6 +239,7 @@ RETURNING id
 RECLAIM = f"""
 WITH upd AS (
     UPDATE messages m SET content = CAST(:content AS jsonb), updated_at = now(),
+        event_map = CAST(:event_map AS text),
         status = 'streaming', lease_owner = CAST(:lease_owner AS text),
         lease_expires_at = {_LEASE_END}
     WHERE m.id = :message_id AND (
@@ -293,14 +295,14 @@ WITH batch AS (
         idx integer, message_id bigint, content jsonb, status text, usage_type text,
         prompt_tokens bigint, completion_tokens bigint, total_tokens bigint,
         cost_micros bigint, model_breakdown jsonb, call_details jsonb, estimated boolean,
-        thread_id text, user_id bigint)
+        thread_id text, user_id bigint, event_map text)
 ),
 firsts AS (
     SELECT DISTINCT ON (message_id) * FROM batch ORDER BY message_id, idx
 ),
 upd AS (
     UPDATE messages m SET content = f.content, status = f.status, updated_at = now(),
-        lease_owner = NULL, lease_expires_at = NULL
+        event_map = f.event_map, lease_owner = NULL, lease_expires_at = NULL
     FROM firsts f
     WHERE m.id = f.message_id AND m.status IN ('streaming', 'interrupted')
     RETURNING m.id

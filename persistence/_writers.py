@@ -115,6 +115,7 @@ class _WritersMixin(_StoreBase):
         lease_owner: str,
         lease_seconds: float,
         reclaim: bool = False,
+        event_map: list[Any] | None = None,
     ) -> bool:
         """Save partial content of a streaming row and extend its lease (one statement).
 
@@ -123,9 +124,11 @@ class _WritersMixin(_StoreBase):
         found its lease lost), a row that a reaper marked ``interrupted`` is taken
         back: ``streaming`` again under ``lease_owner`` with ``content``, its
         estimated usage row removed; refused (False) if another turn streams on
-        the thread meanwhile. Raises ``DatabaseUnavailable``.
+        the thread meanwhile. ``event_map`` (how the content was streamed) is stored
+        with it. Raises ``DatabaseUnavailable``.
         """
         payload = _dump_json(content)
+        stream_map = None if event_map is None else _dump_json(event_map)
 
         async def op(conn: Conn) -> tuple[bool, str]:
             params = {
@@ -133,6 +136,7 @@ class _WritersMixin(_StoreBase):
                 "content": payload,
                 "lease_owner": lease_owner,
                 "lease_seconds": float(lease_seconds),
+                "event_map": stream_map,
             }
             if self._is_pg and reclaim:
                 row = await conn.fetch_one(_pg_sql.RECLAIM, params)
@@ -202,6 +206,8 @@ class _WritersMixin(_StoreBase):
         content: list[dict[str, Any]],
         status: str,
         usage: UsageRecord,
+        *,
+        event_map: list[Any] | None = None,
     ) -> str:
         """Store the final content and status of a streaming row and its one usage row.
 
@@ -216,7 +222,7 @@ class _WritersMixin(_StoreBase):
         """
         values = _dumped(
             _finalize_record(
-                FinalizeItem(message_id, thread_id, user_id, content, status, usage)
+                FinalizeItem(message_id, thread_id, user_id, content, status, usage, event_map)
             )
         )
 
@@ -361,6 +367,8 @@ def _finalize_record(item: FinalizeItem) -> dict[str, Any]:
         "estimated": usage.estimated,
         "thread_id": item.thread_id,
         "user_id": item.user_id,
+        # Text (only the gateway reads it), also inside the PostgreSQL batch's json.
+        "event_map": None if item.event_map is None else _dump_json(item.event_map),
     }
 
 
@@ -375,12 +383,12 @@ def _dumped(record: dict[str, Any]) -> dict[str, Any]:
 async def _finalize_sqlite_row(conn: Conn, values: dict[str, Any], now: str) -> bool:
     """One finalize on SQLite, inside the caller's write transaction; True if updated."""
     updated = await conn.fetch_val(
-        "UPDATE messages SET content = :content, status = :status, updated_at = :now, "
-        "lease_owner = NULL, lease_expires_at = NULL "
+        "UPDATE messages SET content = :content, status = :status, event_map = :event_map, "
+        "updated_at = :now, lease_owner = NULL, lease_expires_at = NULL "
         "WHERE id = :message_id AND status IN ('streaming', 'interrupted') RETURNING id",
-        {k: values[k] for k in ("content", "status", "message_id")} | {"now": now},
+        {k: values[k] for k in ("content", "status", "message_id", "event_map")} | {"now": now},
     )
-    usage = {k: v for k, v in values.items() if k not in ("content", "status")}
+    usage = {k: v for k, v in values.items() if k not in ("content", "status", "event_map")}
     # The row was ours to write: our usage replaces a reaper's estimate (_pg_sql).
     sql = _SQLITE_USAGE_UPSERT if updated is not None else _SQLITE_USAGE_INSERT
     await conn.fetch_val(sql, usage | {"now": now})
@@ -399,11 +407,11 @@ _SQLITE_USAGE_UPSERT = _SQLITE_USAGE_INSERT.replace(
 async def _checkpoint_sqlite(conn: Conn, params: dict[str, Any], reclaim: bool) -> bool:
     """``checkpoint`` on SQLite, inside the caller's write transaction (see _pg_sql)."""
     now = _utcnow_text()
-    values = {k: params[k] for k in ("message_id", "content", "lease_owner")} | {
+    values = {k: params[k] for k in ("message_id", "content", "lease_owner", "event_map")} | {
         "now": now, "expires": _plus_seconds(now, params["lease_seconds"]),
     }
     done = await conn.fetch_val(
-        "UPDATE messages SET content = :content, updated_at = :now, "
+        "UPDATE messages SET content = :content, event_map = :event_map, updated_at = :now, "
         "lease_expires_at = :expires WHERE id = :message_id "
         "AND status = 'streaming' AND lease_owner = :lease_owner RETURNING id",
         values,
@@ -411,8 +419,8 @@ async def _checkpoint_sqlite(conn: Conn, params: dict[str, Any], reclaim: bool) 
     if done is not None or not reclaim:
         return done is not None
     done = await conn.fetch_val(
-        "UPDATE messages SET content = :content, updated_at = :now, status = 'streaming', "
-        "lease_owner = :lease_owner, lease_expires_at = :expires "
+        "UPDATE messages SET content = :content, event_map = :event_map, updated_at = :now, "
+        "status = 'streaming', lease_owner = :lease_owner, lease_expires_at = :expires "
         "WHERE id = :message_id AND status = 'interrupted' AND lease_owner IS NULL "
         "AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.thread_id = messages.thread_id "
         "AND o.status = 'streaming' AND o.id <> messages.id) RETURNING id",
