@@ -170,7 +170,10 @@ class TurnRunner:
             )
         finally:
             # The adapter has stopped: the turn no longer generates, it is finalizing.
+            # Nothing is left to cancel (a cancel now answers false; its final status
+            # is the one it ended with, even if the write waits for the database).
             live.finalizing = True
+            live.cancel_scope = None
             self.metrics.active_generations.dec()
             self.metrics.finalizing.inc()
             with anyio.CancelScope(shield=True):

@@ -255,6 +255,10 @@ async def test_a_failed_final_write_does_not_hold_its_thread(outage: Outage) -> 
             short_live = gw.ctx.relay.get(short_thread, "short")
             assert short_live is not None
             await _until(lambda: short_live.finalizing, 10)
+            if outage.kind == "sqlite":  # readers still read: the cancel route answers
+                r = await client.post(f"/v1/threads/{short_thread}/turns/short/cancel")
+                # It has ended; its status is decided, only not written yet.
+                assert r.json() == {"cancelled": False, "status": "streaming"}
             # Its final write fails for a while (longer than the lease), the other turn runs.
             await anyio.sleep(LEASE + CHECKPOINT)
             assert short_turn.finish_at is None
