@@ -70,7 +70,7 @@ class TurnRunner:
         self.limits: SharedLimits | None = None  # stream slots across replicas
         self.draining = False
         self._idle = anyio.Event()
-        # Set at the end of a drain: final writes stop retrying (the process exits).
+        # Set when a drain's grace is over: final writes stop retrying (the process exits).
         self._give_up = anyio.Event()
 
     # -- starting ---------------------------------------------------------
