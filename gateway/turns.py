@@ -274,8 +274,8 @@ class TurnRunner:
 
         A write that fails (database down, locked, pool exhausted) is retried with
         backoff for as long as the process lives; meanwhile the turn stays in
-        ``relay.running()``, so the maintenance loop keeps renewing its lease (and
-        its Redis stream slot) and no reaper takes it. Ends with ``ok`` (written),
+        ``relay.running()``, so the maintenance loop keeps renewing its lease and no
+        reaper takes it. Ends with ``ok`` (written),
         ``row_missing`` (the row is not ours to write: deleted, superseded, final
         already) or, only once a drain gave up on it, ``failed``.
         """

@@ -434,3 +434,43 @@ async def test_a_write_whose_answer_was_lost_is_recognised_on_the_retry(
         assert w.stream.of_type("finish")[0]["finishReason"] == "stop"
         assert _metric(gw, "turngate_turns_finalized_total", status="complete") == 1
         assert _metric(gw, "turngate_finalize_retries_total") == 1
+
+
+async def test_a_pending_final_write_keeps_its_lease(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database answers, the final write does not land (yet): the row stays ours,
+    renewed, for longer than a lease, and no reaper takes it."""
+    import gateway._finalize as finalize_module
+
+    real = finalize_module.finalize
+    landed = anyio.Event()
+    attempts = 0
+
+    async def failing_until_allowed(*args: Any) -> str:
+        nonlocal attempts
+        attempts += 1
+        return await real(*args) if landed.is_set() else "failed"
+
+    monkeypatch.setattr(finalize_module, "finalize", failing_until_allowed)
+    async with run_gateway(database_url, **_env()) as gw, gw.client() as client:
+        thread = await gw.new_thread(client)
+        w = Watched()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: w.read(client, "POST", f"/v1/threads/{thread}/turns", json={
+                "turn_id": "t1", "text": "x", "model": "scripted:tokens=10,delay_ms=5"}))
+            await _until(lambda: attempts > 0, 5)
+            await anyio.sleep(LEASE + 2 * CHECKPOINT)  # the pending write outlives a lease
+            assert await gw.store.recover_expired_turns() == []
+            turn = await gw.store.get_turn(thread, "t1")
+            assert turn.assistant is not None and turn.assistant.status == "streaming"
+            lease = await gw.store._db.fetch_val(
+                "SELECT lease_owner FROM messages WHERE id = :id",
+                {"id": turn.assistant.id})
+            assert lease == gw.ctx.instance_id
+            assert w.finish_at is None
+            landed.set()
+        assert w.stream.of_type("finish")[0]["finishReason"] == "stop"
+        msgs = (await client.get(f"/v1/threads/{thread}/messages")).json()["messages"]
+        assert (msgs[-1]["status"], msgs[-1]["content"]) == (
+            "complete", [{"type": "text", "text": _full(10)}])
