@@ -57,10 +57,7 @@ class FinalizeBatcher:
     async def finalize(self, item: FinalizeItem) -> str:
         """Queue ``item`` and wait for its outcome (``ok``, ``row_missing``, ``failed``)."""
         if not self._running:  # not started, or stopped: write it ourselves
-            return await self.store.finalize_turn(
-                item.message_id, item.thread_id, item.user_id, item.content, item.status,
-                item.usage,
-            )
+            return await self._one(item)
         request = _Request(item)
         self._pending.append(request)
         self._wake.set()
@@ -124,7 +121,7 @@ class FinalizeBatcher:
     async def _one(self, item: FinalizeItem) -> str:
         return await self.store.finalize_turn(
             item.message_id, item.thread_id, item.user_id, item.content, item.status,
-            item.usage,
+            item.usage, event_map=item.event_map,
         )
 
 
@@ -152,9 +149,10 @@ async def finalize(
     content: list[dict[str, Any]],
     status: str,
     usage: UsageRecord,
+    event_map: list[Any] | None = None,
 ) -> str:
     """``Store.finalize_turn``, through the runner's batcher. Never raises."""
-    item = FinalizeItem(message_id, thread_id, user_id, content, status, usage)
+    item = FinalizeItem(message_id, thread_id, user_id, content, status, usage, event_map)
     try:
         return await batcher_for(runner).finalize(item)
     except Exception:

@@ -44,7 +44,7 @@ def parse_tool_args(text: str) -> Any:
 class ContentBuilder:
     """Assistant content parts in stream order, deltas of one kind merged."""
 
-    __slots__ = ("_parts", "_fragments", "_open_kind", "_tools", "_version")
+    __slots__ = ("_parts", "_fragments", "_open_kind", "_tools", "_version", "_map", "_tool_map")
 
     def __init__(self) -> None:
         self._parts: list[dict[str, Any]] = []
@@ -52,10 +52,15 @@ class ContentBuilder:
         self._open_kind: str | None = None
         self._tools: dict[str, dict[str, Any]] = {}
         self._version = 0
+        # How each part was streamed (``event_map``): filled when a part is sealed, from
+        # the fragments kept anyway, so the per-token path does no extra work.
+        self._map: list[Any] = []
+        self._tool_map: dict[str, dict[str, Any]] = {}
 
     def _seal(self) -> None:
         if self._open_kind is not None:
             self._parts[-1]["text"] = "".join(self._fragments)
+            self._map[-1] = [len(f) for f in self._fragments]
             self._open_kind = None
             self._fragments = []
 
@@ -63,6 +68,7 @@ class ContentBuilder:
         if self._open_kind != kind:
             self._seal()
             self._parts.append({"type": kind, "text": ""})
+            self._map.append([])
             self._open_kind = kind
         self._fragments.append(text)
 
@@ -86,14 +92,19 @@ class ContentBuilder:
             }
             self._tools[event.id] = part
             self._parts.append(part)
+            self._tool_map[event.id] = entry = {"args": [], "ended": False}
+            self._map.append(entry)
         elif isinstance(event, ToolCallDelta):
             tool = self._tools.get(event.id)
             if tool is not None:
                 tool["argsText"] += event.args_text
+                if event.args_text:  # as the encoder: an empty fragment is no event
+                    self._tool_map[event.id]["args"].append(len(event.args_text))
         elif isinstance(event, ToolCallEnd):
             tool = self._tools.get(event.id)
             if tool is not None:
                 tool["args"] = parse_tool_args(tool["argsText"])
+                self._tool_map[event.id]["ended"] = True
         elif isinstance(event, ToolResult):
             tool = self._tools.get(event.id)
             if tool is not None:
@@ -122,6 +133,21 @@ class ContentBuilder:
             if part["type"] == "tool-call" and part.get("args") == {} and part["argsText"]:
                 part["args"] = parse_tool_args(part["argsText"])
         return parts
+
+    def event_map(self) -> list[Any]:
+        """How the parts of ``snapshot()`` were streamed, one entry per part: the
+        lengths of a text/reasoning part's deltas, ``{"args": [lengths], "ended"}``
+        for a tool call. A replay from the stored row re-splits the parts with it, so
+        its events carry the live stream's ids (``gateway.streaming.replay_chunks``)."""
+        if self.is_empty():
+            return []
+        out: list[Any] = []
+        for entry in self._map:
+            out.append(dict(entry, args=list(entry["args"])) if isinstance(entry, dict)
+                       else entry)
+        if self._open_kind is not None:
+            out[-1] = [len(f) for f in self._fragments]
+        return out
 
     def final(self) -> list[dict[str, Any]]:
         """The parts to store at the end: the status marker if nothing came."""

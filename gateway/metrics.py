@@ -21,7 +21,8 @@ class Metrics:
             registry=r,
         )
         self.turns_finalized = Counter(
-            "turngate_turns_finalized", "Turns finalized, by final status.", ["status"],
+            "turngate_turns_finalized",
+            "Turns whose final row is written, by final status.", ["status"],
             registry=r,
         )
         self.active_streams = Gauge(
@@ -33,11 +34,17 @@ class Metrics:
         )
         self.finalizing = Gauge(
             "turngate_finalizing",
-            "Turns whose generation stopped and whose finalize write is under way.", registry=r
+            "Turns whose generation stopped and whose final write is under way (or retried).",
+            registry=r,
         )
         self.time_to_first_token = Histogram(
             "turngate_time_to_first_token_seconds",
             "From the turn request to the first delta from the adapter.", buckets=_FAST,
+            registry=r,
+        )
+        self.finalize_retries = Counter(
+            "turngate_finalize_retries",
+            "Final writes that failed and were tried again (database down or stalled).",
             registry=r,
         )
         self.finalize_duration = Histogram(

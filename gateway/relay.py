@@ -49,6 +49,14 @@ class LiveTurn:
     # A cancel that keeps only the chunks up to this SSE id in the stored reply (what
     # the last reader was sent), though generation went on meanwhile.
     keep_upto: int | None = None
+    # The generation has stopped; its final write is under way (or being retried).
+    finalizing: bool = False
+    # The row was taken from us (a reaper marked it interrupted) and could not be
+    # taken back: the generation is stopped and its stream says so.
+    lease_gone: bool = False
+    # Serialises this turn's checkpoint/reclaim with its final write, so a reclaim
+    # can never put a row back to ``streaming`` after its final write began.
+    db_lock: anyio.Lock = field(default_factory=anyio.Lock)
     _changed: anyio.Event = field(default_factory=anyio.Event)
     _joined: anyio.Event = field(default_factory=anyio.Event)
     _waiting: int = 0

@@ -129,6 +129,7 @@ async def _attach_or_replay(
         parts=assistant.content,
         status=assistant.status,
         usage=usage,
+        event_map=assistant.event_map,
     )
     return sse_response(ctx, from_list(chunks, after))
 

@@ -185,7 +185,8 @@ SETTINGS: tuple[Setting, ...] = (
             "How long a generating process's claim on a turn lasts without renewal; after "
             "it expires the turn is marked interrupted."),
     Setting("TURNGATE_FINALIZE_TIMEOUT", "finalize_timeout", "5", _positive_float,
-            "Deadline of the shielded write that finalizes a turn."),
+            "Deadline of each database statement, and of each attempt of a turn's final "
+            "write (a failed one is retried until it lands)."),
     Setting("TURNGATE_SEND_TIMEOUT", "send_timeout", "10", _positive_float,
             "A client that accepts no bytes for this long is dropped (on Linux counted "
             "from when it stopped taking bytes, however much the server has buffered)."),

@@ -111,21 +111,48 @@ async def follow_live(ctx: AppContext, live: LiveTurn, after: int = -1) -> Async
         live.reader_left(delivered)
 
 
-def stored_events(parts: list[dict[str, Any]]) -> list[AdapterEvent]:
-    """The adapter events that would rebuild ``parts`` (for replaying a stored reply)."""
+def _split(text: str, lengths: Any) -> list[str]:
+    """``text`` cut at the stored delta lengths; one piece if they do not add up to it
+    (no map, a row written before maps were kept, or one that does not match)."""
+    if (
+        isinstance(lengths, list) and lengths
+        and all(type(n) is int and n > 0 for n in lengths)
+        and sum(lengths) == len(text)
+    ):
+        out, at = [], 0
+        for n in lengths:
+            out.append(text[at : at + n])
+            at += n
+        return out
+    return [text] if text else []
+
+
+def stored_events(
+    parts: list[dict[str, Any]], event_map: list[Any] | None = None
+) -> list[AdapterEvent]:
+    """The adapter events that would rebuild ``parts`` (for replaying a stored reply).
+
+    With the row's ``event_map`` (``ContentBuilder.event_map``) the deltas are cut
+    where the live stream cut them, so the encoder numbers them as it did live: a
+    ``Last-Event-ID`` from the live stream resumes exactly after that event.
+    """
     events: list[AdapterEvent] = []
-    for part in parts:
+    if not isinstance(event_map, list) or len(event_map) != len(parts):
+        event_map = [None] * len(parts)
+    for part, entry in zip(parts, event_map, strict=True):
         kind = part.get("type")
         if kind == "text" and part.get("text"):
-            events.append(TextDelta(part["text"]))
+            events.extend(TextDelta(t) for t in _split(part["text"], entry))
         elif kind == "reasoning" and part.get("text"):
-            events.append(ReasoningDelta(part["text"]))
+            events.extend(ReasoningDelta(t) for t in _split(part["text"], entry))
         elif kind == "tool-call":
             call_id = str(part.get("toolCallId", ""))
+            tool = entry if isinstance(entry, dict) else {}
             events.append(ToolCallStart(call_id, str(part.get("toolName", ""))))
-            if part.get("argsText"):
-                events.append(ToolCallDelta(call_id, part["argsText"]))
-            events.append(ToolCallEnd(call_id))
+            for fragment in _split(str(part.get("argsText") or ""), tool.get("args")):
+                events.append(ToolCallDelta(call_id, fragment))
+            if tool.get("ended", True):
+                events.append(ToolCallEnd(call_id))
             if "result" in part:
                 events.append(ToolResult(call_id, part["result"]))
     return events
@@ -143,14 +170,16 @@ def replay_chunks(
     parts: list[dict[str, Any]],
     status: str,
     usage: dict[str, Any],
+    event_map: list[Any] | None = None,
 ) -> list[bytes]:
-    """The whole stream of a finished turn, rebuilt from its stored row."""
+    """The whole stream of a finished turn, rebuilt from its stored row (and its
+    ``event_map``: then with the live stream's event ids; see ``stored_events``)."""
     encoder = ChunkEncoder()
     meta: dict[str, Any] = {"threadId": thread_id, "turnId": turn_id}
     if user_message_id is not None:
         meta["userMessageId"] = str(user_message_id)
     out = encoder.start(message_id, meta)
-    for event in stored_events(parts):
+    for event in stored_events(parts, event_map):
         out.extend(encoder.feed(event))
     error_text = "The reply failed." if status == "error" else None
     out.extend(

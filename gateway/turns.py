@@ -35,6 +35,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger("turngate.turns")
 
 GENERIC_ERROR = "The reply failed because of an internal error."
+# The stream's own words when its row could not be kept (docs/DECISIONS.md).
+LEASE_LOST_ERROR = (
+    "The reply was stopped: this gateway lost its claim on the turn to another process."
+)
+NOT_SAVED_ERROR = "The reply could not be saved; reloading may show less of it."
+# Backoff of a final write that failed: the first retry at once-ish, then doubling up
+# to half a checkpoint interval (at most 1 s), so a thread whose final write waited on
+# the database is free again within a checkpoint interval of its return.
+RETRY_FIRST_SECONDS = 0.05
+RETRY_MAX_SECONDS = 1.0
 
 
 class TurnRunner:
@@ -60,6 +70,8 @@ class TurnRunner:
         self.limits: SharedLimits | None = None  # stream slots across replicas
         self.draining = False
         self._idle = anyio.Event()
+        # Set when a drain's grace is over: final writes stop retrying (the process exits).
+        self._give_up = anyio.Event()
 
     # -- starting ---------------------------------------------------------
 
@@ -163,6 +175,10 @@ class TurnRunner:
             )
         finally:
             # The adapter has stopped: the turn no longer generates, it is finalizing.
+            # Nothing is left to cancel (a cancel now answers false; its final status
+            # is the one it ended with, even if the write waits for the database).
+            live.finalizing = True
+            live.cancel_scope = None
             self.metrics.active_generations.dec()
             self.metrics.finalizing.inc()
             with anyio.CancelScope(shield=True):
@@ -200,31 +216,29 @@ class TurnRunner:
                 call_details=usage.call_details(),
                 estimated=usage.estimated,
             )
-            parts = content.final()
+            parts, event_map = content.final(), content.event_map()
             if live.keep_upto is not None and status == "cancelled":
-                # The reader left and nobody came back: store what it was sent, though
-                # the usage above counts every token generated meanwhile.
+                # The reader left and nobody came back: store what it was sent (and how
+                # it was streamed), though the usage above counts every token generated.
                 sent = ContentBuilder()
                 for event in events_of_chunks(live.events[: live.keep_upto + 1]):
                     sent.feed(event)
-                parts = sent.final()
+                parts, event_map = sent.final(), sent.event_map()
             t0 = time.monotonic()
-            outcome = "failed"
-            # Batched with the other turns that end meanwhile (gateway/_finalize.py).
-            from gateway._finalize import finalize
-
-            with anyio.move_on_after(self.settings.finalize_timeout):
-                outcome = await finalize(
-                    self, live.message_id, live.thread_id, live.owner_id, parts,
-                    status, record,
-                )
+            outcome, attempts = await self._write_final(live, parts, event_map, status, record)
             self.metrics.finalize_duration.observe(time.monotonic() - t0)
-            self.metrics.turns_finalized.labels(status).inc()
+            if live.lease_gone:
+                error_text = LEASE_LOST_ERROR
+            if outcome == "ok":
+                # Counted only once the row is written: a retried write counts when it lands.
+                self.metrics.turns_finalized.labels(status).inc()
+            elif outcome == "failed":  # given up at shutdown: the row keeps its checkpoint
+                error_text = NOT_SAVED_ERROR
             logger.info(
                 "turn_end thread_id=%s turn_id=%s message_id=%s status=%s tokens=%d "
-                "cost_micros=%d estimated=%s finalize=%s duration_ms=%.1f",
+                "cost_micros=%d estimated=%s finalize=%s attempts=%d duration_ms=%.1f",
                 live.thread_id, live.turn_id, live.message_id, status, usage.total_tokens,
-                usage.cost_micros, usage.estimated, outcome,
+                usage.cost_micros, usage.estimated, outcome, attempts,
                 (time.monotonic() - started) * 1000,
                 extra={"event": "turn_end", "thread_id": live.thread_id,
                        "turn_id": live.turn_id, "message_id": live.message_id,
@@ -232,7 +246,7 @@ class TurnRunner:
                        "prompt_tokens": usage.prompt_tokens,
                        "completion_tokens": usage.completion_tokens,
                        "cost_micros": usage.cost_micros, "estimated": usage.estimated,
-                       "finalize": outcome,
+                       "finalize": outcome, "attempts": attempts,
                        "duration_ms": round((time.monotonic() - started) * 1000, 1)},
             )
             if self.limits is not None:
@@ -240,7 +254,9 @@ class TurnRunner:
                 # moment it reads [DONE] must find its slot free on every replica.
                 await self.limits.release_stream(live.owner_id, live.thread_id, live.turn_id)
             finish_reason: FinishReason
-            if status == "complete":
+            if error_text is not None and status != "error":
+                finish_reason = "error"  # lost lease / not saved: the client is told
+            elif status == "complete":
                 finish_reason = encoder.finish_reason or "stop"
             elif status == "error":
                 finish_reason = "error"
@@ -321,31 +337,145 @@ class TurnRunner:
             await live.wait_done()
         return live.done
 
+    async def _write_final(
+        self, live: LiveTurn, parts: list[dict[str, Any]], event_map: list[Any], status: str,
+        record: UsageRecord,
+    ) -> tuple[str, int]:
+        """Write the turn's final row and usage until it lands; ``(outcome, attempts)``.
+
+        A write that fails (database down, locked, pool exhausted) is retried with
+        backoff for as long as the process lives; meanwhile the turn stays in
+        ``relay.running()``, so the maintenance loop keeps renewing its lease and no
+        reaper takes it. Ends with ``ok`` (written),
+        ``row_missing`` (the row is not ours to write: deleted, superseded, final
+        already) or, only once a drain gave up on it, ``failed``.
+        """
+        from gateway._finalize import finalize  # batched with the turns ending meanwhile
+
+        attempts = 0
+        delay = RETRY_FIRST_SECONDS
+        cap = min(RETRY_MAX_SECONDS, self.settings.checkpoint_seconds / 2)
+        while True:
+            attempts += 1
+            # The lock waits for a checkpoint of this turn still in flight (bounded by
+            # the store's deadline), so a reclaim cannot follow the final write.
+            async with live.db_lock:
+                outcome = await finalize(
+                    self, live.message_id, live.thread_id, live.owner_id, parts, status,
+                    record, event_map,
+                )
+            if outcome == "row_missing" and attempts > 1:
+                outcome = await self._written_already(live, status)
+            if outcome != "failed" or self._give_up.is_set():
+                return outcome, attempts
+            self.metrics.finalize_retries.inc()
+            if attempts == 1:
+                logger.warning(
+                    "finalize_retrying message_id=%s status=%s", live.message_id, status,
+                    extra={"event": "finalize_retrying", "message_id": live.message_id,
+                           "thread_id": live.thread_id, "turn_id": live.turn_id,
+                           "status": status},
+                )
+            with anyio.move_on_after(delay):
+                await self._give_up.wait()
+            delay = min(delay * 2, cap)
+
+    async def _written_already(self, live: LiveTurn, status: str) -> str:
+        """After a failed attempt, ``row_missing`` may mean that attempt committed and
+        only its answer was lost: the row already holds our status."""
+        try:
+            rows = await self.store.get_turn(live.thread_id, live.turn_id)
+        except Exception:
+            return "failed"
+        row = rows.assistant
+        if row is not None and row.id == live.message_id and row.status == status:
+            return "ok"
+        return "row_missing"
+
     # -- upkeep -----------------------------------------------------------
 
     async def checkpoint_running(self) -> None:
-        """Save the partial content of running turns that changed; renew every lease.
+        """Save the partial content of running turns that changed; renew the other leases.
 
-        Turns whose content did not change since their last checkpoint (idle
-        streams, slow upstreams) cost nothing per turn: one statement renews the
-        leases of all of this process's turns.
+        Leases belong to generations that are running or whose final write is
+        being retried, nothing else: the renewal names exactly those rows. Turns
+        whose content did not change since their last checkpoint (idle streams,
+        slow upstreams) and turns that are finalizing cost nothing per turn: one
+        statement renews them all. A row missing from a checkpoint or a renewal
+        (a reaper marked it ``interrupted`` after a stall longer than the lease) is
+        taken back at once, or, if that is refused, its generation is stopped
+        (``_lease_lost``).
         """
-        unchanged = False
+        renew: list[LiveTurn] = []
         for live in self.relay.running():
             content = live.content
-            if not isinstance(content, ContentBuilder) or live.done:
+            if live.done:
                 continue
-            version = content.version
-            if version == live.checkpointed_version:
-                unchanged = True
+            if (
+                live.finalizing
+                or not isinstance(content, ContentBuilder)
+                or content.version == live.checkpointed_version
+            ):
+                renew.append(live)
                 continue
-            await self.store.checkpoint(
-                live.message_id, content.snapshot(), lease_owner=self.instance_id,
-                lease_seconds=self.settings.lease_seconds,
-            )
+            await self._checkpoint(live, content)
+        if not renew:
+            return
+        renewed = await self.store.renew_leases(
+            self.instance_id, self.settings.lease_seconds, [t.message_id for t in renew]
+        )
+        for live in renew:
+            if live.message_id not in renewed and not live.finalizing and not live.done:
+                content = live.content
+                await self._checkpoint(
+                    live, content if isinstance(content, ContentBuilder) else None,
+                    lost=True,
+                )
+
+    async def _checkpoint(
+        self, live: LiveTurn, content: ContentBuilder | None, *, lost: bool = False
+    ) -> None:
+        async with live.db_lock:
+            if live.finalizing or live.done:
+                return  # its final write has begun: the row is no longer a checkpoint's
+            version = content.version if content is not None else live.checkpointed_version
+            parts = content.snapshot() if content is not None else [{"type": "text", "text": ""}]
+            stream_map = content.event_map() if content is not None else []
+            if not lost and await self.store.checkpoint(
+                live.message_id, parts, lease_owner=self.instance_id,
+                lease_seconds=self.settings.lease_seconds, event_map=stream_map,
+            ):
+                live.checkpointed_version = version
+                return
+            await self._lease_lost(live, parts, stream_map, version)
+
+    async def _lease_lost(
+        self, live: LiveTurn, parts: list[dict[str, Any]], stream_map: list[Any], version: int
+    ) -> None:
+        """Our row was not ours any more: take it back, or stop the generation.
+
+        Taking it back works when a reaper marked it ``interrupted`` (the owner
+        outlived its lease: a stall, a lock, a partition) and no other turn streams
+        on the thread; the reply then goes on as if nothing happened. Otherwise
+        (another turn started on the thread, the row is gone) the generation stops;
+        its final write stores the content so far as ``interrupted`` and the stream
+        ends with an ``error`` chunk that says why.
+        """
+        reclaimed = await self.store.checkpoint(
+            live.message_id, parts, lease_owner=self.instance_id,
+            lease_seconds=self.settings.lease_seconds, reclaim=True, event_map=stream_map,
+        )
+        fields = {"message_id": live.message_id, "thread_id": live.thread_id,
+                  "turn_id": live.turn_id}
+        if reclaimed:
             live.checkpointed_version = version
-        if unchanged:
-            await self.store.renew_leases(self.instance_id, self.settings.lease_seconds)
+            logger.warning("lease_reclaimed message_id=%s", live.message_id,
+                           extra={"event": "lease_reclaimed", **fields})
+            return
+        logger.warning("lease_lost message_id=%s: generation stopped", live.message_id,
+                       extra={"event": "lease_lost", **fields})
+        live.lease_gone = True
+        live.cancel("interrupted")
 
     async def _renew_stream_holds(self, limits: SharedLimits) -> None:
         running = [(t.owner_id, t.thread_id, t.turn_id) for t in self.relay.running()]
@@ -380,6 +510,11 @@ class TurnRunner:
                 await self._idle.wait()
         for live in self.relay.running():
             live.cancel("interrupted")
+        # The process is leaving: a final write still failing gets the attempt it has in
+        # flight (or one more) and is given up, before the streams are cut at shutdown
+        # (grace + finalize timeout + 1 s). Its row keeps the last checkpoint for a reaper,
+        # and its stream ends with an error that says the reply was not saved.
+        self._give_up.set()
         if self.relay.running():
             with anyio.move_on_after(self.settings.finalize_timeout + 1):
                 await self._idle.wait()  # set by the last _finish while draining

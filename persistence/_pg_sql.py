@@ -194,11 +194,18 @@ SELECT
     (SELECT count(*) FROM bump) AS bumped
 """
 
+# The final write wins over a reaper's ``interrupted`` (the owner outlived its lease, e.g.
+# a database outage longer than it): the row is overwritten, and the reaper's estimated
+# usage row is replaced by the real one (``DO UPDATE`` only when ``upd`` wrote the row, so
+# a late finalize of a row that is final for good still leaves its one usage row alone).
+# Only the owning process finalizes a turn, once, so an ``interrupted`` row it finalizes
+# was marked so by a reaper, or by an earlier attempt of its own whose answer was lost.
 FINALIZE_TURN = """
 WITH upd AS (
     UPDATE messages SET content = CAST(:content AS jsonb), status = CAST(:status AS text),
+        event_map = CAST(:event_map AS text),
         updated_at = now(), lease_owner = NULL, lease_expires_at = NULL
-    WHERE id = :message_id AND status = 'streaming'
+    WHERE id = :message_id AND status IN ('streaming', 'interrupted')
     RETURNING id
 ),
 usage AS (
@@ -208,27 +215,64 @@ usage AS (
     VALUES (:usage_type, :prompt_tokens, :completion_tokens, :total_tokens, :cost_micros,
         CAST(:model_breakdown AS jsonb), CAST(:call_details AS jsonb), :estimated,
         :thread_id, :message_id, :user_id, now())
-    ON CONFLICT (message_id) WHERE message_id IS NOT NULL DO NOTHING
+    ON CONFLICT (message_id) WHERE message_id IS NOT NULL DO UPDATE SET
+        usage_type = EXCLUDED.usage_type, prompt_tokens = EXCLUDED.prompt_tokens,
+        completion_tokens = EXCLUDED.completion_tokens, total_tokens = EXCLUDED.total_tokens,
+        cost_micros = EXCLUDED.cost_micros, model_breakdown = EXCLUDED.model_breakdown,
+        call_details = EXCLUDED.call_details, estimated = EXCLUDED.estimated
+    WHERE EXISTS (SELECT 1 FROM upd)
     RETURNING id
 )
 SELECT (SELECT count(*) FROM upd) AS updated, (SELECT count(*) FROM usage) AS usage_inserted
 """
 
-CHECKPOINT = """
+# Leases run from the statement's own clock (``clock_timestamp()``), not the start of its
+# transaction: a renewal that waited behind a lock (LOCK TABLE, 20 s) must not write a
+# lease that has already run out by the time it commits.
+_LEASE_END = "clock_timestamp() + make_interval(secs => CAST(:lease_seconds AS double precision))"
+
+CHECKPOINT = f"""
 UPDATE messages SET content = CAST(:content AS jsonb), updated_at = now(),
-    lease_expires_at = now() + make_interval(secs => CAST(:lease_seconds AS double precision))
+    event_map = CAST(:event_map AS text), lease_expires_at = {_LEASE_END}
 WHERE id = :message_id AND status = 'streaming' AND lease_owner = :lease_owner
 RETURNING id
 """
 
-RENEW_LEASES = """
-WITH renewed AS (
-    UPDATE messages
-    SET lease_expires_at = now() + make_interval(secs => CAST(:lease_seconds AS double precision))
-    WHERE lease_owner = CAST(:lease_owner AS text) AND status = 'streaming'
+# ``checkpoint(reclaim=True)``: the owner found its lease lost (a checkpoint or renewal
+# missed its row). A row a reaper marked ``interrupted`` (lease_owner NULL) goes back to
+# ``streaming`` under our lease with our content, if no other turn streams on its thread
+# meanwhile (the one-streaming-row index would refuse it anyway); the reaper's estimated
+# usage row goes with it, so the turn again has no usage row until it is finalized (or
+# reaped once more). A row still ours is simply checkpointed.
+RECLAIM = f"""
+WITH upd AS (
+    UPDATE messages m SET content = CAST(:content AS jsonb), updated_at = now(),
+        event_map = CAST(:event_map AS text),
+        status = 'streaming', lease_owner = CAST(:lease_owner AS text),
+        lease_expires_at = {_LEASE_END}
+    WHERE m.id = :message_id AND (
+        (m.status = 'streaming' AND m.lease_owner = CAST(:lease_owner AS text))
+        OR (m.status = 'interrupted' AND m.lease_owner IS NULL AND NOT EXISTS (
+            SELECT 1 FROM messages o
+            WHERE o.thread_id = m.thread_id AND o.status = 'streaming' AND o.id <> m.id)))
+    RETURNING m.id
+),
+dropped AS (
+    DELETE FROM token_usage
+    WHERE message_id IN (SELECT id FROM upd) AND estimated
     RETURNING 1
 )
-SELECT count(*) FROM renewed
+SELECT (SELECT count(*) FROM upd) AS updated, (SELECT count(*) FROM dropped) AS dropped
+"""
+
+# Only the rows named (the turns this process still generates or still tries to
+# finalize), and only while they are ours: a row whose finalize failed, or that another
+# replica took, is no longer renewed by a process that merely has it on record.
+RENEW_LEASES = f"""
+UPDATE messages SET lease_expires_at = {_LEASE_END}
+WHERE id = ANY(CAST(:ids AS bigint[])) AND lease_owner = CAST(:lease_owner AS text)
+    AND status = 'streaming'
+RETURNING id
 """
 
 RECOVER_EXPIRED = f"""
@@ -247,7 +291,8 @@ STREAMING_TURN_OF_THREAD = """
 SELECT turn_id FROM messages WHERE thread_id = :thread_id AND status = 'streaming'
 """
 
-# ``finalize_turns``: ``FINALIZE_TURN`` for a whole batch in one statement. ``:batch`` is
+# ``finalize_turns``: ``FINALIZE_TURN`` for a whole batch in one statement (the same
+# overwrite of a reaper's ``interrupted``). ``:batch`` is
 # a json array of objects (the columns below, ``idx`` = position in the batch). A message
 # that appears more than once is finalized by its first occurrence only (``firsts``),
 # as if the items ran in order: the later ones find the row final (``row_missing``) and
@@ -258,16 +303,16 @@ WITH batch AS (
         idx integer, message_id bigint, content jsonb, status text, usage_type text,
         prompt_tokens bigint, completion_tokens bigint, total_tokens bigint,
         cost_micros bigint, model_breakdown jsonb, call_details jsonb, estimated boolean,
-        thread_id text, user_id bigint)
+        thread_id text, user_id bigint, event_map text)
 ),
 firsts AS (
     SELECT DISTINCT ON (message_id) * FROM batch ORDER BY message_id, idx
 ),
 upd AS (
     UPDATE messages m SET content = f.content, status = f.status, updated_at = now(),
-        lease_owner = NULL, lease_expires_at = NULL
+        event_map = f.event_map, lease_owner = NULL, lease_expires_at = NULL
     FROM firsts f
-    WHERE m.id = f.message_id AND m.status = 'streaming'
+    WHERE m.id = f.message_id AND m.status IN ('streaming', 'interrupted')
     RETURNING m.id
 ),
 usage AS (
@@ -277,7 +322,12 @@ usage AS (
     SELECT usage_type, prompt_tokens, completion_tokens, total_tokens, cost_micros,
         model_breakdown, call_details, estimated, thread_id, message_id, user_id, now()
     FROM firsts ORDER BY message_id
-    ON CONFLICT (message_id) WHERE message_id IS NOT NULL DO NOTHING
+    ON CONFLICT (message_id) WHERE message_id IS NOT NULL DO UPDATE SET
+        usage_type = EXCLUDED.usage_type, prompt_tokens = EXCLUDED.prompt_tokens,
+        completion_tokens = EXCLUDED.completion_tokens, total_tokens = EXCLUDED.total_tokens,
+        cost_micros = EXCLUDED.cost_micros, model_breakdown = EXCLUDED.model_breakdown,
+        call_details = EXCLUDED.call_details, estimated = EXCLUDED.estimated
+    WHERE EXCLUDED.message_id IN (SELECT id FROM upd)
     RETURNING id
 )
 SELECT f.idx FROM firsts f JOIN upd u ON u.id = f.message_id

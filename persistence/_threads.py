@@ -62,6 +62,7 @@ def _message_row(row: Any) -> MessageRow:
         turn_id=row["turn_id"],
         created_at=_iso(row["created_at"]),
         updated_at=_iso(row["updated_at"]),
+        event_map=_load_json(row["event_map"]) if "event_map" in row.keys() else None,
     )
 
 
@@ -194,11 +195,13 @@ class _ThreadsMixin(_StoreBase):
         return [_message_row(r) for r in rows if r["id"] is not None]
 
     async def get_turn(self, thread_id: str, turn_id: str) -> TurnRows:
-        """The user and assistant rows of one turn (either may be None)."""
+        """The user and assistant rows of one turn (either may be None), with their
+        ``event_map``."""
         rows = await self._run(
             lambda c: c.fetch_all(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages "
-                "WHERE thread_id = :thread_id AND turn_id = :turn_id AND status <> 'superseded'",
+                f"SELECT {_MESSAGE_COLUMNS}, event_map FROM messages "
+                "WHERE thread_id = :thread_id AND turn_id = :turn_id "
+                "AND status <> 'superseded'",
                 {"thread_id": thread_id, "turn_id": turn_id},
             )
         )

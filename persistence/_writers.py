@@ -114,79 +114,89 @@ class _WritersMixin(_StoreBase):
         *,
         lease_owner: str,
         lease_seconds: float,
+        reclaim: bool = False,
+        event_map: list[Any] | None = None,
     ) -> bool:
         """Save partial content of a streaming row and extend its lease (one statement).
 
         False if the row is no longer streaming or its lease belongs to another
-        owner (the turn was finalized or taken over). Raises ``DatabaseUnavailable``.
+        owner (the turn was finalized or taken over). With ``reclaim`` (the owner
+        found its lease lost), a row that a reaper marked ``interrupted`` is taken
+        back: ``streaming`` again under ``lease_owner`` with ``content``, its
+        estimated usage row removed; refused (False) if another turn streams on
+        the thread meanwhile. ``event_map`` (how the content was streamed) is stored
+        with it. Raises ``DatabaseUnavailable``.
         """
         payload = _dump_json(content)
+        stream_map = None if event_map is None else _dump_json(event_map)
 
         async def op(conn: Conn) -> tuple[bool, str]:
-            if self._is_pg:
-                done = await conn.fetch_val(
-                    _pg_sql.CHECKPOINT,
-                    {
-                        "message_id": message_id,
-                        "content": payload,
-                        "lease_owner": lease_owner,
-                        "lease_seconds": float(lease_seconds),
-                    },
-                )
+            params = {
+                "message_id": message_id,
+                "content": payload,
+                "lease_owner": lease_owner,
+                "lease_seconds": float(lease_seconds),
+                "event_map": stream_map,
+            }
+            if self._is_pg and reclaim:
+                row = await conn.fetch_one(_pg_sql.RECLAIM, params)
+                done = row is not None and bool(row["updated"])
+            elif self._is_pg:
+                done = await conn.fetch_val(_pg_sql.CHECKPOINT, params) is not None
             else:
-                now = _utcnow_text()
                 async with self._sqlite_writer(conn):
-                    done = await conn.fetch_val(
-                        "UPDATE messages SET content = :content, updated_at = :now, "
-                        "lease_expires_at = :expires WHERE id = :message_id "
-                        "AND status = 'streaming' AND lease_owner = :lease_owner RETURNING id",
-                        {
-                            "message_id": message_id,
-                            "content": payload,
-                            "lease_owner": lease_owner,
-                            "now": now,
-                            "expires": _plus_seconds(now, lease_seconds),
-                        },
-                    )
-            return done is not None, "ok" if done is not None else "row_missing"
+                    done = await _checkpoint_sqlite(conn, params, reclaim)
+            return done, "ok" if done else "row_missing"
 
-        return await self._shielded("checkpoint", op, message_id=message_id)
+        return await self._shielded(
+            "reclaim" if reclaim else "checkpoint", op, message_id=message_id
+        )
 
-    async def renew_leases(self, lease_owner: str, lease_seconds: float) -> int:
-        """Extend the lease of every ``streaming`` row of ``lease_owner`` (one statement).
+    async def renew_leases(
+        self, lease_owner: str, lease_seconds: float, message_ids: Sequence[int]
+    ) -> set[int]:
+        """Extend the leases of ``message_ids`` that are still ``streaming`` under
+        ``lease_owner`` (one statement); returns the ids it renewed.
 
-        For the maintenance loop: one statement per interval for all of this
-        process's running turns whose content did not change since their last
-        checkpoint (those that changed go through ``checkpoint``). Content and
-        ``updated_at`` are not touched. Returns how many rows were renewed. Raises
-        ``DatabaseUnavailable``.
+        For the maintenance loop: the caller names the turns it still generates or
+        still tries to finalize, whose content did not change since their last
+        checkpoint (those that changed go through ``checkpoint``). A named row
+        missing from the result is no longer ours (finalized, or taken by a
+        reaper): the caller acts on that. Content and ``updated_at`` are not
+        touched. Raises ``DatabaseUnavailable``.
         """
         if lease_seconds <= 0:
             raise ValueError("lease_seconds must be positive")
+        ids = sorted({int(i) for i in message_ids})
+        if not ids:
+            return set()
 
-        async def op(conn: Conn) -> tuple[int, str]:
+        async def op(conn: Conn) -> tuple[set[int], str]:
             if self._is_pg:
-                count = int(
-                    await conn.fetch_val(
-                        _pg_sql.RENEW_LEASES,
-                        {"lease_owner": lease_owner, "lease_seconds": float(lease_seconds)},
-                    )
+                rows = await conn.fetch_all(
+                    _pg_sql.RENEW_LEASES,
+                    {"ids": ids, "lease_owner": lease_owner,
+                     "lease_seconds": float(lease_seconds)},
                 )
             else:
                 # One autocommit statement: the write lock only queues our own writers.
                 async with self._write_lock:
                     rows = await conn.fetch_all(
                         "UPDATE messages SET lease_expires_at = :expires "
-                        "WHERE lease_owner = :lease_owner AND status = 'streaming' RETURNING id",
+                        "WHERE id IN (SELECT value FROM json_each(:ids)) "
+                        "AND lease_owner = :lease_owner AND status = 'streaming' RETURNING id",
                         {
+                            "ids": _dump_json(ids),
                             "lease_owner": lease_owner,
                             "expires": _plus_seconds(_utcnow_text(), lease_seconds),
                         },
                     )
-                count = len(rows)
-            return count, "ok" if count else "row_missing"
+            renewed = {int(r["id"]) for r in rows}
+            return renewed, "ok" if len(renewed) == len(ids) else "row_missing"
 
-        return await self._shielded("renew_leases", op, lease_owner=lease_owner)
+        return await self._shielded(
+            "renew_leases", op, lease_owner=lease_owner, count=len(ids)
+        )
 
     async def finalize_turn(
         self,
@@ -196,18 +206,23 @@ class _WritersMixin(_StoreBase):
         content: list[dict[str, Any]],
         status: str,
         usage: UsageRecord,
+        *,
+        event_map: list[Any] | None = None,
     ) -> str:
         """Store the final content and status of a streaming row and its one usage row.
 
         Empty content (no text, reasoning or tool call) is stored as the
-        ``(no text response)`` status marker. A row that is no longer streaming is
-        not overwritten (outcome ``row_missing``), but the usage row is inserted
-        regardless, at most once per message. One statement on PostgreSQL. Never
-        raises: returns ``ok``, ``row_missing`` or ``failed`` (and logs it).
+        ``(no text response)`` status marker. A row that a reaper marked
+        ``interrupted`` (its owner outlived the lease) is overwritten: the final
+        content wins, and the reaper's usage row is replaced by ``usage``, still one
+        row. Any other row that is no longer streaming is not overwritten (outcome
+        ``row_missing``), but the usage row is inserted regardless, at most once per
+        message. One statement on PostgreSQL. Never raises: returns ``ok``,
+        ``row_missing`` or ``failed`` (and logs it).
         """
         values = _dumped(
             _finalize_record(
-                FinalizeItem(message_id, thread_id, user_id, content, status, usage)
+                FinalizeItem(message_id, thread_id, user_id, content, status, usage, event_map)
             )
         )
 
@@ -237,7 +252,8 @@ class _WritersMixin(_StoreBase):
         """``finalize_turn`` for many turns at once: one outcome per item, in order.
 
         The same rules and outcomes as ``finalize_turn`` (empty content → the status
-        marker; a row no longer streaming is not overwritten, ``row_missing``; at most
+        marker; a reaper's ``interrupted`` is overwritten, its usage row replaced; any
+        other row no longer streaming is not overwritten, ``row_missing``; at most
         one usage row per message), as if the items ran one after another: a message
         that appears twice is finalized by its first item. PostgreSQL: one statement
         for the whole batch; SQLite: one ``BEGIN IMMEDIATE`` transaction. An item with
@@ -358,6 +374,8 @@ def _finalize_record(item: FinalizeItem) -> dict[str, Any]:
         "estimated": usage.estimated,
         "thread_id": item.thread_id,
         "user_id": item.user_id,
+        # Text (only the gateway reads it), also inside the PostgreSQL batch's json.
+        "event_map": None if item.event_map is None else _dump_json(item.event_map),
     }
 
 
@@ -372,14 +390,55 @@ def _dumped(record: dict[str, Any]) -> dict[str, Any]:
 async def _finalize_sqlite_row(conn: Conn, values: dict[str, Any], now: str) -> bool:
     """One finalize on SQLite, inside the caller's write transaction; True if updated."""
     updated = await conn.fetch_val(
-        "UPDATE messages SET content = :content, status = :status, updated_at = :now, "
-        "lease_owner = NULL, lease_expires_at = NULL "
-        "WHERE id = :message_id AND status = 'streaming' RETURNING id",
-        {k: values[k] for k in ("content", "status", "message_id")} | {"now": now},
+        "UPDATE messages SET content = :content, status = :status, event_map = :event_map, "
+        "updated_at = :now, lease_owner = NULL, lease_expires_at = NULL "
+        "WHERE id = :message_id AND status IN ('streaming', 'interrupted') RETURNING id",
+        {k: values[k] for k in ("content", "status", "message_id", "event_map")} | {"now": now},
     )
-    usage = {k: v for k, v in values.items() if k not in ("content", "status")}
-    await conn.fetch_val(_SQLITE_USAGE_INSERT, usage | {"now": now})
+    usage = {k: v for k, v in values.items() if k not in ("content", "status", "event_map")}
+    # The row was ours to write: our usage replaces a reaper's estimate (_pg_sql).
+    sql = _SQLITE_USAGE_UPSERT if updated is not None else _SQLITE_USAGE_INSERT
+    await conn.fetch_val(sql, usage | {"now": now})
     return updated is not None
+
+
+_SQLITE_USAGE_UPSERT = _SQLITE_USAGE_INSERT.replace(
+    "DO NOTHING",
+    "DO UPDATE SET usage_type = excluded.usage_type, prompt_tokens = excluded.prompt_tokens, "
+    "completion_tokens = excluded.completion_tokens, total_tokens = excluded.total_tokens, "
+    "cost_micros = excluded.cost_micros, model_breakdown = excluded.model_breakdown, "
+    "call_details = excluded.call_details, estimated = excluded.estimated",
+)
+
+
+async def _checkpoint_sqlite(conn: Conn, params: dict[str, Any], reclaim: bool) -> bool:
+    """``checkpoint`` on SQLite, inside the caller's write transaction (see _pg_sql)."""
+    now = _utcnow_text()
+    values = {k: params[k] for k in ("message_id", "content", "lease_owner", "event_map")} | {
+        "now": now, "expires": _plus_seconds(now, params["lease_seconds"]),
+    }
+    done = await conn.fetch_val(
+        "UPDATE messages SET content = :content, event_map = :event_map, updated_at = :now, "
+        "lease_expires_at = :expires WHERE id = :message_id "
+        "AND status = 'streaming' AND lease_owner = :lease_owner RETURNING id",
+        values,
+    )
+    if done is not None or not reclaim:
+        return done is not None
+    done = await conn.fetch_val(
+        "UPDATE messages SET content = :content, event_map = :event_map, updated_at = :now, "
+        "status = 'streaming', lease_owner = :lease_owner, lease_expires_at = :expires "
+        "WHERE id = :message_id AND status = 'interrupted' AND lease_owner IS NULL "
+        "AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.thread_id = messages.thread_id "
+        "AND o.status = 'streaming' AND o.id <> messages.id) RETURNING id",
+        values,
+    )
+    if done is not None:
+        await conn.execute(
+            "DELETE FROM token_usage WHERE message_id = :message_id AND estimated",
+            {"message_id": params["message_id"]},
+        )
+    return done is not None
 
 
 def _append_result(new_id: Any, old_id: Any) -> tuple[AppendResult, str]:

@@ -31,6 +31,9 @@ class MessageRow:
     turn_id: str | None
     created_at: str
     updated_at: str
+    # How the reply was streamed (``messages.event_map``), read by ``get_turn`` only;
+    # None elsewhere and for rows that have none.
+    event_map: list[Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,3 +119,4 @@ class FinalizeItem:
     content: list[dict[str, Any]]
     status: str
     usage: UsageRecord
+    event_map: list[Any] | None = None  # stored with the content (see MessageRow)

@@ -156,3 +156,26 @@ async def test_unreachable_database_fails_every_item_without_raising(
         await round_trip_proxy.close()
         item = FinalizeItem(1, "t", 1, [], "complete", USAGE)
         assert await s.finalize_turns([item, item]) == ["failed", "failed"]
+
+
+@pytest.mark.anyio
+async def test_the_event_map_is_stored_with_the_content(
+    store: Store, user_id: int, make_thread: MakeThread
+) -> None:
+    """Checkpoint, single and batched final writes keep how the reply was streamed."""
+    threads = [await make_thread() for _ in range(3)]
+    ids = await _streaming(store, user_id, threads)
+    assert await store.checkpoint(ids[0], _text("ab"), lease_owner="p", lease_seconds=60,
+                                  event_map=[[1, 1]])
+    turn = await store.get_turn(threads[0], "t1")
+    assert turn.assistant is not None and turn.assistant.event_map == [[1, 1]]
+    assert turn.user is not None and turn.user.event_map is None
+    tool_map = [[2], {"args": [1, 2], "ended": True}]
+    assert await store.finalize_turn(ids[0], threads[0], user_id, _text("abc"), "complete",
+                                     USAGE, event_map=[[2, 1]]) == "ok"
+    assert await store.finalize_turns([
+        FinalizeItem(ids[1], threads[1], user_id, _text("xyz"), "complete", USAGE, tool_map),
+        FinalizeItem(ids[2], threads[2], user_id, _text("q"), "complete", USAGE),
+    ]) == ["ok", "ok"]
+    maps = [(await store.get_turn(t, "t1")).assistant.event_map for t in threads]  # type: ignore[union-attr]
+    assert maps == [[[2, 1]], tool_map, None]

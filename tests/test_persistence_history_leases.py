@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import AsyncIterator
 
 import anyio
 import pytest
@@ -153,9 +154,19 @@ async def test_renew_leases_extends_only_this_owners_streaming_rows(
     await store.finalize_turn(d.assistant_message_id, t4, user_id, [], "complete", USAGE)
     before = await store.get_turn(t1, "a")
 
-    assert await store.renew_leases("proc-1", 60) == 2  # a and b; d is finished
-    assert await store.renew_leases("nobody", 60) == 0
-    assert ("renew_leases", "ok") in seen and ("renew_leases", "row_missing") in seen
+    ids = [x.assistant_message_id for x in (a, b, c, d)]
+    assert all(i is not None for i in ids)
+    # Only the rows named, and of those only this owner's streaming ones: c is another
+    # process's, d is finished.
+    renewed = await store.renew_leases("proc-1", 60, ids)  # type: ignore[arg-type]
+    assert renewed == {a.assistant_message_id, b.assistant_message_id}
+    assert await store.renew_leases("nobody", 60, ids) == set()  # type: ignore[arg-type]
+    assert await store.renew_leases("proc-1", 60, []) == set()  # no statement at all
+    assert ("renew_leases", "row_missing") in seen
+    assert await store.renew_leases(
+        "proc-1", 60, [a.assistant_message_id]  # type: ignore[list-item]
+    ) == {a.assistant_message_id}
+    assert ("renew_leases", "ok") in seen
 
     await anyio.sleep(0.6)
     assert await store.recover_expired_turns() == [c.assistant_message_id]
@@ -167,7 +178,7 @@ async def test_renew_leases_extends_only_this_owners_streaming_rows(
     assert after.assistant == before.assistant
     assert a.assistant_message_id is not None and b.assistant_message_id is not None
     with pytest.raises(ValueError):
-        await store.renew_leases("proc-1", 0)
+        await store.renew_leases("proc-1", 0, [1])
 
 
 @pytest.mark.anyio
@@ -219,3 +230,55 @@ async def test_an_exhausted_pool_answers_unavailable_promptly(
         # The pool is whole afterwards.
         again = await _open(store, thread_id, owner, "t1")
         assert again.status == "opened" and again.assistant_inserted
+
+
+@pytest.mark.anyio
+async def test_a_renewal_that_waited_behind_a_lock_still_renews(
+    pg_url: str, user_id_pg: tuple[Store, int]
+) -> None:
+    """Leases run from the statement's clock, not from when it was sent (PostgreSQL)."""
+    import asyncpg
+
+    store, owner = user_id_pg
+    thread, _ = await store.create_thread(owner, None, None)
+    opened = await _open(store, thread.id, owner, "a", lease_seconds=60)
+    assert opened.assistant_message_id is not None
+    # Prepared once on the store's one connection, as in a running gateway: the queued
+    # execution's transaction then starts when it is sent, not when the lock goes.
+    await store.renew_leases("proc-1", 60, [opened.assistant_message_id])
+    locker = await asyncpg.connect(pg_url, timeout=10)
+    try:
+        tx = locker.transaction()
+        await tx.start()
+        await locker.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+        async with anyio.create_task_group() as tg:
+            box: dict[str, set[int]] = {}
+
+            async def renew() -> None:
+                box["renewed"] = await store.renew_leases(
+                    "proc-1", 1.0, [opened.assistant_message_id]  # type: ignore[list-item]
+                )
+
+            tg.start_soon(renew)
+            # The renewal is queued behind the lock for longer than the lease it asks for.
+            with anyio.fail_after(5):
+                while not await locker.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND position('UPDATE messages SET lease_expires_at' in query) > 0"
+                ):
+                    await anyio.sleep(0.02)
+            await anyio.sleep(1.5)  # the stall itself, longer than the 1 s lease
+            await tx.rollback()
+        assert box["renewed"] == {opened.assistant_message_id}
+        left = await locker.fetchval(
+            "SELECT extract(epoch FROM lease_expires_at - clock_timestamp()) FROM messages "
+            "WHERE id = $1", opened.assistant_message_id)
+        assert left > 0.5, "the renewal committed a lease that had already run out"
+    finally:
+        await locker.close()
+
+
+@pytest.fixture
+async def user_id_pg(pg_url: str) -> AsyncIterator[tuple[Store, int]]:
+    async with Store(pg_url, pool_size=1) as s:
+        yield s, await s.create_user("alice")

@@ -107,8 +107,10 @@ async def test_open_with_history_is_one_round_trip(
     print(f"round trips: open with history={trips}")
     assert trips == 1
 
-    # renew_leases is one statement for all of an owner's streaming rows.
-    await store.renew_leases("p", 30)  # warm-up
+    # renew_leases is one statement for all the rows named.
+    assert opened.assistant_message_id is not None
+    ids = [opened.assistant_message_id]
+    await store.renew_leases("p", 30, ids)  # warm-up
     proxy.reset()
-    assert await store.renew_leases("p", 30) == 1
+    assert await store.renew_leases("p", 30, ids) == set(ids)
     assert proxy.round_trips == 1

@@ -9,6 +9,7 @@ from persistence import Store, TurnOpened, UsageRecord, build_user_content
 from tests.fixtures_db import MakeThread
 
 USAGE = UsageRecord(prompt_tokens=3, completion_tokens=5, total_tokens=8, cost_micros=42)
+USAGE_OTHER = UsageRecord(prompt_tokens=1, completion_tokens=1, total_tokens=2, estimated=True)
 
 
 async def _open(store: Store, thread_id: str, owner: int, turn: str, **kw: float) -> TurnOpened:
@@ -371,12 +372,27 @@ async def test_expired_lease_is_interrupted_by_the_next_turn(
     rows, _ = await store.list_usage(user_id, thread_id=thread_id)
     assert len(rows) == 1 and rows[0].estimated and rows[0].completion_tokens == 3
     assert rows[0].prompt_tokens == 0 and rows[0].message_id == first.assistant_message_id
-    # A late finalize of the interrupted row does not overwrite it, nor add usage.
+    # The owner finishing after all (it outlived its lease): the final content wins
+    # over the reaper's interrupted, and its usage replaces the estimate, one row still.
+    final = [{"type": "text", "text": "twelve chars and the rest"}]
     late = await store.finalize_turn(
-        first.assistant_message_id, thread_id, user_id, [], "complete", USAGE
+        first.assistant_message_id, thread_id, user_id, final, "complete", USAGE
     )
-    assert late == "row_missing"
-    assert await _count(store, "SELECT count(*) FROM token_usage") == 1
+    assert late == "ok"
+    old = await store.get_turn(thread_id, "t1")
+    assert old.assistant is not None
+    assert (old.assistant.status, old.assistant.content) == ("complete", final)
+    rows, _ = await store.list_usage(user_id, thread_id=thread_id)
+    assert [(r.message_id, r.total_tokens, r.estimated) for r in rows] == [
+        (first.assistant_message_id, USAGE.total_tokens, False)
+    ]
+    # A row that is final for good is not overwritten, and its usage row stays.
+    again = await store.finalize_turn(
+        first.assistant_message_id, thread_id, user_id, [], "error", USAGE_OTHER
+    )
+    assert again == "row_missing"
+    rows, _ = await store.list_usage(user_id, thread_id=thread_id)
+    assert [(r.total_tokens, r.estimated) for r in rows] == [(USAGE.total_tokens, False)]
 
 
 @pytest.mark.anyio
@@ -417,3 +433,46 @@ async def test_checkpoint_requires_streaming_and_lease_owner(
     assert turn.assistant is not None and turn.assistant.content == part
     await store.finalize_turn(mid, thread_id, user_id, part, "complete", USAGE)
     assert not await store.checkpoint(mid, [], lease_owner="proc-1", lease_seconds=30)
+
+
+@pytest.mark.anyio
+async def test_reclaim_takes_back_a_reaped_row_unless_the_thread_moved_on(
+    store: Store, user_id: int, make_thread: MakeThread
+) -> None:
+    thread_id = await make_thread()
+    first = await _open(store, thread_id, user_id, "t1", lease_seconds=0.05)
+    mid = first.assistant_message_id
+    assert mid is not None
+    await anyio.sleep(0.2)
+    assert await store.recover_expired_turns() == [mid]
+    assert await _count(store, "SELECT count(*) FROM token_usage") == 1
+    part = [{"type": "text", "text": "more than the checkpoint"}]
+    # A plain checkpoint does not touch a row that is not ours any more.
+    assert not await store.checkpoint(mid, part, lease_owner="proc-1", lease_seconds=30)
+    # Its owner takes it back with a reclaim.
+    assert await store.checkpoint(mid, part, lease_owner="proc-1", lease_seconds=30,
+                                  reclaim=True)
+    turn = await store.get_turn(thread_id, "t1")
+    assert turn.assistant is not None
+    assert (turn.assistant.status, turn.assistant.content) == ("streaming", part)
+    # The reaper's estimate went with the reclaim: no usage row until the final one.
+    assert await _count(store, "SELECT count(*) FROM token_usage") == 0
+    # Another process cannot reclaim a row that streams under ours.
+    assert not await store.checkpoint(mid, part, lease_owner="proc-2", lease_seconds=30,
+                                      reclaim=True)
+    # Reaped again, and a new turn streams on the thread: the reclaim is refused.
+    assert await store.checkpoint(mid, part, lease_owner="proc-1", lease_seconds=0.05)
+    await anyio.sleep(0.2)
+    second = await _open(store, thread_id, user_id, "t2")
+    assert second.assistant_inserted
+    assert not await store.checkpoint(mid, part, lease_owner="proc-1", lease_seconds=30,
+                                      reclaim=True)
+    turn = await store.get_turn(thread_id, "t1")
+    assert turn.assistant is not None and turn.assistant.status == "interrupted"
+    assert await _count(store, "SELECT count(*) FROM token_usage") == 1
+    # A finished row is never reclaimed.
+    assert second.assistant_message_id is not None
+    await store.finalize_turn(second.assistant_message_id, thread_id, user_id, part,
+                              "complete", USAGE)
+    assert not await store.checkpoint(second.assistant_message_id, part,
+                                      lease_owner="proc-1", lease_seconds=30, reclaim=True)

@@ -4,8 +4,8 @@ Regenerate writes a new assistant row for the same turn and keeps the old one (a
 its usage row) with status ``superseded``; the unique index over
 ``(thread_id, turn_id, role)`` therefore covers only rows that are not superseded.
 
-Revision ID: 0002_superseded_replies
-Revises: 0001_initial
+Revision ID: 0003_superseded_replies
+Revises: 0002_event_map
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002_superseded_replies"
-down_revision = "0001_initial"
+revision = "0003_superseded_replies"
+down_revision = "0002_event_map"
 branch_labels = None
 depends_on = None
 
