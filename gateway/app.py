@@ -16,7 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from gateway import routes_ops, routes_threads, routes_turns
+from gateway import routes_models, routes_ops, routes_threads, routes_turns
 from gateway._finalize import batcher_for
 from gateway._redis_limits import SharedLimits
 from gateway.context import AppContext
@@ -43,6 +43,9 @@ def _routes() -> list[BaseRoute]:
         Route("/metrics", routes_ops.metrics, methods=["GET"]),
         Route("/v1/threads", routes_threads.create_thread, methods=["POST"]),
         Route("/v1/threads", routes_threads.list_threads, methods=["GET"]),
+        Route("/v1/threads/{thread_id}", routes_threads.rename_thread, methods=["PATCH"]),
+        Route("/v1/threads/{thread_id}", routes_threads.delete_thread, methods=["DELETE"]),
+        Route("/v1/models", routes_models.list_models, methods=["GET"]),
         Route("/v1/threads/{thread_id}/messages", routes_threads.list_messages, methods=["GET"]),
         Route("/v1/threads/{thread_id}/messages", routes_threads.append_message, methods=["POST"]),
         Route("/v1/threads/{thread_id}/turns", routes_turns.start_turn, methods=["POST"]),
@@ -171,7 +174,7 @@ def create_app(settings: Settings | None = None, *, migrate_sqlite: bool = True)
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
-                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
                 allow_headers=["authorization", "content-type", "last-event-id"],
                 expose_headers=["x-vercel-ai-ui-message-stream", "retry-after"],
                 max_age=600,

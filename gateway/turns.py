@@ -197,6 +197,10 @@ class TurnRunner:
                 estimated=usage.estimated,
             )
             parts = content.final()
+            if status == "error" and error_text:
+                # The reason is stored with the reply: a reload shows why it failed.
+                parts = [p for p in parts if p.get("type") != "status"]
+                parts.append({"type": "error", "errorText": error_text})
             if live.keep_upto is not None and status == "cancelled":
                 # The reader left and nobody came back: store what it was sent, though
                 # the usage above counts every token generated meanwhile.
