@@ -13,6 +13,8 @@ import anyio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -34,6 +36,10 @@ from turngate.exceptions import SchemaOutdated
 logger = logging.getLogger("turngate.gateway")
 
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
+
+
+async def _favicon(request: Request) -> Response:
+    return RedirectResponse("/favicon.svg", status_code=301)
 
 
 def _routes() -> list[BaseRoute]:
@@ -64,6 +70,8 @@ def _routes() -> list[BaseRoute]:
     except ImportError:
         pass
     if os.path.isdir(STATIC_DIR):
+        # Browsers ask for /favicon.ico whatever the page links; the icon is an SVG.
+        routes.append(Route("/favicon.ico", _favicon, methods=["GET", "HEAD"]))
         routes.append(Mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static"))
     return routes
 

@@ -108,7 +108,7 @@ def _cache(request: Request) -> ModelsCache:
 
 async def list_models(request: Request) -> Response:
     """``GET /v1/models``: ``{"default", "models": [{id, adapter, label, priced}],
-    "adapters": [{name, status, error?}]}``."""
+    "adapters": [{name, status, error?}], "limits"}``."""
     ctx = context(request)
     await authenticate(request, ctx.store)
     cache = _cache(request)
@@ -144,6 +144,13 @@ async def list_models(request: Request) -> Response:
         "default_priced": ctx.prices.price(default) is not None,
         "models": models,
         "adapters": adapters,
+        # What a turn accepts, so a client can check before sending (the chat page does).
+        "limits": {
+            "max_text_chars": ctx.settings.max_text_chars,
+            "max_images": ctx.settings.max_images,
+            "max_image_bytes": ctx.settings.max_image_bytes,
+            "max_body_bytes": ctx.settings.max_body_bytes,
+        },
     })
 
 
