@@ -557,6 +557,7 @@
     const state = { stopped: false };
     active = { threadId, turnId, controller, state };
     setBusy(true);
+    document.body.dataset.state = 'busy';
     let view = null;
     try {
       const path = `${threadPath(threadId)}/turns`;
@@ -588,12 +589,15 @@
     } finally {
       active = null;
       setBusy(false);
-      if (view && currentThread === threadId) {
+      if (view && currentThread === threadId && !state.deleted) {
         // Show the reply as stored: model, time, usage and cost, the stored reason of a failure.
         const banner = els.banner.hidden ? '' : els.banner.textContent;
         await openThread(threadId, { keepBanner: true });
         if (banner) showBanner(banner);
       }
+      // Tests and scripts wait for this: the reply is finished and shown as stored.
+      if (!active) document.body.dataset.state = 'idle';
+      document.body.dataset.turnsEnded = String(Number(document.body.dataset.turnsEnded ?? 0) + 1);
     }
   }
 
@@ -648,7 +652,7 @@
     const outcome = await follow(threadId, turnId, request, { onAccepted: accepted });
     if (outcome === 'rejected' && created) {
       // Nothing of the message was stored: the new chat made for it goes too.
-      api(threadPath(threadId), { method: 'DELETE' }).catch(() => {});
+      await api(threadPath(threadId), { method: 'DELETE' }).catch(() => {});
     }
     loadThreads().catch(() => {});
   }
@@ -718,6 +722,7 @@
     }
     resetDelete();
     const threadId = currentThread;
+    if (active?.threadId === threadId) active.state.deleted = true;
     try {
       await api(threadPath(threadId), { method: 'DELETE' });
     } catch (err) {
@@ -872,6 +877,7 @@
   });
 
   async function start() {
+    document.body.dataset.state = 'loading';
     takeKeyFromUrl();
     const savedModel = localStorage.getItem(MODEL_STORE);
     if (savedModel !== null) els.model.value = savedModel;
@@ -887,6 +893,7 @@
       showBanner(err.message);
       emptyState();
     }
+    if (!active) document.body.dataset.state = 'idle';
   }
 
   window.addEventListener('hashchange', () => { if (location.hash.includes('key=')) start(); });
