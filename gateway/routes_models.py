@@ -40,7 +40,6 @@ SCRIPTED_PRESETS: list[tuple[str, str]] = [
 @dataclass
 class _Entry:
     at: float
-    ttl: float
     models: list[str]
     error: str | None
 
@@ -85,16 +84,17 @@ async def _upstream(ctx: AppContext, cache: ModelsCache, adapter: str) -> _Entry
     async with cache.lock:
         entry = cache.entries.get(adapter)
         now = time.monotonic()
-        if entry is not None and now - entry.at < entry.ttl:
+        ttl = MODELS_TTL if entry is None or entry.error is None else FAILED_TTL
+        if entry is not None and now - entry.at < ttl:
             return entry
         try:
             with anyio.fail_after(FETCH_TIMEOUT + 1):
-                entry = _Entry(now, MODELS_TTL, await _fetch(ctx, adapter), None)
+                entry = _Entry(now, await _fetch(ctx, adapter), None)
         except (httpx.HTTPError, ValueError, TimeoutError, OSError) as exc:
             reason = str(exc) if isinstance(exc, ValueError) else (
                 f"{adapter} model list could not be fetched ({type(exc).__name__})"
             )
-            entry = _Entry(now, FAILED_TTL, [], reason)
+            entry = _Entry(now, [], reason)
         cache.entries[adapter] = entry
         return entry
 

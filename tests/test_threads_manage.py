@@ -208,6 +208,8 @@ async def test_models_lists_scripted_presets_and_the_default(gateway: GatewaySer
         assert r.status_code == 200, r.text
         body = r.json()
     assert body["default"] == "scripted" and body["default_priced"] is True
+    assert body["limits"] == {"max_text_chars": 100000, "max_images": 4,
+                              "max_image_bytes": 8388608, "max_body_bytes": 50331648}
     ids = [m["id"] for m in body["models"]]
     scripted = [m["id"] for m in body["models"] if m["adapter"] == "scripted"]
     assert scripted == [p[0] for p in SCRIPTED_PRESETS]
@@ -259,6 +261,26 @@ async def test_models_reports_an_unreachable_upstream_and_lists_the_rest(
                                  "error": "openai model list answered HTTP 401"}
     assert "sk-bad" not in str(body)
     assert any(m["id"] == "scripted" for m in body["models"])
+
+
+async def test_models_retries_a_failed_list_after_its_shorter_ttl(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway import routes_models
+
+    listing = {"data": [{"id": "m1"}]}
+    async with FakeUpstream() as fake:
+        fake.enqueue(FakeResponse.json(500, {"error": "down"}), FakeResponse.json(200, listing))
+        env = {"OPENAI_BASE_URL": fake.url + "/v1", "OPENAI_API_KEY": "k"}
+        async with run_gateway(database_url, **env) as gw, gw.client() as client:
+            first = (await client.get("/v1/models")).json()
+            cached = (await client.get("/v1/models")).json()
+            assert len(fake.requests) == 1 and cached == first  # within 30 s: not asked again
+            monkeypatch.setattr(routes_models, "FAILED_TTL", 0.0)
+            again = (await client.get("/v1/models")).json()
+    assert routes_models.FAILED_TTL == 0.0 and len(fake.requests) == 2
+    assert {"name": "openai", "status": "ok"} in again["adapters"]
+    assert "openai:m1" in [m["id"] for m in again["models"]]
 
 
 async def test_models_lists_anthropics_models(database_url: str) -> None:
