@@ -525,8 +525,8 @@
     }
     markLastReply();
     scrollToEnd();
-    const failed = lastReply?.root.querySelector('.error');
-    if (failed && !streaming) failed.scrollIntoView({ block: 'end' });
+    // A failed last reply: its reason and its Regenerate button in view, not below the fold.
+    if (lastReply?.root.querySelector('.error') && !streaming) lastReply.root.scrollIntoView({ block: 'end' });
     if (streaming && streaming.turn_id) await follow(threadId, streaming.turn_id, null);
   }
 
