@@ -152,7 +152,7 @@ async def test_chat_page_features_end_to_end(gateway: GatewayServer) -> None:
         assert users[text].content[1] == {"type": "image", "image": image_url}
     assert "only PNG, JPEG, GIF and WebP" in out["wrongTypeBanner"]
     assert "huge.png" in out["tooLargeBanner"] and "8 MB" in out["tooLargeBanner"]
-    assert out["refusedAttached"] == 0
+    assert out["refusedAttached"] == 0 and out["dropped"] == 1
 
     # -- Escape stopped the reply; stored cancelled and partial --
     stopped = by_id[int(out["stopped"]["id"])]
@@ -196,6 +196,7 @@ async def test_chat_page_features_end_to_end(gateway: GatewayServer) -> None:
     # -- favicon, no 404 anywhere, the bad-key banner in words --
     assert out["favicon"] == {"status": 200, "type": "image/svg+xml"}
     assert not [r for r in out["badResponses"] if r.startswith("404")], out["badResponses"]
+    assert out["foreignRequests"] == []  # no CDN, nothing but the gateway
     assert "`" not in out["badKeyBanner"] and "not accepted" in out["badKeyBanner"]
     for name in ("markdown", "failed", "w360", "w1280", "w360-sidebar", "w360-dark"):
         path = ARTIFACTS / f"page-{name}-{db}.png"

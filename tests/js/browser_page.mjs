@@ -98,6 +98,11 @@ async function main() {
     page.on('dialog', dialog => { result.dialogs.push(dialog.message()); dialog.dismiss().catch(() => {}); });
     page.on('console', msg => { if (msg.type() === 'error') result.consoleErrors.push(msg.text()); });
     page.on('pageerror', err => result.pageErrors.push(String(err)));
+    result.foreignRequests = [];
+    page.on('request', r => {
+      const url = r.url();
+      if (!url.startsWith(opts.url) && !url.startsWith('data:')) result.foreignRequests.push(url);
+    });
     page.on('response', r => { if (r.status() >= 400) result.badResponses.push(`${r.status()} ${r.url()}`); });
     await page.goto(`${opts.url}/#key=${encodeURIComponent(opts.key)}`);
     await idle(page);
@@ -204,6 +209,16 @@ async function main() {
     await page.waitForFunction(() => document.querySelector('#banner').textContent.includes('huge.png'));
     result.tooLargeBanner = await page.textContent('#banner');
     result.refusedAttached = await page.locator('#attachments .attachment').count();
+    // drag-and-drop attaches too; an attachment can be removed before sending
+    await page.evaluate(b64 => {
+      const data = new DataTransfer();
+      data.items.add(new File([Uint8Array.from(atob(b64), c => c.charCodeAt(0))], 'dropped.png', { type: 'image/png' }));
+      document.querySelector('main').dispatchEvent(new DragEvent('drop', { dataTransfer: data, bubbles: true, cancelable: true }));
+    }, PNG.toString('base64'));
+    await page.waitForSelector('#attachments .attachment img[alt="dropped.png"]');
+    result.dropped = await page.locator('#attachments .attachment').count();
+    await page.click('#attachments .attachment .remove');
+    await page.waitForSelector('#attachments', { state: 'hidden' });
     await paste('pasted.png', 'image/png', 0);
     await page.waitForSelector('#attachments .attachment img');
     await send(page, 'an image by paste');
