@@ -181,6 +181,11 @@ async def test_chat_page_features_end_to_end(gateway: GatewayServer) -> None:
     assert out["layout1280"]["sidebarRight"] == 240
     assert out["sidebarOpen"]["sidebarRight"] > 200
     assert out["narrowSend"]["raw"] == "typed at 360 px "
+    assert out["sidebarClosedBy"] == "escape, scrim, choice"
+    assert out["unpriced"]["cost"].startswith("cost unknown (no price for ")
+    assert out["unpriced"]["cost"] != "$0"
+    assert "the limit is 100000" in out["tooLong"]["banner"] and out["tooLong"]["kept"] == 100001
+    assert not [r for r in rows if r.role == "user" and len(r.content[0]["text"]) > 100000]
     assert out["darkBackground"] != out["lightBackground"]
     assert out["focusOutline"]["outline"] != "none"
     assert out["shiftEnter"] == "line one\nline two"

@@ -278,12 +278,33 @@ async function main() {
     await page.screenshot({ path: shot('w360-sidebar') });
     await page.keyboard.press('Escape');
     await page.waitForFunction(() => document.querySelector('#sidebar').getBoundingClientRect().right <= 0);
+    // the scrim closes it too, and so does picking a chat
+    await page.click('#open-sidebar');
+    await page.waitForFunction(() => document.querySelector('#sidebar').getBoundingClientRect().left >= 0);
+    await page.mouse.click(340, 400);
+    await page.waitForFunction(() => document.querySelector('#sidebar').getBoundingClientRect().right <= 0);
+    await page.click('#open-sidebar');
+    await page.waitForFunction(() => document.querySelector('#sidebar').getBoundingClientRect().left >= 0);
+    await page.click('#threads button');
+    await page.waitForFunction(() => document.querySelector('#sidebar').getBoundingClientRect().right <= 0);
+    await idle(page);
+    result.sidebarClosedBy = 'escape, scrim, choice';
     await page.fill('#model', 'scripted');
     await page.fill('#input', 'typed at 360 px');
     const beforeNarrow = await ended(page);
     await page.click('#send');
     await turnsEnded(page, beforeNarrow);
     result.narrowSend = await lastReply(page);
+    // an unpriced model says so instead of "$0"
+    await send(page, 'who prices you', 'echo2');
+    result.unpriced = await lastReply(page);
+    // a text over the server's limit is refused before sending, and kept
+    const long = 'y'.repeat(100001);
+    await page.fill('#input', long);
+    await page.press('#input', 'Enter');
+    await page.waitForFunction(() => document.querySelector('#banner').textContent.includes('100001'));
+    result.tooLong = { banner: await page.textContent('#banner'), kept: (await page.inputValue('#input')).length };
+    await page.fill('#input', '');
     await page.emulateMedia({ colorScheme: 'dark' });
     result.darkBackground = await page.evaluate(() => getComputedStyle(document.body).backgroundColor);
     await page.screenshot({ path: shot('w360-dark') });
