@@ -310,3 +310,15 @@ async def test_usage_names_unpriced_models(gateway: GatewayServer) -> None:
     assert len(priced) == 1 and len(unpriced) == 1
     assert unpriced[0]["cost_micros"] == 0
     assert unpriced[0]["unpriced_models"] == list(unpriced[0]["model_breakdown"])
+
+
+async def test_cors_allows_rename_and_delete_from_a_browser(database_url: str) -> None:
+    origin = "https://chat.example"
+    async with run_gateway(database_url, TURNGATE_CORS_ORIGINS=origin) as gw, \
+            httpx.AsyncClient(base_url=gw.url, timeout=30) as raw:
+        for method in ("PATCH", "DELETE"):
+            pre = await raw.options("/v1/threads/abc", headers={
+                "origin": origin, "access-control-request-method": method,
+                "access-control-request-headers": "authorization,content-type"})
+            assert pre.status_code == 200, pre.text
+            assert method in pre.headers["access-control-allow-methods"]
