@@ -78,6 +78,8 @@ async def test_chat_page_features_end_to_end(gateway: GatewayServer) -> None:
     # -- Markdown renders as such, while it streams and after --
     md = out["markdown"]
     assert out["headingWhileStreaming"] == "busy"
+    # the new chat's title shows as soon as the message is taken, not after the reply
+    assert out["titleWhileStreaming"] == " ".join(MARKDOWN.split())[:80]
     assert md["h2"] == ["Plan for today"] and md["h3"] == ["Done"]
     assert md["li"][:2] == ["first item", "second item with boldnested item"]
     assert "nested item" in md["li"]
@@ -160,6 +162,7 @@ async def test_chat_page_features_end_to_end(gateway: GatewayServer) -> None:
     text = "".join(p["text"] for p in stopped.content if p["type"] == "text")
     assert 0 < len(text) < len("".join(f"w{i} " for i in range(1, 301)))
     assert out["stopped"]["raw"] == text
+    assert out["titleAfterStop"] == "Markdown and friends"  # the title stays through Stop
 
     # -- rejected sends: text kept, reason shown, nothing stored or shown as sent --
     rejected = out["rejected"]

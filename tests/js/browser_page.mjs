@@ -114,6 +114,7 @@ async function main() {
     await page.press('#input', 'Enter');
     await page.waitForSelector('.msg.assistant .md h2');
     result.headingWhileStreaming = await page.evaluate(() => document.body.dataset.state);
+    result.titleWhileStreaming = await page.textContent('#thread-title');
     await turnsEnded(page, beforeMarkdown);
     result.markdown = await page.evaluate(() => {
       const md = document.querySelector('.msg.assistant .md');
@@ -236,6 +237,7 @@ async function main() {
     await page.keyboard.press('Escape');
     await turnsEnded(page, beforeStop);
     result.stopped = await lastReply(page);
+    result.titleAfterStop = await page.textContent('#thread-title');
 
     // -- a rejected send keeps the text and shows why; nothing appears as sent --
     const usersBefore = await page.locator('.msg.user').count();
