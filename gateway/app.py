@@ -13,10 +13,12 @@ import anyio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from gateway import routes_ops, routes_threads, routes_turns
+from gateway import routes_models, routes_ops, routes_threads, routes_turns
 from gateway._finalize import batcher_for
 from gateway._redis_limits import SharedLimits
 from gateway.context import AppContext
@@ -37,6 +39,10 @@ logger = logging.getLogger("turngate.gateway")
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
 
 
+async def _favicon(request: Request) -> Response:
+    return RedirectResponse("/favicon.svg", status_code=301)
+
+
 def _routes() -> list[BaseRoute]:
     routes: list[BaseRoute] = [
         Route("/healthz", routes_ops.healthz, methods=["GET"]),
@@ -44,6 +50,9 @@ def _routes() -> list[BaseRoute]:
         Route("/metrics", routes_ops.metrics, methods=["GET"]),
         Route("/v1/threads", routes_threads.create_thread, methods=["POST"]),
         Route("/v1/threads", routes_threads.list_threads, methods=["GET"]),
+        Route("/v1/threads/{thread_id}", routes_threads.rename_thread, methods=["PATCH"]),
+        Route("/v1/threads/{thread_id}", routes_threads.delete_thread, methods=["DELETE"]),
+        Route("/v1/models", routes_models.list_models, methods=["GET"]),
         Route("/v1/threads/{thread_id}/messages", routes_threads.list_messages, methods=["GET"]),
         Route("/v1/threads/{thread_id}/messages", routes_threads.append_message, methods=["POST"]),
         Route("/v1/threads/{thread_id}/turns", routes_turns.start_turn, methods=["POST"]),
@@ -62,6 +71,8 @@ def _routes() -> list[BaseRoute]:
     except ImportError:
         pass
     if os.path.isdir(STATIC_DIR):
+        # Browsers ask for /favicon.ico whatever the page links; the icon is an SVG.
+        routes.append(Route("/favicon.ico", _favicon, methods=["GET", "HEAD"]))
         routes.append(Mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static"))
     return routes
 
@@ -181,7 +192,7 @@ def create_app(
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
-                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
                 allow_headers=["authorization", "content-type", "last-event-id"],
                 expose_headers=["x-vercel-ai-ui-message-stream", "retry-after"],
                 max_age=600,

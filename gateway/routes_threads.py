@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -169,10 +170,12 @@ async def list_usage(request: Request) -> Response:
         )
     except ValueError:
         raise _bad_cursor(request) from None
-    return JSONResponse({"usage": [_usage_json(r) for r in rows], "next_cursor": next_cursor})
+    return JSONResponse({"usage": [_usage_json(r, ctx) for r in rows],
+                         "next_cursor": next_cursor})
 
 
-def _usage_json(row: Any) -> dict[str, Any]:
+def _usage_json(row: Any, ctx: AppContext) -> dict[str, Any]:
+    breakdown = row.model_breakdown if isinstance(row.model_breakdown, dict) else {}
     return {
         "id": row.id, "usage_type": row.usage_type, "thread_id": row.thread_id,
         "message_id": row.message_id, "prompt_tokens": row.prompt_tokens,
@@ -180,7 +183,84 @@ def _usage_json(row: Any) -> dict[str, Any]:
         "cost_micros": row.cost_micros, "model_breakdown": row.model_breakdown,
         "call_details": row.call_details, "estimated": row.estimated,
         "created_at": row.created_at,
+        # Models of this row without a price: their cost was counted as 0, not known as 0.
+        "unpriced_models": sorted(m for m in breakdown if ctx.prices.price(m) is None),
     }
 
 
-__all__ = ["append_message", "create_thread", "list_messages", "list_threads", "list_usage"]
+_MAX_TITLE = 500
+
+
+async def rename_thread(request: Request) -> Response:
+    """``PATCH /v1/threads/{id}``: ``{"title": str | null}`` → the thread."""
+    ctx = context(request)
+    thread_id = check_thread_path_id(request.path_params["thread_id"], ctx.settings)
+    user_id = await authenticate(request, ctx.store)
+    await check_rate(ctx, user_id)
+    body = require_object(await read_json(request, 64 * 1024))
+    unknown = sorted(set(body) - {"title"})
+    if unknown:
+        raise ApiError(
+            400, "invalid_body", f"unknown field {unknown[0][:40]!r}; expected only \"title\""
+        )
+    if "title" not in body:
+        raise ApiError(400, "invalid_title", "title is required (a string, or null to clear it)")
+    title = body["title"]
+    if title is not None and (not isinstance(title, str) or len(title) > _MAX_TITLE):
+        shown = type(title).__name__ if not isinstance(title, str) else f"{len(title)} characters"
+        raise ApiError(
+            400, "invalid_title",
+            f"title must be a string of at most {_MAX_TITLE} characters or null, not {shown}",
+        )
+    if isinstance(title, str):
+        title = " ".join(title.split()) or None
+    row = await ctx.store.rename_thread(thread_id, user_id, title)
+    if row is None:
+        raise not_found()
+    return JSONResponse(thread_json(row))
+
+
+async def delete_thread(request: Request) -> Response:
+    """``DELETE /v1/threads/{id}``: cancel and finalize a running turn, then delete the
+    thread and its messages; its ``token_usage`` rows stay."""
+    ctx = context(request)
+    thread_id = check_thread_path_id(request.path_params["thread_id"], ctx.settings)
+    user_id = await authenticate(request, ctx.store)
+    await check_rate(ctx, user_id)
+    if await ctx.store.get_thread(thread_id, user_id) is None:
+        raise not_found()
+    cancelled = await _end_running_turn(ctx, thread_id, user_id)
+    deleted = await ctx.store.delete_thread(thread_id, user_id)
+    if deleted is None:
+        raise not_found()
+    return JSONResponse({"id": thread_id, "deleted": True, "messages_deleted": deleted,
+                         "cancelled_turn": cancelled})
+
+
+async def _end_running_turn(ctx: AppContext, thread_id: str, user_id: int) -> str | None:
+    """Cancel the turn streaming on the thread and wait until it is finalized (its row
+    and usage row written); its turn_id, or None if none ran."""
+    live = ctx.relay.running_on_thread(thread_id)
+    if live is not None:
+        live.cancel("cancelled")
+        with anyio.move_on_after(ctx.settings.finalize_timeout + 2):
+            await live.wait_done()
+        return live.turn_id
+    streaming = [
+        r for r in await ctx.store.list_messages(thread_id, user_id) or ()
+        if r.role == "assistant" and r.status == "streaming" and r.turn_id
+    ]
+    if not streaming or ctx.shared is None:
+        return None
+    from gateway._redis_routes import cancel_shared
+
+    turn_id = streaming[0].turn_id
+    assert turn_id is not None
+    await cancel_shared(ctx, thread_id, turn_id, user_id)
+    return turn_id
+
+
+__all__ = [
+    "append_message", "create_thread", "delete_thread", "list_messages", "list_threads",
+    "list_usage", "rename_thread",
+]

@@ -181,7 +181,8 @@ def replay_chunks(
     out = encoder.start(message_id, meta)
     for event in stored_events(parts, event_map):
         out.extend(encoder.feed(event))
-    error_text = "The reply failed." if status == "error" else None
+    stored = [p.get("errorText") for p in parts if p.get("type") == "error"]
+    error_text = (str(stored[-1]) if stored else "The reply failed.") if status == "error" else None
     out.extend(
         encoder.end(
             _STATUS_REASON.get(status, "other"), usage, error_text=error_text,

@@ -217,6 +217,13 @@ class TurnRunner:
                 estimated=usage.estimated,
             )
             parts, event_map = content.final(), content.event_map()
+            if status == "error" and error_text:
+                # The reason is stored with the reply: a reload shows why it failed. The
+                # event map keeps one entry per part (the error part streams no delta).
+                parts = [p for p in parts if p.get("type") != "status"]
+                parts.append({"type": "error", "errorText": error_text})
+                if event_map:
+                    event_map = [*event_map, None]
             if live.keep_upto is not None and status == "cancelled":
                 # The reader left and nobody came back: store what it was sent (and how
                 # it was streamed), though the usage above counts every token generated.

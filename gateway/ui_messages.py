@@ -170,6 +170,9 @@ def to_ui_message(
         parts, notice = _assistant_parts(row.content, row.status == "streaming")
         if notice:
             metadata["notice"] = notice
+        errors = [p.get("errorText") for p in row.content if p.get("type") == "error"]
+        if errors:
+            metadata["errorText"] = str(errors[-1])
         return {"id": str(row.id), "role": "assistant", "parts": parts, "metadata": metadata}
     return {
         "id": row.turn_id or str(row.id),

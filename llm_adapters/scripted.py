@@ -5,7 +5,9 @@ It streams R reasoning deltas, then T tool calls (arguments in several fragments
 then a result), then N text deltas ``"w1 "``, ``"w2 "``, ... with D ms between
 deltas, and reports usage (prompt tokens = words in the prompt, completion
 tokens = deltas sent). With F it fails with an upstream error after F text
-deltas. Plain ``scripted`` echoes the user's text back word by word.
+deltas. Plain ``scripted`` echoes the user's text back word by word (split on
+whitespace, each word followed by one space); ``chunk=C`` echoes it verbatim
+instead (newlines, Markdown, HTML as typed), in deltas of C characters.
 
 ``trace=KEY`` records progress in :data:`TRACES` so tests can see how far a
 generation got and whether it was closed.
@@ -48,7 +50,7 @@ class Trace:
 TRACES: dict[str, Trace] = {}
 _MAX_TRACES = 10_000
 
-_INT_OPTIONS = ("tokens", "delay_ms", "reasoning", "tools", "fail_after")
+_INT_OPTIONS = ("tokens", "delay_ms", "reasoning", "tools", "fail_after", "chunk")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,7 @@ class ScriptOptions:
     reasoning: int = 0
     tools: int = 0
     fail_after: int | None = None
+    chunk: int | None = None
     trace: str | None = None
 
 
@@ -137,7 +140,11 @@ class ScriptedAdapter(BaseAdapter):
                 await pause()
                 yield ToolResult(call_id, {"answer": f"a{i}"})
             texts: Iterable[str]
-            if opts.tokens is None:
+            if opts.tokens is None and opts.chunk:
+                last = request.messages[-1].text if request.messages else ""
+                size = opts.chunk
+                texts = [last[i : i + size] for i in range(0, len(last), size)] or ["(empty)"]
+            elif opts.tokens is None:
                 last = request.messages[-1].text if request.messages else ""
                 texts = [w + " " for w in _words(last)] or ["(empty)"]
             else:

@@ -138,6 +138,45 @@ class _ThreadsMixin(_StoreBase):
         )
         return None if row is None else _thread_row(row)
 
+    async def rename_thread(
+        self, thread_id: str, owner_id: int, title: str | None
+    ) -> ThreadRow | None:
+        """Set the title of the owner's thread (``updated_at`` too); None if not theirs."""
+        now = self._ts_param(_utcnow_text())
+
+        async def op(conn: Conn) -> tuple[ThreadRow | None, str]:
+            row = await conn.fetch_one(
+                "UPDATE threads SET title = :title, updated_at = :now "
+                "WHERE id = :id AND owner_id = :owner_id "
+                "RETURNING id, owner_id, title, created_at, updated_at",
+                {"id": thread_id, "owner_id": owner_id, "title": title, "now": now},
+            )
+            return (None, "not_found") if row is None else (_thread_row(row), "updated")
+
+        return await self._shielded("rename_thread", op, thread_id=thread_id, owner_id=owner_id)
+
+    async def delete_thread(self, thread_id: str, owner_id: int) -> int | None:
+        """Delete the owner's thread and its messages; the number of messages, None if
+        not theirs. ``token_usage`` rows are kept: they are the audit trail (no foreign
+        keys), still listed by ``list_usage`` with the deleted thread's id."""
+
+        async def op(conn: Conn) -> tuple[int | None, str]:
+            async with self._transaction(conn):
+                owned = await conn.fetch_one(
+                    "SELECT id FROM threads WHERE id = :id AND owner_id = :owner_id",
+                    {"id": thread_id, "owner_id": owner_id},
+                )
+                if owned is None:
+                    return None, "not_found"
+                count = await conn.fetch_val(
+                    "SELECT COUNT(*) FROM messages WHERE thread_id = :id", {"id": thread_id}
+                )
+                await conn.execute("DELETE FROM messages WHERE thread_id = :id", {"id": thread_id})
+                await conn.execute("DELETE FROM threads WHERE id = :id", {"id": thread_id})
+            return int(count), "deleted"
+
+        return await self._shielded("delete_thread", op, thread_id=thread_id, owner_id=owner_id)
+
     async def list_threads(
         self, owner_id: int, *, limit: int = 50, before: str | None = None
     ) -> tuple[list[ThreadRow], str | None]:

@@ -44,10 +44,10 @@ def build_user_content(
 
 
 def is_empty_assistant_content(content: Sequence[dict[str, Any]]) -> bool:
-    """True when a finished reply has no text, no reasoning and no tool call."""
+    """True when a finished reply has no text, no reasoning, no tool call and no error."""
     for part in content:
         kind = part.get("type")
-        if kind == "tool-call":
+        if kind in ("tool-call", "error"):  # a failed reply keeps its stored reason
             return False
         if kind in ("text", "reasoning") and part.get("text"):
             return False

@@ -174,7 +174,11 @@ async def test_stream_through_the_gateway(
     assert assistant["status"] == ("error" if case.finish == "error" else "complete")
     assert assistant["turn_id"] == body["turn_id"]
     assert s.chunks[0]["messageId"] == str(assistant["id"])
-    check_parts(assistant["content"], list(case.parts))
+    stored = assistant["content"]
+    if case.finish == "error":  # a failed reply ends with the reason its stream gave
+        assert stored[-1] == {"type": "error", "errorText": s.of_type("error")[0]["errorText"]}
+        stored = stored[:-1]
+    check_parts(stored, list(case.parts))
     assert len(rows) == 1
     row = rows[0]
     assert row["message_id"] == assistant["id"]
@@ -368,7 +372,9 @@ async def test_upstream_401_is_a_safe_error(
     ]
     assert s.of_type("finish")[0]["finishReason"] == "error"
     assert assistant["status"] == "error"
-    assert assistant["content"] == [{"type": "status", "text": "(no text response)"}]
+    assert assistant["content"] == [
+        {"type": "error", "errorText": UpstreamStatusError("", 401).safe_message}
+    ]
     assert len(rows) == 1 and rows[0]["estimated"] is True
     everything = json.dumps([e.data for e in s.events]) + json.dumps(assistant) + json.dumps(rows)
     for secret in (key, "Incorrect API key", "find your API key"):
@@ -539,5 +545,6 @@ async def test_upstream_cut_mid_stream_keeps_the_partial_reply(database_url: str
     assert [e["errorText"] for e in s.of_type("error")] == [UpstreamProtocolError.safe_message]
     assert assistant["status"] == "error"
     assert s.text and str(OPENAI_TEXT.text).startswith(s.text)
-    assert assistant["content"] == [{"type": "text", "text": s.text}]
+    reason = {"type": "error", "errorText": UpstreamProtocolError.safe_message}
+    assert assistant["content"] == [{"type": "text", "text": s.text}, reason]
     assert rows[0]["estimated"] is True

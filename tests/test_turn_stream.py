@@ -168,7 +168,9 @@ async def test_adapter_failure_mid_stream(gateway: GatewayServer) -> None:
         assert s.of_type("finish")[0]["finishReason"] == "error"
         assistant = (await _messages(client, thread))[-1]
         assert assistant["status"] == "error"
-        assert assistant["content"] == [{"type": "text", "text": "w1 w2 w3 "}]
+        # the reason is stored with the partial reply
+        assert assistant["content"] == [{"type": "text", "text": "w1 w2 w3 "},
+                                        {"type": "error", "errorText": errors[0]["errorText"]}]
         rows = await _usage(client, thread)
         assert len(rows) == 1 and rows[0]["estimated"] is True
 

@@ -12,7 +12,7 @@ const ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-backgrou
 const assistantText = page => page.evaluate(() => {
   const replies = document.querySelectorAll('.msg.assistant');
   const last = replies[replies.length - 1];
-  return last ? Array.from(last.querySelectorAll('.text')).map(n => n.textContent).join('') : '';
+  return last ? Array.from(last.querySelectorAll('.text')).map(n => n.dataset.raw ?? n.textContent).join('') : '';
 });
 
 async function main() {
@@ -38,11 +38,11 @@ async function main() {
     await page.waitForSelector('#stop:not([hidden])');
     await page.waitForFunction(() => {
       const t = document.querySelector('.msg.assistant .text');
-      return t && t.textContent.length >= 6;
+      return t && t.dataset.raw.length >= 6;
     });
     const seen = [await assistantText(page)];
     await page.waitForFunction(
-      n => (document.querySelector('.msg.assistant .text')?.textContent.length ?? 0) > n,
+      n => (document.querySelector('.msg.assistant .text')?.dataset.raw.length ?? 0) > n,
       seen[0].length,
     );
     seen.push(await assistantText(page));
@@ -63,13 +63,13 @@ async function main() {
       return {
         status: reply.dataset.status,
         messageId: reply.dataset.messageId,
-        text: Array.from(reply.querySelectorAll('.text')).map(n => n.textContent).join(''),
+        text: Array.from(reply.querySelectorAll('.text')).map(n => n.dataset.raw).join(''),
         meta: reply.querySelector('.meta').textContent,
         tokens: reply.querySelector('.meta .tokens')?.textContent ?? null,
         cost: reply.querySelector('.meta .cost')?.textContent ?? null,
         reasoning: reply.querySelector('.reasoning .body')?.textContent ?? null,
         tools: reply.querySelectorAll('.tool').length,
-        user: document.querySelector('.msg.user')?.textContent ?? null,
+        user: document.querySelector('.msg.user .user-text')?.textContent ?? null,
         threads: Array.from(document.querySelectorAll('#threads button')).map(b => b.textContent),
         activeThread: document.querySelector('#threads button.active')?.dataset.threadId ?? null,
         url: location.href,
