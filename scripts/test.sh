@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs into .venv, start the services it
-# uses if they are down, and run the whole suite. `.ci/run` calls this script.
+# uses if they are down, and run the whole suite (under CI=true: the recording
+# tests here, then the whole suite from a bare copy). `.ci/run` calls this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,44 +40,40 @@ if [ -f tests/js/package-lock.json ]; then
     fi
 fi
 
-set +e
-.venv/bin/python -m pytest "$@"
-rc=$?
-set -e
-if [ "$rc" -eq 5 ]; then
-    echo "pytest collected no tests: that is a failure" >&2
-    exit 1
-fi
-if [ "$rc" -ne 0 ]; then
-    exit "$rc"
-fi
-
-# The example adapter's own suite (on turngate.testing), when the whole suite runs.
-if [ "$#" -eq 0 ]; then
-    set +e
-    (cd examples/turngate-shout && ../../.venv/bin/python -m pytest)
-    example_rc=$?
-    set -e
-    if [ "$example_rc" -ne 0 ]; then
-        echo "examples/turngate-shout: its test suite failed (exit $example_rc)" >&2
-        exit "$example_rc"
-    fi
-fi
-
-# Under CI, run the whole suite once more from a bare copy of the repository: the
-# tracked (and untracked, not ignored) files only, in a fresh temporary folder with
-# no ../shared beside it. That is what a fresh clone sees, so a test that still needs
-# something outside the repository fails here even though it passed above.
-#
-# The copy runs its own scripts/test.sh, so it builds its own .venv. The first run's
-# .venv cannot be reused: its editable install points at this tree, so the copy's
-# imports, entry points and `turngate` script would load this tree's code, not the
-# copy's. It also runs its own `npm ci`. CI stays true, so PostgreSQL, Redis, Node
-# and Chromium are still required and a skipped test still fails the run
-# (tests/conftest.py). The recordings alone become optional, because their absence
-# is the point of this run.
 case "${CI:-}" in 1|true|TRUE|True|yes) ci=1 ;; *) ci=0 ;; esac
+
+# pytest "$@", with its exit code 5 (no tests collected) counted as a failure.
+run_pytest() {
+    set +e
+    .venv/bin/python -m pytest "$@"
+    local rc=$?
+    set -e
+    if [ "$rc" -eq 5 ]; then
+        echo "pytest collected no tests: that is a failure" >&2
+        return 1
+    fi
+    return "$rc"
+}
+
 if [ "$ci" -eq 1 ] && [ -z "${TURNGATE_TEST_BARE_COPY:-}" ]; then
+    # Under CI the whole suite runs once, from a bare copy of the repository: the
+    # tracked (and untracked, not ignored) files only, in a fresh temporary folder with
+    # no ../shared beside it. That is what a fresh clone sees, so a test that still
+    # needs something outside the repository fails there.
+    #
+    # Here, in this tree, run first what only this tree can: the tests over the real
+    # provider recordings in ../shared/recordings (their ids say "recording:"), which
+    # are required under CI. Running the whole suite twice would take CI past 20 min.
+    echo "--- the provider recordings in ../shared/recordings (an extra corpus)"
+    run_pytest -k "recording:" tests/
+
+    # The copy runs its own scripts/test.sh, so it builds its own .venv. This tree's
+    # .venv cannot be reused: its editable install points at this tree, so the copy's
+    # imports, entry points and `turngate` script would load this tree's code, not the
+    # copy's. It also runs its own `npm ci`. CI stays true, so PostgreSQL, Redis, Node
+    # and Chromium are still required and a skipped test still fails the run
+    # (tests/conftest.py). The recordings alone become optional, because their absence
+    # is the point of this run.
     bare=$(mktemp -d "${TMPDIR:-/tmp}/turngate-bare.XXXXXX")
     trap 'rm -rf "$bare"' EXIT
     mkdir "$bare/turngate"
@@ -92,8 +89,16 @@ if [ "$ci" -eq 1 ] && [ -z "${TURNGATE_TEST_BARE_COPY:-}" ]; then
         echo "the bare copy in $bare is not bare" >&2
         exit 1
     fi
-    echo "--- the whole suite again, from a bare copy of the repository in $bare/turngate"
+    echo "--- the whole suite, from a bare copy of the repository in $bare/turngate"
     (cd "$bare/turngate" && env -u TURNGATE_TEST_RECORDINGS_DIR \
         TURNGATE_TEST_BARE_COPY=1 TURNGATE_TEST_RECORDINGS=optional \
         bash scripts/test.sh "$@")
+    exit $?
+fi
+
+run_pytest "$@"
+
+# The example adapter's own suite (on turngate.testing), when the whole suite runs.
+if [ "$#" -eq 0 ]; then
+    (cd examples/turngate-shout && ../../.venv/bin/python -m pytest)
 fi
