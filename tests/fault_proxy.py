@@ -40,23 +40,9 @@ class FaultProxy(RoundTripProxy):
         self.connections += 1
         await super()._handle(reader, writer)
 
-    async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, from_client: bool
-    ) -> None:
-        try:
-            while data := await reader.read(65536):
-                # Held here while stalled: read, but never passed on.
-                await self._flowing.wait()
-                if from_client:
-                    if not self._client_turn:
-                        self.round_trips += 1
-                        self._client_turn = True
-                else:
-                    self._client_turn = False
-                writer.write(data)
-                await writer.drain()
-        finally:
-            writer.transport.abort()
+    async def _before_forward(self) -> None:
+        # Held here while stalled: read, but never passed on.
+        await self._flowing.wait()
 
 
 __all__ = ["FaultProxy"]

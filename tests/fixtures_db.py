@@ -199,11 +199,15 @@ class RoundTripProxy:
         )
         self._writers.difference_update((writer, up_writer))
 
+    async def _before_forward(self) -> None:
+        """Called with each chunk read, before it is passed on (a fault proxy stalls here)."""
+
     async def _pump(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, from_client: bool
     ) -> None:
         try:
             while data := await reader.read(65536):
+                await self._before_forward()
                 if from_client:
                     if not self._client_turn:
                         self.round_trips += 1
