@@ -239,10 +239,18 @@ class LocalRelay:
         else:
             self._per_owner.pop(owner_id, None)
 
-    async def wait_for(self, thread_id: str, turn_id: str, within: float) -> LiveTurn | None:
-        """Wait until the turn is registered (a racing request is about to start it)."""
+    async def wait_for(
+        self, thread_id: str, turn_id: str, within: float, message_id: int | None = None
+    ) -> LiveTurn | None:
+        """Wait until the turn is registered (a racing request is about to start it).
+
+        ``message_id``: wait for that reply of the turn, not an earlier one the relay
+        still keeps (a regenerate whose new reply is about to start).
+        """
         with anyio.move_on_after(within):
-            while (live := self.get(thread_id, turn_id)) is None:
+            while (live := self.get(thread_id, turn_id)) is None or (
+                message_id is not None and live.message_id != message_id
+            ):
                 await self._registered.wait()
             return live
         return None

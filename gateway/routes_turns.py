@@ -112,7 +112,8 @@ async def _attach_or_replay(
             return shared
     if assistant.status == "streaming":
         live = await ctx.relay.wait_for(
-            thread_id, turn_id, within=2.0 if ctx.shared is None else 0.0
+            thread_id, turn_id, within=2.0 if ctx.shared is None else 0.0,
+            message_id=assistant.id,
         )
         if live is not None and live.owner_id == user_id and live.message_id == assistant.id:
             return sse_response(ctx, follow_live(ctx, live, after))

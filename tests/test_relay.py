@@ -95,3 +95,26 @@ def test_running_count_per_owner_follows_add_and_end() -> None:
     relay.ended(b1)
     assert (relay.running_for_owner(1), relay.running_for_owner(2)) == (0, 0)
     assert relay.running() == []
+
+
+async def test_wait_for_a_reply_skips_the_one_it_replaces() -> None:
+    """A regenerate racing its twin: the relay still keeps the turn's old reply, and the
+    wait must return the new one once it starts, not the old one at once."""
+    relay = LocalRelay()
+    old = LiveTurn("th", "t1", 1, 10)
+    relay.add(old)
+    old.finish("complete")
+    relay.ended(old)
+    new = LiveTurn("th", "t1", 1, 11)
+    got: dict[str, LiveTurn | None] = {}
+
+    async def wait() -> None:
+        got["live"] = await relay.wait_for("th", "t1", within=5.0, message_id=11)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait)
+        await anyio.wait_all_tasks_blocked()
+        assert "live" not in got  # the old reply (id 10) is not the one waited for
+        relay.add(new)
+    assert got["live"] is new
+    assert await relay.wait_for("th", "t1", within=0.0, message_id=10) is None
