@@ -13,6 +13,7 @@ not the caller's), ``conflict_no_match`` (busy: another turn is streaming),
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -111,6 +112,34 @@ async def _sqlite_interrupt(conn: Conn, row: Any, owner_id: int, now: str) -> No
     )
 
 
+async def _retrying_busy_race(
+    conn: Conn, thread_id: str, turn_id: str, attempt: Callable[[], Awaitable[TurnOpened]]
+) -> TurnOpened:
+    """``attempt`` (one ``open_turn`` statement), run again when it lost a race for the
+    busy index (PostgreSQL).
+
+    The statement's snapshot predates a concurrent opener's commit, so its checks
+    can pass while the insert of the shell then collides on the thread's one
+    streaming slot (``_BusyRace``) – whether the winner opened *this* turn (a double
+    submit) or another one. The failed statement wrote nothing; run again (a new
+    snapshot, which sees the winner's rows), it resolves to the existing rows or
+    reports the other turn as busy through its own checks. Only the race costs the
+    extra round trip.
+    """
+    for _ in range(_BUSY_RACE_RETRIES):
+        try:
+            return await attempt()
+        except _BusyRace:
+            continue
+    # Still colliding after several fresh snapshots: a storm of distinct turns on
+    # one thread. Whoever holds the slot now is busy, and never this turn (its
+    # own streaming row would have resolved the open above).
+    busy = await conn.fetch_val(_pg_sql.STREAMING_TURN_OF_THREAD, {"thread_id": thread_id})
+    if busy == turn_id:
+        raise DatabaseUnavailable("open_turn kept losing the race for its own turn")
+    return TurnOpened(status="busy", busy_turn_id=busy)
+
+
 class _TurnsMixin(_StoreBase):
     async def open_turn(
         self,
@@ -158,9 +187,12 @@ class _TurnsMixin(_StoreBase):
 
         async def op(conn: Conn) -> tuple[TurnOpened, str]:
             if self._is_pg:
-                opened = await self._open_turn_pg_retrying(
-                    conn, thread_id, owner_id, turn_id, content, lease_owner,
-                    lease_seconds, history, key,
+                opened = await _retrying_busy_race(
+                    conn, thread_id, turn_id,
+                    lambda: self._open_turn_pg(
+                        conn, thread_id, owner_id, turn_id, content, lease_owner,
+                        lease_seconds, history, key,
+                    ),
                 )
             else:
                 opened = await self._open_turn_sqlite(
@@ -182,44 +214,6 @@ class _TurnsMixin(_StoreBase):
             )
         except DatabaseUnavailable:
             return TurnOpened(status="unavailable")
-
-    async def _open_turn_pg_retrying(
-        self,
-        conn: Conn,
-        thread_id: str,
-        owner_id: int,
-        turn_id: str,
-        content: str,
-        lease_owner: str,
-        lease_seconds: float,
-        history_limit: int | None,
-        key: tuple[str, str] | None,
-    ) -> TurnOpened:
-        """``_open_turn_pg``, run again when it lost a race for the busy index.
-
-        The statement's snapshot predates a concurrent opener's commit, so its checks
-        can pass while the insert of the shell then collides on the thread's one
-        streaming slot (``_BusyRace``) – whether the winner opened *this* turn (a double
-        submit) or another one. The failed statement wrote nothing; run again (a new
-        snapshot, which sees the winner's rows), it resolves to the existing rows or
-        reports the other turn as busy through its own checks. Only the race costs the
-        extra round trip.
-        """
-        for _ in range(_BUSY_RACE_RETRIES):
-            try:
-                return await self._open_turn_pg(
-                    conn, thread_id, owner_id, turn_id, content, lease_owner,
-                    lease_seconds, history_limit, key,
-                )
-            except _BusyRace:
-                continue
-        # Still colliding after several fresh snapshots: a storm of distinct turns on
-        # one thread. Whoever holds the slot now is busy, and never this turn (its
-        # own streaming row would have resolved the open above).
-        busy = await conn.fetch_val(_pg_sql.STREAMING_TURN_OF_THREAD, {"thread_id": thread_id})
-        if busy == turn_id:
-            raise DatabaseUnavailable("open_turn kept losing the race for its own turn")
-        return TurnOpened(status="busy", busy_turn_id=busy)
 
     async def _open_turn_pg(
         self,
