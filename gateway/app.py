@@ -18,17 +18,20 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from gateway import routes_models, routes_ops, routes_threads, routes_turns
-from gateway._finalize import batcher_for
-from gateway._redis_limits import SharedLimits
+from gateway.api import models as routes_models
+from gateway.api import ops as routes_ops
+from gateway.api import threads as routes_threads
+from gateway.api import turns as routes_turns
+from gateway.api.errors import EXCEPTION_HANDLERS
+from gateway.api.header_limits import HeaderLimits
 from gateway.context import AppContext
-from gateway.errors import EXCEPTION_HANDLERS
-from gateway.header_limits import HeaderLimits
-from gateway.metrics import Metrics
-from gateway.redis_relay import RedisRelay, connect_shared
-from gateway.relay import LocalRelay
-from gateway.settings import Settings
-from gateway.turns import TurnRunner
+from gateway.ops.metrics import Metrics
+from gateway.ops.settings import Settings
+from gateway.replicas.limits import SharedLimits
+from gateway.replicas.relay import RedisRelay, connect_shared
+from gateway.streaming.relay import LocalRelay
+from gateway.turn.finalize import batcher_for
+from gateway.turn.lifecycle import TurnRunner
 from llm_adapters.pricing import PriceTable
 from llm_adapters.registry import AdapterRegistry
 from persistence import Store, migrate, schema_status
@@ -65,7 +68,7 @@ def _routes() -> list[BaseRoute]:
         Route("/v1/usage", routes_threads.list_usage, methods=["GET"]),
     ]
     try:
-        from gateway import routes_aisdk
+        from gateway.api import aisdk as routes_aisdk
 
         routes.extend(routes_aisdk.ROUTES)
     except ImportError:

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 import anyio
 from starlette.requests import Request
 
-from gateway._redis_limits import SharedLimits
-from gateway.metrics import Metrics
-from gateway.relay import LocalRelay, SharedRelay
-from gateway.settings import Settings
-from gateway.turns import TurnRunner
+from gateway.ops.metrics import Metrics
+from gateway.ops.settings import Settings
+from gateway.replicas.limits import SharedLimits
+from gateway.streaming.relay import LocalRelay, SharedRelay
+from gateway.turn.lifecycle import TurnRunner
 from llm_adapters.pricing import PriceTable
 from llm_adapters.registry import AdapterRegistry
 from persistence import Store

@@ -29,7 +29,7 @@ import anyio
 import httpx
 import pytest
 
-from gateway.accumulator import estimate_tokens
+from gateway.turn.accumulator import estimate_tokens
 from tests.fixtures_server import free_port, run_gateway
 from tests.sse_client import Stream, parse_sse, stream_request, validate_ui_stream
 from tests.stream_corpus import StreamCase, cases, check_text

@@ -12,8 +12,8 @@ import anyio
 import httpx
 import pytest
 
-from gateway.cli import main as cli_main
-from gateway.logs import JsonFormatter
+from gateway.ops.cli import main as cli_main
+from gateway.ops.logs import JsonFormatter
 from persistence._base import _utcnow_text
 from tests.fixtures_server import GatewayServer, run_gateway
 from tests.sse_client import stream_request, validate_ui_stream

@@ -14,7 +14,7 @@ import anyio
 import httpx
 import pytest
 
-from gateway.auth import _map_for
+from gateway.api.auth import _map_for
 from tests.fixtures_db import RoundTripProxy
 from tests.fixtures_server import GatewayServer, run_gateway
 from tests.test_auth import _cli
@@ -187,7 +187,7 @@ async def test_cached_key_errors_before_the_open_are_401_once_revoked(
 
 
 async def test_key_map_is_bounded() -> None:
-    from gateway.auth import _KeyMap
+    from gateway.api.auth import _KeyMap
 
     m = _KeyMap(size=3)
     for i in range(5):

@@ -18,7 +18,7 @@ import anyio
 import httpx
 import pytest
 
-from gateway.settings import SETTINGS
+from gateway.ops.settings import SETTINGS
 from tests.fixtures_db import PG_HOST, PG_PORT, PG_USER, pg_url_for
 from tests.fixtures_server import free_port
 

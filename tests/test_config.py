@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.settings import SETTINGS, Settings, settings_markdown
+from gateway.ops.settings import SETTINGS, Settings, settings_markdown
 from turngate.exceptions import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,7 +143,7 @@ def test_readme_table_matches_settings() -> None:
     section = match.group(1)
     table = "\n".join(line for line in section.splitlines() if line.startswith("|")) + "\n"
     assert table == settings_markdown(), (
-        "README configuration table is stale: regenerate it with `python -m gateway.settings`"
+        "README configuration table is stale: regenerate it with `python -m gateway.ops.settings`"
     )
 
 

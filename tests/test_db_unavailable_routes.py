@@ -18,7 +18,7 @@ import asyncpg
 import httpx
 import pytest
 
-from gateway.routes_ops import FAILURE_WINDOW, PROBE_TIMEOUT
+from gateway.api.ops import FAILURE_WINDOW, PROBE_TIMEOUT
 from persistence import Store
 from tests.fault_proxy import FaultProxy
 from tests.fixtures_server import GatewayServer, run_gateway

@@ -27,7 +27,7 @@ import asyncpg
 import httpx
 import pytest
 
-from gateway.turns import LEASE_LOST_ERROR
+from gateway.turn.lifecycle import LEASE_LOST_ERROR
 from tests.fixtures_db import RoundTripProxy
 from tests.fixtures_server import GatewayServer, run_gateway
 from tests.sse_client import Stream, parse_sse, validate_ui_stream
@@ -380,7 +380,7 @@ async def test_an_owner_that_cannot_take_its_row_back_stops_and_says_so(
 
 
 async def test_a_drain_gives_up_a_final_write_the_database_never_takes(outage: Outage) -> None:
-    from gateway.turns import NOT_SAVED_ERROR
+    from gateway.turn.lifecycle import NOT_SAVED_ERROR
 
     env = _env(TURNGATE_SHUTDOWN_GRACE_SECONDS="0.5")
     async with run_gateway(outage.gateway_url, **env) as gw, gw.client() as client:
@@ -413,7 +413,7 @@ async def test_a_drain_gives_up_a_final_write_the_database_never_takes(outage: O
 async def test_a_write_whose_answer_was_lost_is_recognised_on_the_retry(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gateway._finalize as finalize_module
+    import gateway.turn.finalize as finalize_module
 
     real = finalize_module.finalize
     calls: list[str] = []
@@ -441,7 +441,7 @@ async def test_a_pending_final_write_keeps_its_lease(
 ) -> None:
     """The database answers, the final write does not land (yet): the row stays ours,
     renewed, for longer than a lease, and no reaper takes it."""
-    import gateway._finalize as finalize_module
+    import gateway.turn.finalize as finalize_module
 
     real = finalize_module.finalize
     landed = anyio.Event()

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.logs import THIRD_PARTY_LEVELS, JsonFormatter, configure_logging, quiet_third_party
+from gateway.ops.logs import THIRD_PARTY_LEVELS, JsonFormatter, configure_logging, quiet_third_party
 from persistence._accounts import _SECRET_LEN
 from tests.fixtures_server import run_gateway
 

@@ -132,7 +132,7 @@ async def test_readyz_503_while_draining(database_url: str) -> None:
 
 async def test_serve_refuses_an_older_schema_and_accepts_a_newer_one(pg_url: str) -> None:
     from gateway.app import prepare_database
-    from gateway.settings import Settings
+    from gateway.ops.settings import Settings
     from persistence import Store
     from turngate.exceptions import SchemaOutdated
 

@@ -215,7 +215,7 @@ async def test_followers_get_a_usable_end_and_resume_after_redis_is_back(pg_url:
 
 async def _collect(body: AsyncIterator[bytes]) -> tuple[bytes, str | None]:
     """Everything ``read_turn`` yields, and the ``RelayLost`` reason it ended with (if any)."""
-    from gateway._redis_stream import RelayLost
+    from gateway.replicas.stream import RelayLost
 
     out = b""
     try:
@@ -233,8 +233,8 @@ def _events(first: int, n: int) -> list[bytes]:
 async def test_a_copy_that_stops_short_of_its_end_tells_the_follower_to_resume() -> None:
     import redis.asyncio as redis_asyncio
 
-    from gateway._redis_stream import COUNT, DATA, END, FIRST, StreamWriter, read_turn
-    from gateway.relay import LiveTurn
+    from gateway.replicas.stream import COUNT, DATA, END, FIRST, StreamWriter, read_turn
+    from gateway.streaming.relay import LiveTurn
 
     async def streaming() -> bool:
         return True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from gateway.relay import LiveTurn, LocalRelay
+from gateway.streaming.relay import LiveTurn, LocalRelay
 
 pytestmark = pytest.mark.anyio
 

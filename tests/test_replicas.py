@@ -440,8 +440,8 @@ async def test_rate_limit_counts_the_requests_of_every_replica(
 
 async def test_stream_holds_expire_unless_renewed_and_release_is_final(redis_url: str) -> None:
     # What a replica that dies leaves behind: holds that lapse after the lease.
-    from gateway._redis_limits import SharedLimits
-    from gateway.redis_relay import RedisRelay
+    from gateway.replicas.limits import SharedLimits
+    from gateway.replicas.relay import RedisRelay
 
     relay = RedisRelay(redis_url)
     await relay.connect()

@@ -13,7 +13,7 @@ import httpx
 import psutil
 import pytest
 
-from gateway.devserver import PROJECT_PACKAGES, reload_dirs
+from gateway.ops.devserver import PROJECT_PACKAGES, reload_dirs
 from turngate.testing import free_port
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""The turn stream's ASGI response (gateway/_sse_response.py).
+"""The turn stream's ASGI response (gateway/streaming/sse.py).
 
 Over a real uvicorn server (streaming, stalls and disconnects cannot be seen
 through httpx.ASGITransport): pings on an idle stream, a reader that stops
@@ -21,8 +21,8 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-from gateway._sse_response import SSEResponse, StreamSet
-from gateway.relay import LiveTurn
+from gateway.streaming.relay import LiveTurn
+from gateway.streaming.sse import SSEResponse, StreamSet
 from llm_adapters.scripted import TRACES
 from tests.fixtures_server import GatewayServer, run_gateway
 

@@ -12,7 +12,7 @@ import anyio
 import httpx
 import pytest
 
-from gateway.routes_models import SCRIPTED_PRESETS
+from gateway.api.models import SCRIPTED_PRESETS
 from llm_adapters.scripted import parse_options
 from tests.fixtures_server import GatewayServer, run_gateway
 from tests.sse_client import stream_request
@@ -266,7 +266,7 @@ async def test_models_reports_an_unreachable_upstream_and_lists_the_rest(
 async def test_models_retries_a_failed_list_after_its_shorter_ttl(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gateway import routes_models
+    from gateway.api import models as routes_models
 
     listing = {"data": [{"id": "m1"}]}
     async with FakeUpstream() as fake:

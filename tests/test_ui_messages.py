@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gateway.ui_messages import to_ui_messages
+from gateway.api.ui_messages import to_ui_messages
 from persistence.rows import MessageRow
 from tests.fixtures_server import GatewayServer
 

@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 
 from gateway.app import create_app
 from gateway.context import AppContext
-from gateway.settings import Settings
+from gateway.ops.settings import Settings
 from llm_adapters.registry import AdapterFactory
 from persistence import Store, migrate
 

@@ -318,7 +318,7 @@ def settings_help() -> str:
 
 
 def settings_markdown() -> str:
-    """The README's configuration table (``python -m gateway.settings`` prints it)."""
+    """The README's configuration table (``python -m gateway.ops.settings`` prints it)."""
 
     def cell(text: str) -> str:
         return text.replace("|", "\\|")

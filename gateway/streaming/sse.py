@@ -3,7 +3,7 @@
 Why not sse-starlette's ``EventSourceResponse``: it runs four tasks per stream
 (stream, ping, disconnect listener, shutdown watcher) and cost 44-45 KiB per
 idle stream in bench/ (a plain StreamingResponse: 27-28 KiB). Turn streams are
-already encoded (gateway/chunks.py), so this response only has to write bytes,
+already encoded (gateway/turn/chunks.py), so this response only has to write bytes,
 and does it with two tasks per stream:
 
 - the request's own task pumps the body: one ``send`` per chunk;
@@ -18,7 +18,7 @@ and does it with two tasks per stream:
   from about 49k to 66k events/s in bench/. That send only stays pending once
   the kernel's send buffer is full (up to 4 MiB), so under ``turngate serve``
   the kernel finds a stalled reader first (``TCP_USER_TIMEOUT``, see
-  ``gateway._http_guard``) and this response sees ``http.disconnect``; the
+  ``gateway.ops.http_guard``) and this response sees ``http.disconnect``; the
   timer here is what remains under other servers.
 
   Cancelling a pending ``receive()`` is safe
@@ -29,7 +29,7 @@ and does it with two tasks per stream:
 
 Whichever side ends first cancels the other (as Starlette's StreamingResponse
 does). The body is closed in ``finally`` under a shield with a deadline, so
-``gateway.streaming.follow_live``'s ``finally`` (reader count, cancel of the
+``gateway.streaming.responses.follow_live``'s ``finally`` (reader count, cancel of the
 generation) runs at once. Server shutdown ends streams through ``StreamSet``
 (see there): one task per app, not one per stream.
 """

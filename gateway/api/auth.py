@@ -16,7 +16,7 @@ from weakref import WeakKeyDictionary
 
 from starlette.requests import Request
 
-from gateway.errors import ApiError, database_unavailable
+from gateway.api.errors import ApiError, database_unavailable
 from persistence import Store, split_key
 from turngate.exceptions import PersistenceError
 

@@ -60,8 +60,8 @@ def create_worker_app() -> Starlette:
     """The app of one reloader worker: settings from the environment, logging as
     ``serve`` configures it (a worker is a fresh process)."""
     from gateway.app import create_app
-    from gateway.logs import configure_logging
-    from gateway.settings import Settings
+    from gateway.ops.logs import configure_logging
+    from gateway.ops.settings import Settings
 
     settings = Settings.from_env()
     configure_logging(settings.log_format, settings.log_level)
@@ -75,7 +75,7 @@ def serve_reload(host: str, port: int, extra_dirs: Iterable[str] = ()) -> None:
     environment (the ``.env`` file already loaded by the caller is inherited).
     """
     uvicorn.run(
-        "gateway.devserver:create_worker_app",
+        "gateway.ops.devserver:create_worker_app",
         factory=True,
         host=host,
         port=port,

@@ -18,18 +18,18 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup
 
-from gateway.accumulator import ContentBuilder, TurnUsage, estimate_tokens
-from gateway.chunks import ChunkEncoder, events_of_chunks
-from gateway.relay import LiveTurn, LocalRelay, SharedRelay
+from gateway.streaming.relay import LiveTurn, LocalRelay, SharedRelay
+from gateway.turn.accumulator import ContentBuilder, TurnUsage, estimate_tokens
+from gateway.turn.chunks import ChunkEncoder, events_of_chunks
 from llm_adapters.base import Adapter, AdapterRequest, ChatMessage
 from llm_adapters.events import FinishReason, Usage
 from persistence import Store, UsageRecord
 from turngate.exceptions import RelayError, UpstreamError
 
 if TYPE_CHECKING:
-    from gateway._redis_limits import SharedLimits
-    from gateway.metrics import Metrics
-    from gateway.settings import Settings
+    from gateway.ops.metrics import Metrics
+    from gateway.ops.settings import Settings
+    from gateway.replicas.limits import SharedLimits
     from llm_adapters.pricing import PriceTable
 
 logger = logging.getLogger("turngate.turns")
@@ -357,7 +357,7 @@ class TurnRunner:
         ``row_missing`` (the row is not ours to write: deleted, superseded, final
         already) or, only once a drain gave up on it, ``failed``.
         """
-        from gateway._finalize import finalize  # batched with the turns ending meanwhile
+        from gateway.turn.finalize import finalize  # batched with the turns ending meanwhile
 
         attempts = 0
         delay = RETRY_FIRST_SECONDS

@@ -16,8 +16,8 @@ from typing import Any
 
 from starlette.requests import Request
 
-from gateway.errors import ApiError
-from gateway.settings import Settings
+from gateway.api.errors import ApiError
+from gateway.ops.settings import Settings
 from persistence import build_user_content
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")

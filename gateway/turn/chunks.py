@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from gateway.accumulator import parse_tool_args
+from gateway.turn.accumulator import parse_tool_args
 from llm_adapters.events import (
     AdapterEvent,
     Finish,

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import anyio
 from starlette.responses import JSONResponse, Response
 
-from gateway._redis_stream import RelayLost
+from gateway.api.errors import ApiError
 from gateway.context import AppContext
-from gateway.errors import ApiError
-from gateway.streaming import sse_response
+from gateway.replicas.stream import RelayLost
+from gateway.streaming.responses import sse_response
 from turngate.exceptions import RelayError
 
 # How long a cancel from another replica waits to see the turn finalized.

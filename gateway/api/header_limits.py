@@ -16,10 +16,10 @@ import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.auth import MAX_AUTHORIZATION_BYTES, authorization_too_long
+from gateway.api.auth import MAX_AUTHORIZATION_BYTES, authorization_too_long
 
 # Browsers send 10-30 header fields; proxies add a handful. 100 leaves room for both.
-# The protocol guard of `turngate serve` (gateway/_http_guard.py) holds heads to it too.
+# The protocol guard of `turngate serve` (gateway/ops/http_guard.py) holds heads to it too.
 MAX_HEADERS = 100
 
 

@@ -8,17 +8,12 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway._redis_routes import attach_shared, cancel_shared, check_relay, supersede_shared
-from gateway.auth import CachedKey, authenticate, authenticate_key, cached_key, forget_key
-from gateway.auth import unauthorized as _unauthorized
-from gateway.context import AppContext, context
-from gateway.errors import ApiError, database_unavailable, not_found
-from gateway.limits import check_rate, check_stream_quota, release_stream, reserve_stream
-from gateway.relay import LiveTurn
-from gateway.streaming import follow_live, from_list, replay_chunks, sse_response
-from gateway.turns import history_messages
-from gateway.ui_messages import usage_metadata
-from gateway.validation import (
+from gateway.api.auth import CachedKey, authenticate, authenticate_key, cached_key, forget_key
+from gateway.api.auth import unauthorized as _unauthorized
+from gateway.api.errors import ApiError, database_unavailable, not_found
+from gateway.api.limits import check_rate, check_stream_quota, release_stream, reserve_stream
+from gateway.api.ui_messages import usage_metadata
+from gateway.api.validation import (
     TurnRequest,
     check_id,
     check_model_field,
@@ -27,6 +22,11 @@ from gateway.validation import (
     read_json,
     require_object,
 )
+from gateway.context import AppContext, context
+from gateway.replicas.follow import attach_shared, cancel_shared, check_relay, supersede_shared
+from gateway.streaming.relay import LiveTurn
+from gateway.streaming.responses import follow_live, from_list, replay_chunks, sse_response
+from gateway.turn.lifecycle import history_messages
 from llm_adapters.base import AdapterRequest, ChatMessage
 from llm_adapters.registry import parse_model
 from persistence import build_user_content

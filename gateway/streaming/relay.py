@@ -278,7 +278,7 @@ class LocalRelay:
 
 
 class SharedRelay(Protocol):
-    """A relay between replicas (``gateway.redis_relay.RedisRelay`` when REDIS_URL is set).
+    """A relay between replicas (``gateway.replicas.relay.RedisRelay`` when REDIS_URL is set).
 
     The one-process path never touches it; with it, turns generated here are
     mirrored out, and turns generated elsewhere can be followed and cancelled.

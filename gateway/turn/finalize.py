@@ -28,7 +28,7 @@ import anyio
 from persistence import FinalizeItem, Store, UsageRecord
 
 if TYPE_CHECKING:
-    from gateway.turns import TurnRunner
+    from gateway.turn.lifecycle import TurnRunner
 
 logger = logging.getLogger("turngate.turns")
 

@@ -8,18 +8,18 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.auth import authenticate
-from gateway.context import AppContext, context
-from gateway.errors import ApiError, not_found
-from gateway.limits import check_rate
-from gateway.ui_messages import to_ui_messages, usage_metadata
-from gateway.validation import (
+from gateway.api.auth import authenticate
+from gateway.api.errors import ApiError, not_found
+from gateway.api.limits import check_rate
+from gateway.api.ui_messages import to_ui_messages, usage_metadata
+from gateway.api.validation import (
     check_id,
     check_thread_path_id,
     parse_legacy_message,
     read_json,
     require_object,
 )
+from gateway.context import AppContext, context
 from persistence import ThreadIdTaken
 
 _MAX_LIMIT = 200
@@ -252,7 +252,7 @@ async def _end_running_turn(ctx: AppContext, thread_id: str, user_id: int) -> st
     ]
     if not streaming or ctx.shared is None:
         return None
-    from gateway._redis_routes import cancel_shared
+    from gateway.replicas.follow import cancel_shared
 
     turn_id = streaming[0].turn_id
     assert turn_id is not None

@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.header_limits import MAX_HEADERS
+from gateway.api.header_limits import MAX_HEADERS
 
 logger = logging.getLogger("turngate.http")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import uvicorn
 
-from gateway.settings import Settings, settings_help
+from gateway.ops.settings import Settings, settings_help
 from turngate.exceptions import ConfigError, SchemaOutdated, TurngateError
 
 logger = logging.getLogger("turngate.cli")
@@ -109,9 +109,9 @@ async def _prepare_for_serve(settings: Settings) -> str | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway._http_guard import HeadLimits, guarded_http_protocol
     from gateway.app import create_app
-    from gateway.logs import configure_logging
+    from gateway.ops.http_guard import HeadLimits, guarded_http_protocol
+    from gateway.ops.logs import configure_logging
 
     settings = _settings()
     configure_logging(settings.log_format, settings.log_level)
@@ -126,7 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print("(the key is shown only this once; `turngate keys create NAME` makes more)")
             sys.stdout.flush()
         if getattr(args, "reload", False):
-            from gateway.devserver import serve_reload
+            from gateway.ops.devserver import serve_reload
 
             sock.close()  # the reloader binds the port itself, for each worker it starts
             serve_reload(args.host, port, args.reload_dir or ())

@@ -1,7 +1,7 @@
 """Per-user limits: concurrent generating turns and a request rate.
 
 Each process counts its own; with ``REDIS_URL`` set the same limits are also
-counted across all replicas (``gateway._redis_limits``), so N replicas do not
+counted across all replicas (``gateway.replicas.limits``), so N replicas do not
 give a user N times the limit.
 """
 
@@ -11,9 +11,9 @@ import math
 import time
 from collections import deque
 
-from gateway._redis_routes import relay_unavailable
+from gateway.api.errors import ApiError
 from gateway.context import AppContext
-from gateway.errors import ApiError
+from gateway.replicas.follow import relay_unavailable
 from turngate.exceptions import RelayError
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 
-from gateway.relay import LiveTurn
+from gateway.streaming.relay import LiveTurn
 
 logger = logging.getLogger("turngate.redis")
 

@@ -1,6 +1,6 @@
 """Per-user limits counted across replicas, in Redis (only when ``REDIS_URL`` is set).
 
-One process counts its own streams and requests (``gateway.limits``); with N
+One process counts its own streams and requests (``gateway.api.limits``); with N
 replicas behind a load balancer that would let a user have N times the limit.
 Here the same two limits are kept in Redis, each check one atomic Lua script
 (one round trip):
@@ -31,7 +31,7 @@ import anyio
 from turngate.exceptions import RelayError
 
 if TYPE_CHECKING:
-    from gateway.redis_relay import RedisRelay
+    from gateway.replicas.relay import RedisRelay
 
 logger = logging.getLogger("turngate.redis")
 

@@ -1,7 +1,7 @@
 """The relay between replicas, on Redis (used only when ``REDIS_URL`` is set).
 
 - Each turn generated here is mirrored into a Redis stream by a writer task
-  (see ``gateway._redis_stream``), so any replica can attach to it or resume
+  (see ``gateway.replicas.stream``), so any replica can attach to it or resume
   it from ``Last-Event-ID``: XREAD from the start, then blocking XREAD, until
   the end marker. Streams are trimmed (MAXLEN) and expire after the turn.
 - Cancel from any replica: a message on the pub/sub channel
@@ -26,9 +26,9 @@ from typing import Any
 
 import anyio
 
-from gateway._redis_stream import END, FIRST, StreamWriter, first_entry, read_turn
-from gateway.relay import LiveTurn, LocalRelay
-from gateway.settings import Settings
+from gateway.ops.settings import Settings
+from gateway.replicas.stream import END, FIRST, StreamWriter, first_entry, read_turn
+from gateway.streaming.relay import LiveTurn, LocalRelay
 from turngate.exceptions import RelayError
 
 logger = logging.getLogger("turngate.redis")

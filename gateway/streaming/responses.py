@@ -11,10 +11,10 @@ from weakref import WeakKeyDictionary
 
 import anyio
 
-from gateway._sse_response import SSEResponse, StreamSet
-from gateway.chunks import STREAM_HEADERS, ChunkEncoder
 from gateway.context import AppContext
-from gateway.relay import LiveTurn
+from gateway.streaming.relay import LiveTurn
+from gateway.streaming.sse import SSEResponse, StreamSet
+from gateway.turn.chunks import STREAM_HEADERS, ChunkEncoder
 from llm_adapters.events import (
     AdapterEvent,
     FinishReason,

@@ -19,7 +19,7 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.auth import authenticate
+from gateway.api.auth import authenticate
 from gateway.context import AppContext, context
 
 MODELS_TTL = 300.0

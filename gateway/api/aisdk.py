@@ -18,7 +18,7 @@
 
 Errors on these routes are a plain-text sentence, because ``useChat`` shows the
 response body as the error message; the code is in ``x-turngate-error-code``
-(``gateway.errors``).
+(``gateway.api.errors``).
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.auth import authenticate
-from gateway.context import context
-from gateway.errors import ApiError, not_found
-from gateway.limits import check_rate
-from gateway.routes_turns import _attach_or_replay, regenerate, run_turn
-from gateway.validation import (
+from gateway.api.auth import authenticate
+from gateway.api.errors import ApiError, not_found
+from gateway.api.limits import check_rate
+from gateway.api.turns import _attach_or_replay, regenerate, run_turn
+from gateway.api.validation import (
     check_id,
     check_model_field,
     check_thread_path_id,
@@ -43,6 +42,7 @@ from gateway.validation import (
     read_json,
     require_object,
 )
+from gateway.context import context
 from persistence import ThreadIdTaken
 
 _TITLE_CHARS = 80

@@ -1,0 +1,1 @@
+"""The HTTP surface: routes, authentication, input validation, limits and errors."""

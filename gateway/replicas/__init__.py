@@ -1,0 +1,1 @@
+"""Several gateway processes together: everything that goes through Redis."""
