@@ -30,7 +30,10 @@ class ChatMessage:
     User parts: ``{"type":"text","text"}``, ``{"type":"image","image":"data:..."}``,
     ``{"type":"mentioned-documents","documents":[...]}``. Assistant parts:
     ``reasoning``, ``text``, ``tool-call`` (``toolCallId``, ``toolName``, ``args``,
-    ``argsText``, ``result``?) and ``status``.
+    ``argsText``, and once the call is answered ``result`` (the tool's output) or
+    ``errorText`` (it failed or was denied)) and ``status``. Within one turn the
+    assistant message holds every step so far: text, the calls it made with their
+    results, then the text of the next step.
     """
 
     role: Role
@@ -54,16 +57,32 @@ class ChatMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A tool the model may call: its name (``^[a-zA-Z0-9_-]{1,64}$``), what it
+    does, and the JSON Schema of its arguments (an object schema)."""
+
+    name: str
+    description: str
+    input_schema: Mapping[str, Any] = field(
+        default_factory=lambda: {"type": "object", "properties": {}}
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class AdapterRequest:
-    """What one turn asks of an adapter.
+    """What one model call asks of an adapter.
 
     ``messages`` is the thread's history, oldest first, ending with the new
-    user turn. ``model`` is the part of the model string after ``<adapter>:``.
+    user turn, or, in a later step of the same turn, with the assistant message
+    so far (its tool calls carrying their results). ``model`` is the part of the
+    model string after ``<adapter>:``. ``tools`` are offered to the model in the
+    provider's own form.
     """
 
     model: str
     messages: list[ChatMessage]
     options: Mapping[str, Any] = field(default_factory=dict)
+    tools: tuple[ToolSpec, ...] = ()
 
 
 @runtime_checkable
@@ -122,4 +141,4 @@ class BaseAdapter(ABC):
         await self.aclose()
 
 
-__all__ = ["Adapter", "AdapterRequest", "BaseAdapter", "ChatMessage", "Role"]
+__all__ = ["Adapter", "AdapterRequest", "BaseAdapter", "ChatMessage", "Role", "ToolSpec"]
