@@ -37,7 +37,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm_adapters._http import HTTPAdapter, as_int, error_summary, loads
-from llm_adapters.base import AdapterRequest, ChatMessage
+from llm_adapters.base import (
+    AdapterRequest,
+    ChatMessage,
+    ToolSpec,
+    assistant_steps,
+    tool_arguments_text,
+    tool_output_text,
+)
 from llm_adapters.events import (
     AdapterEvent,
     Finish,
@@ -106,16 +113,47 @@ def _image_block(url: str) -> dict[str, Any] | None:
     return None
 
 
+def to_anthropic_tools(tools: tuple[ToolSpec, ...]) -> list[dict[str, Any]]:
+    """The tools in Messages API form (``{name, description, input_schema}``)."""
+    return [
+        {"name": t.name, "description": t.description, "input_schema": dict(t.input_schema)}
+        for t in tools
+    ]
+
+
+def _tool_input(part: dict[str, Any]) -> Any:
+    args = part.get("args")
+    if isinstance(args, dict):
+        return args
+    try:
+        parsed = json.loads(tool_arguments_text(part))
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
 def to_anthropic_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """The conversation in Messages API format.
 
     User turns: text, plus one base64 ``image`` block per data-URL image. Assistant
-    turns: their text. Empty turns are not sent (the API rejects empty content).
+    turns, one step at a time (:func:`llm_adapters.base.assistant_steps`): a
+    ``text`` block and one ``tool_use`` block per call, then a user message of
+    ``tool_result`` blocks (``is_error`` for a call that failed or was denied); a
+    following user turn's blocks join that message, since the API wants the
+    roles to alternate. Calls without an answer and empty turns are not sent.
     """
     out: list[dict[str, Any]] = []
+
+    def add_user(content: list[dict[str, Any]]) -> None:
+        last = out[-1] if out else None
+        if last is not None and last["role"] == "user" and isinstance(last["content"], list):
+            last["content"].extend(content)
+        else:
+            out.append({"role": "user", "content": content})
+
     for message in messages:
-        text = message.prompt_text
         if message.role == "user":
+            text = message.prompt_text
             blocks = [
                 block
                 for p in message.parts
@@ -123,13 +161,43 @@ def to_anthropic_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                 for block in [_image_block(p["image"])]
                 if block is not None
             ]
-            if blocks:
+            previous = out[-1]["content"] if out and out[-1]["role"] == "user" else None
+            after_tools = isinstance(previous, list) and any(
+                b.get("type") == "tool_result" for b in previous
+            )
+            if blocks or after_tools:
                 content = ([{"type": "text", "text": text}] if text else []) + blocks
-                out.append({"role": "user", "content": content})
+                if content:
+                    add_user(content)
             elif text:
                 out.append({"role": "user", "content": text})
-        elif text:
-            out.append({"role": "assistant", "content": text})
+            continue
+        for text, calls in assistant_steps(message.parts):
+            if not calls:
+                out.append({"role": "assistant", "content": text})
+                continue
+            assistant: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+            assistant += [
+                {
+                    "type": "tool_use",
+                    "id": str(p["toolCallId"]),
+                    "name": str(p.get("toolName") or ""),
+                    "input": _tool_input(p),
+                }
+                for p in calls
+            ]
+            out.append({"role": "assistant", "content": assistant})
+            results: list[dict[str, Any]] = []
+            for p in calls:
+                block: dict[str, Any] = {
+                    "type": "tool_result",
+                    "tool_use_id": str(p["toolCallId"]),
+                    "content": tool_output_text(p),
+                }
+                if "result" not in p:
+                    block["is_error"] = True
+                results.append(block)
+            add_user(results)
     return out
 
 
@@ -166,6 +234,11 @@ class AnthropicAdapter(HTTPAdapter):
         for key in PASSTHROUGH_OPTIONS:
             if key in options:
                 body[key] = options[key]
+        if request.tools:
+            extra = body.get("tools")
+            body["tools"] = to_anthropic_tools(request.tools) + (
+                list(extra) if isinstance(extra, list) else []
+            )
         return body
 
     def _headers(self) -> dict[str, str]:
@@ -305,4 +378,10 @@ class AnthropicAdapter(HTTPAdapter):
         return []  # signature_delta, citations_delta and unknown deltas
 
 
-__all__ = ["AnthropicAdapter", "DEFAULT_BASE_URL", "map_stop_reason", "to_anthropic_messages"]
+__all__ = [
+    "AnthropicAdapter",
+    "DEFAULT_BASE_URL",
+    "map_stop_reason",
+    "to_anthropic_messages",
+    "to_anthropic_tools",
+]

@@ -12,6 +12,7 @@ cancelled turn stops within one event.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
@@ -85,6 +86,48 @@ class AdapterRequest:
     tools: tuple[ToolSpec, ...] = ()
 
 
+def _answered(part: dict[str, Any]) -> bool:
+    """A tool call with its answer (a result or an error), which providers accept."""
+    return (
+        part.get("type") == "tool-call"
+        and bool(part.get("toolCallId"))
+        and ("result" in part or isinstance(part.get("errorText"), str))
+    )
+
+
+def assistant_steps(parts: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """An assistant message as the model produced it, one ``(text, answered calls)``
+    per step: a text part after a tool call starts the next step. Calls without an
+    answer are left out (the providers reject a call without its answer)."""
+    steps: list[tuple[list[str], list[dict[str, Any]]]] = [([], [])]
+    for part in parts:
+        kind = part.get("type")
+        if kind == "text" and isinstance(part.get("text"), str) and part["text"]:
+            if steps[-1][1]:
+                steps.append(([], []))
+            steps[-1][0].append(part["text"])
+        elif kind == "tool-call" and _answered(part):
+            steps[-1][1].append(part)
+    return [("\n\n".join(texts), calls) for texts, calls in steps if texts or calls]
+
+
+def tool_output_text(part: dict[str, Any]) -> str:
+    """The answer of an answered tool call as the model reads it: the result as text
+    (JSON unless it is a string), or the error prefixed with ``Error:``."""
+    if "result" in part:
+        return (result if isinstance(result := part["result"], str)
+                else json.dumps(result, ensure_ascii=False))
+    return f"Error: {part['errorText']}"
+
+
+def tool_arguments_text(part: dict[str, Any]) -> str:
+    """The arguments of a tool call as JSON text."""
+    args_text = part.get("argsText")
+    if isinstance(args_text, str) and args_text:
+        return args_text
+    return json.dumps(part.get("args") or {})
+
+
 @runtime_checkable
 class Adapter(Protocol):
     """An LLM provider behind one async-generator method."""
@@ -141,4 +184,14 @@ class BaseAdapter(ABC):
         await self.aclose()
 
 
-__all__ = ["Adapter", "AdapterRequest", "BaseAdapter", "ChatMessage", "Role", "ToolSpec"]
+__all__ = [
+    "Adapter",
+    "AdapterRequest",
+    "BaseAdapter",
+    "ChatMessage",
+    "Role",
+    "ToolSpec",
+    "assistant_steps",
+    "tool_arguments_text",
+    "tool_output_text",
+]

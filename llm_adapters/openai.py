@@ -34,7 +34,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm_adapters._http import HTTPAdapter, as_int, error_summary, loads
-from llm_adapters.base import AdapterRequest, ChatMessage
+from llm_adapters.base import (
+    AdapterRequest,
+    ChatMessage,
+    ToolSpec,
+    assistant_steps,
+    tool_arguments_text,
+    tool_output_text,
+)
 from llm_adapters.events import (
     AdapterEvent,
     Finish,
@@ -83,8 +90,19 @@ def map_finish_reason(reason: Any) -> FinishReason:
     return FINISH_REASONS.get(reason, "other") if isinstance(reason, str) else "other"
 
 
-def _json_text(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+def to_openai_tools(tools: tuple[ToolSpec, ...]) -> list[dict[str, Any]]:
+    """The tools in Chat Completions form (``{"type": "function", "function": ...}``)."""
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": tool.name,
+                "description": tool.description,
+                "parameters": dict(tool.input_schema),
+            },
+        }
+        for tool in tools
+    ]
 
 
 def to_openai_messages(
@@ -93,17 +111,18 @@ def to_openai_messages(
     """The conversation in Chat Completions format.
 
     User turns: text, plus one ``image_url`` part per image (data URL). Assistant
-    turns: their text; tool calls that have a result become ``tool_calls`` on the
-    assistant message followed by one ``tool`` message each (calls without a result
-    are left out, since the API rejects a call without its answer). Empty turns
-    (and ``reasoning``/``status`` parts) are not sent.
+    turns, one step at a time (:func:`assistant_steps`): the step's text, its tool
+    calls as ``tool_calls``, then one ``tool`` message per call with its result (or
+    ``Error: <errorText>``); the next step's text is a new assistant message. Calls
+    without an answer are left out, since the API rejects a call without its
+    answer. Empty turns (and ``reasoning``/``status`` parts) are not sent.
     """
     out: list[dict[str, Any]] = []
     if system:
         out.append({"role": "system", "content": system})
     for message in messages:
-        text = message.prompt_text
         if message.role == "user":
+            text = message.prompt_text
             images = [
                 p["image"]
                 for p in message.parts
@@ -116,35 +135,29 @@ def to_openai_messages(
             elif text:
                 out.append({"role": "user", "content": text})
             continue
-        calls = [
-            p
-            for p in message.parts
-            if p.get("type") == "tool-call" and "result" in p and p.get("toolCallId")
-        ]
-        if not text and not calls:
-            continue
-        entry: dict[str, Any] = {"role": "assistant", "content": text or None}
-        if calls:
-            entry["tool_calls"] = [
-                {
-                    "id": str(p["toolCallId"]),
-                    "type": "function",
-                    "function": {
-                        "name": str(p.get("toolName") or ""),
-                        "arguments": p.get("argsText") or json.dumps(p.get("args") or {}),
-                    },
-                }
-                for p in calls
-            ]
-        out.append(entry)
-        for p in calls:
-            out.append(
-                {
-                    "role": "tool",
-                    "tool_call_id": str(p["toolCallId"]),
-                    "content": _json_text(p["result"]),
-                }
-            )
+        for text, calls in assistant_steps(message.parts):
+            entry: dict[str, Any] = {"role": "assistant", "content": text or None}
+            if calls:
+                entry["tool_calls"] = [
+                    {
+                        "id": str(p["toolCallId"]),
+                        "type": "function",
+                        "function": {
+                            "name": str(p.get("toolName") or ""),
+                            "arguments": tool_arguments_text(p),
+                        },
+                    }
+                    for p in calls
+                ]
+            out.append(entry)
+            for p in calls:
+                out.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": str(p["toolCallId"]),
+                        "content": tool_output_text(p),
+                    }
+                )
     return out
 
 
@@ -179,6 +192,11 @@ class OpenAIAdapter(HTTPAdapter):
         for key in PASSTHROUGH_OPTIONS:
             if key in options:
                 body[key] = options[key]
+        if request.tools:
+            extra = body.get("tools")
+            body["tools"] = to_openai_tools(request.tools) + (
+                list(extra) if isinstance(extra, list) else []
+            )
         return body
 
     def _headers(self) -> dict[str, str]:
@@ -312,4 +330,10 @@ class OpenAIAdapter(HTTPAdapter):
         return out
 
 
-__all__ = ["DEFAULT_BASE_URL", "OpenAIAdapter", "map_finish_reason", "to_openai_messages"]
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "OpenAIAdapter",
+    "map_finish_reason",
+    "to_openai_messages",
+    "to_openai_tools",
+]
