@@ -9,6 +9,15 @@ deltas. Plain ``scripted`` echoes the user's text back word by word (split on
 whitespace, each word followed by one space); ``chunk=C`` echoes it verbatim
 instead (newlines, Markdown, HTML as typed), in deltas of C characters.
 
+``call=NAME`` makes it call the tool ``NAME`` (offered in ``request.tools``, e.g. an
+MCP tool ``time__get_current_time``) with the arguments given as ``arg.KEY=VALUE``
+(VALUE percent-decoded, then read as JSON if it is JSON, else kept as a string):
+its first model call of a turn streams the call and finishes with ``tool-calls``;
+once the request carries the call's result (the turn's assistant message holds the
+answered call), it answers ``NAME answered: <result>`` (or ``NAME answered: Error:
+<errorText>``). ``parallel=P`` makes P calls at once in each step, ``rounds=R``
+calls again in R steps before answering.
+
 ``trace=KEY`` records progress in :data:`TRACES` so tests can see how far a
 generation got and whether it was closed.
 """
@@ -16,13 +25,15 @@ generation got and whether it was closed.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
 
 import anyio
 import anyio.lowlevel
 
-from llm_adapters.base import AdapterRequest, BaseAdapter
+from llm_adapters.base import AdapterRequest, BaseAdapter, tool_output_text
 from llm_adapters.events import (
     AdapterEvent,
     Finish,
@@ -50,7 +61,9 @@ class Trace:
 TRACES: dict[str, Trace] = {}
 _MAX_TRACES = 10_000
 
-_INT_OPTIONS = ("tokens", "delay_ms", "reasoning", "tools", "fail_after", "chunk")
+_INT_OPTIONS = (
+    "tokens", "delay_ms", "reasoning", "tools", "fail_after", "chunk", "parallel", "rounds"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,11 +77,16 @@ class ScriptOptions:
     fail_after: int | None = None
     chunk: int | None = None
     trace: str | None = None
+    call: str | None = None
+    args: tuple[tuple[str, Any], ...] = ()
+    parallel: int = 1
+    rounds: int = 1
 
 
 def parse_options(model: str) -> ScriptOptions:
     """Parse ``tokens=N,delay_ms=D,...``; raise ``ValueError`` naming the bad part."""
-    values: dict[str, int | str] = {}
+    values: dict[str, Any] = {}
+    args: list[tuple[str, Any]] = []
     for item in filter(None, (part.strip() for part in model.split(","))):
         key, sep, raw = item.partition("=")
         if not sep:
@@ -76,15 +94,33 @@ def parse_options(model: str) -> ScriptOptions:
         if key == "trace":
             values["trace"] = raw[:100]
             continue
+        if key == "call":
+            if not raw:
+                raise ValueError("scripted option call= must name a tool")
+            values["call"] = raw
+            continue
+        if key.startswith("arg.") and len(key) > 4:
+            args.append((key[4:], _arg_value(raw)))
+            continue
         if key not in _INT_OPTIONS:
             raise ValueError(
                 f"unknown scripted option {key!r}; expected one of "
-                f"{', '.join(_INT_OPTIONS + ('trace',))}"
+                f"{', '.join(_INT_OPTIONS + ('trace', 'call', 'arg.<name>'))}"
             )
         if not raw.isdigit() or int(raw) > 1_000_000:
             raise ValueError(f"scripted option {key}={raw!r} must be an integer 0..1000000")
         values[key] = int(raw)
-    return ScriptOptions(**values)  # type: ignore[arg-type]
+    if args:
+        values["args"] = tuple(args)
+    return ScriptOptions(**values)
+
+
+def _arg_value(raw: str) -> Any:
+    text = unquote(raw)
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _words(text: str) -> list[str]:
@@ -122,6 +158,10 @@ class ScriptedAdapter(BaseAdapter):
                 await anyio.lowlevel.checkpoint()
 
         try:
+            if opts.call:
+                async for event in self._tool_step(request, opts, pause):
+                    yield event
+                return
             for i in range(1, opts.reasoning + 1):
                 await pause()
                 trace.deltas_sent += 1
@@ -165,3 +205,48 @@ class ScriptedAdapter(BaseAdapter):
             yield Finish("stop")
         finally:
             trace.closed = True
+
+    @staticmethod
+    async def _tool_step(
+        request: AdapterRequest, opts: ScriptOptions, pause: Callable[[], Awaitable[None]]
+    ) -> AsyncGenerator[AdapterEvent, None]:
+        """One step of a ``call=NAME`` script: call the tool, or answer with its results."""
+        name = opts.call
+        users = sum(1 for m in request.messages if m.role == "user")
+        turn_parts: list[dict[str, Any]] = []
+        deltas = 0
+        for message in reversed(request.messages):
+            if message.role == "user":
+                break
+            turn_parts = message.parts + turn_parts
+        answered = [
+            p for p in turn_parts
+            if p.get("type") == "tool-call" and p.get("toolName") == name
+            and ("result" in p or isinstance(p.get("errorText"), str))
+        ]
+        prompt_tokens = sum(len(_words(m.text)) for m in request.messages)
+        model = f"scripted:{request.model}"
+        parallel = max(1, opts.parallel)
+        if len(answered) // parallel < opts.rounds:
+            arguments = json.dumps(dict(opts.args))
+            for i in range(parallel):
+                call_id = f"call_{users}_{len(answered) + i + 1}"
+                await pause()
+                yield ToolCallStart(call_id, str(name))
+                await pause()
+                deltas += 1
+                yield ToolCallDelta(call_id, arguments)
+                yield ToolCallEnd(call_id)
+            await pause()
+            yield Usage(model, prompt_tokens, deltas)
+            yield Finish("tool-calls")
+            return
+        answer = "\n".join(f"{name} answered: {tool_output_text(p)}"
+                           for p in answered[-parallel:])
+        for start in range(0, len(answer), 16):
+            await pause()
+            deltas += 1
+            yield TextDelta(answer[start : start + 16])
+        await pause()
+        yield Usage(model, prompt_tokens, deltas)
+        yield Finish("stop")

@@ -52,6 +52,10 @@ BAD: dict[str, list[str]] = {
     "TURNGATE_LOG_LEVEL": ["verbose", "trace"],
     "TURNGATE_LOG_CONTENT": ["maybe", "2"],
     "REDIS_URL": ["localhost:6379", "http://redis:6379"],
+    "TURNGATE_MCP_CONFIG": ["{not json", '{"servers": {}}', "/no/such/mcp.json",
+                            '{"mcpServers": {"t": {}}}'],
+    "TURNGATE_MAX_STEPS": ["0", "many", "-1"],
+    "TURNGATE_TITLE_MODEL": [":gpt-4o"],
 }
 
 # Values that are fine alone but not together.

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.tools.config import McpConfig, load_config
 from turngate.exceptions import ConfigError
 
 
@@ -105,6 +106,10 @@ def _model(name: str, raw: str) -> str:
     if not adapter:
         raise ConfigError(f"{name}={raw!r}: must be in format \"<adapter>[:<model>]\"")
     return raw.strip()
+
+
+def _optional_model(name: str, raw: str) -> str | None:
+    return _model(name, raw) if raw.strip() else None
 
 
 def _origins(name: str, raw: str) -> tuple[str, ...]:
@@ -238,6 +243,14 @@ SETTINGS: tuple[Setting, ...] = (
             "Include message content in debug logs (off by default)."),
     Setting("REDIS_URL", "redis_url", "", _redis_url,
             "Redis for several replicas (needs PostgreSQL); unset for one process."),
+    Setting("TURNGATE_MCP_CONFIG", "mcp_config", "", load_config,
+            "MCP servers whose tools models may call: a JSON file path or inline JSON, "
+            "{\"mcpServers\": {...}} (docs/API.md, \"Tools (MCP)\"); unset for none."),
+    Setting("TURNGATE_MAX_STEPS", "max_steps", "10", _positive_int,
+            "Most model calls in one turn (each tool round is one more)."),
+    Setting("TURNGATE_TITLE_MODEL", "title_model", "", _optional_model,
+            "Model that titles a new thread after its first turn, as \"<adapter>:<model>\"; "
+            "unset titles it with the first words of the user's text."),
 )
 
 
@@ -278,6 +291,9 @@ class Settings:
     log_level: str = "info"
     log_content: bool = False
     redis_url: str | None = None
+    mcp_config: McpConfig | None = None
+    max_steps: int = 10
+    title_model: str | None = None
     env: Mapping[str, str] | None = field(default=None, repr=False)
 
     @classmethod

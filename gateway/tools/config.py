@@ -92,7 +92,7 @@ def _server(name: str, raw: Any) -> ServerConfig | None:
     unknown = sorted(set(raw) - _STDIO_KEYS - _HTTP_KEYS - _OWN_KEYS)
     if unknown:
         accepted = ", ".join(sorted(_STDIO_KEYS | _HTTP_KEYS | _OWN_KEYS))
-        raise _fail(where, f"unknown key {unknown[0]!r}; accepted keys: {accepted}")
+        raise _fail(where, f"unknown key {unknown[0]!r}: keys must be among {accepted}")
     disabled = raw.get("disabled", False)
     if not isinstance(disabled, bool):
         raise _fail(where, "\"disabled\" must be true or false")
@@ -103,15 +103,16 @@ def _server(name: str, raw: Any) -> ServerConfig | None:
     declared = raw.get("type")
     if declared is not None:
         if declared not in _TYPES:
-            raise _fail(where, f"\"type\" {declared!r} is not supported; expected one of "
+            raise _fail(where, f"\"type\" {declared!r} is not supported: it must be one of "
                                "\"stdio\", \"http\", \"streamable-http\"")
         if _TYPES[declared] != transport:
-            raise _fail(where, f"\"type\" {declared!r} does not match its "
+            raise _fail(where, f"\"type\" {declared!r} must match its "
                                f"\"{'command' if has_command else 'url'}\"")
     mixed = sorted(set(raw) & (_HTTP_KEYS if has_command else _STDIO_KEYS))
     if mixed:
         raise _fail(where, f"{mixed[0]!r} belongs to a {'HTTP' if has_command else 'stdio'} "
-                           f"server, but this one has \"{'command' if has_command else 'url'}\"")
+                           f"server: a server with \"{'command' if has_command else 'url'}\" "
+                           "must not have it")
 
     approval_raw = raw.get("approval", "never")
     approval: Approval
@@ -159,7 +160,8 @@ def parse_config(data: Any) -> McpConfig:
                           "{\"mcpServers\": {\"<name>\": {\"command\": ...} | {\"url\": ...}}}")
     unknown = sorted(set(data) - {"mcpServers"})
     if unknown:
-        raise ConfigError(f"{ENV}: unknown top-level key {unknown[0]!r}; expected \"mcpServers\"")
+        raise ConfigError(f"{ENV}: unknown top-level key {unknown[0]!r}: the only key must be "
+                          "\"mcpServers\"")
     servers = [_server(name, raw) for name, raw in data["mcpServers"].items()]
     return McpConfig(tuple(s for s in servers if s is not None))
 
@@ -179,7 +181,7 @@ def load_config(name: str, raw: str) -> McpConfig | None:
     try:
         data = json.loads(text)
     except ValueError as exc:
-        raise ConfigError(f"{name}: not valid JSON ({exc})") from exc
+        raise ConfigError(f"{name}: must be valid JSON ({exc})") from exc
     return parse_config(data)
 
 
