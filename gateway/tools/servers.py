@@ -135,9 +135,21 @@ class _Server:
     config: ServerConfig
     client: Client | None = None
     tools: list[Tool] = field(default_factory=list)
-    ready: anyio.Event = field(default_factory=anyio.Event)
     broken: anyio.Event = field(default_factory=anyio.Event)
+    closed: anyio.Event = field(default_factory=anyio.Event)
+    changed: anyio.Event = field(default_factory=anyio.Event)
     starts: int = 0
+
+    def usable(self) -> Client | None:
+        """The connection, unless there is none or it is known to be gone."""
+        if self.client is None or self.broken.is_set() or self.closed.is_set():
+            return None
+        return self.client
+
+    def notify(self) -> None:
+        """Wake the calls waiting for the connection to change."""
+        self.changed.set()
+        self.changed = anyio.Event()
 
 
 def _describe(exc: BaseException) -> str:
@@ -231,10 +243,10 @@ class ToolHub:
             raise ToolError(f"unknown tool {name!r}; the tools are: {known}")
         server = self._servers[tool.server]
         timeout = server.config.timeout_seconds
+        client: Client | None = None
         with anyio.move_on_after(timeout) as scope:
-            await server.ready.wait()
-            client = server.client
-            assert client is not None
+            while (client := server.usable()) is None:
+                await server.changed.wait()
             try:
                 result = await client.call_tool(tool.tool, dict(arguments or {}))
             except MCPError as exc:
@@ -249,7 +261,7 @@ class ToolHub:
                 raise ToolError(f"MCP server {tool.server!r} could not be reached for "
                                 f"{name!r} ({_describe(exc)}); it is being restarted") from exc
         if scope.cancelled_caught:
-            if not server.ready.is_set():
+            if client is None:
                 raise ToolError(f"MCP server {tool.server!r} is not running (it is being "
                                 f"restarted); {name!r} was not called")
             raise ToolError(f"tool {name!r} did not answer within {timeout:g} s")
@@ -319,9 +331,10 @@ class ToolHub:
                         connected = True
                         server.client = client
                         server.broken = anyio.Event()
+                        server.closed = closed
                         server.starts += 1
                         self._rename()
-                        server.ready.set()
+                        server.notify()
                         if first:
                             first = False
                             task_status.started()
@@ -332,8 +345,8 @@ class ToolHub:
                         try:
                             await self._watch(server, client, closed)
                         finally:
-                            server.ready = anyio.Event()
                             server.client = None
+                            server.notify()
                 if not connected:
                     raise TimeoutError(f"no answer within {self.start_timeout:g} s")
             except Exception as exc:

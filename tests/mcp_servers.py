@@ -1,0 +1,95 @@
+"""MCP servers written with the ``mcp`` SDK, for the tool hub's tests.
+
+``python -m tests.mcp_servers`` serves :data:`server` over stdio; :func:`http_server`
+serves it over streamable HTTP with uvicorn on a free port of 127.0.0.1, in the
+test's own event loop, and records the ``authorization`` header of each request.
+Tools: ``echo`` (text back), ``add`` (structured output), ``fail`` (a tool
+error), ``crash`` (the process exits mid-call; stdio only), ``hang`` (never
+answers), ``pid`` (the server's process id, to see a restart).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import anyio
+import uvicorn
+from mcp.server.mcpserver import MCPServer
+from starlette.types import Receive, Scope, Send
+
+server = MCPServer("turngate-test")
+
+
+@server.tool(description="Echo the text back")
+def echo(text: str) -> str:
+    return text
+
+
+@server.tool(description="Add two numbers")
+def add(a: int, b: int) -> dict[str, int]:
+    return {"sum": a + b}
+
+
+@server.tool(description="Always fails")
+def fail(reason: str) -> str:
+    raise ValueError(f"refused: {reason}")
+
+
+@server.tool(description="Exit the server process in the middle of the call")
+def crash() -> str:
+    sys.stdout.flush()
+    os._exit(3)
+
+
+@server.tool(description="Never answer")
+async def hang() -> str:
+    await anyio.sleep_forever()
+    return "unreachable"
+
+
+@server.tool(description="The server's process id")
+def pid() -> int:
+    return os.getpid()
+
+
+@dataclass
+class HttpServer:
+    url: str
+    authorizations: list[str | None] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def http_server() -> AsyncIterator[HttpServer]:
+    """:data:`server` over streamable HTTP at ``<url>`` (``http://127.0.0.1:<port>/mcp``)."""
+    inner = server.streamable_http_app()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    running = HttpServer(f"http://127.0.0.1:{port}/mcp")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            value = headers.get(b"authorization")
+            running.authorizations.append(value.decode() if value is not None else None)
+        await inner(scope, receive, send)
+
+    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(uv.serve, [sock])
+        while not uv.started:
+            await anyio.sleep(0.01)
+        try:
+            yield running
+        finally:
+            uv.should_exit = True
+    sock.close()
+
+
+if __name__ == "__main__":
+    anyio.run(server.run_stdio_async)
