@@ -60,17 +60,27 @@ def pid() -> int:
 @dataclass
 class HttpServer:
     url: str
+    uv: uvicorn.Server
     authorizations: list[str | None] = field(default_factory=list)
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+    async def stop(self) -> None:
+        """Stop serving (the server goes away while the test goes on)."""
+        self.uv.should_exit = True
+        await self.done.wait()
 
 
 @asynccontextmanager
-async def http_server() -> AsyncIterator[HttpServer]:
-    """:data:`server` over streamable HTTP at ``<url>`` (``http://127.0.0.1:<port>/mcp``)."""
+async def http_server(port: int = 0) -> AsyncIterator[HttpServer]:
+    """:data:`server` over streamable HTTP at ``<url>`` (``http://127.0.0.1:<port>/mcp``),
+    on ``port`` or a free one."""
     inner = server.streamable_http_app()
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
-    running = HttpServer(f"http://127.0.0.1:{port}/mcp")
+    config = uvicorn.Config(None, log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
+    running = HttpServer(f"http://127.0.0.1:{port}/mcp", uvicorn.Server(config))
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -79,15 +89,22 @@ async def http_server() -> AsyncIterator[HttpServer]:
             running.authorizations.append(value.decode() if value is not None else None)
         await inner(scope, receive, send)
 
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    config.app = app
+
+    async def serve() -> None:
+        try:
+            await running.uv.serve([sock])
+        finally:
+            running.done.set()
+
     async with anyio.create_task_group() as tg:
-        tg.start_soon(uv.serve, [sock])
-        while not uv.started:
+        tg.start_soon(serve)
+        while not running.uv.started:
             await anyio.sleep(0.01)
         try:
             yield running
         finally:
-            uv.should_exit = True
+            await running.stop()
     sock.close()
 
 

@@ -157,6 +157,8 @@ def _describe(exc: BaseException) -> str:
         return "; ".join(_describe(e) for e in exc.exceptions)
     if isinstance(exc, FileNotFoundError):
         return f"command not found ({exc.filename or exc})"
+    if isinstance(exc, MCPError) and exc.code == CONNECTION_CLOSED:
+        return "the connection closed before the server answered (did its process exit?)"
     if isinstance(exc, MCPError):
         return f"the server answered an MCP error: {exc.message}"
     if isinstance(exc, httpx2.HTTPError):
@@ -289,9 +291,9 @@ class ToolHub:
                     starting.start_soon(start, server)
             if failures:
                 raise ToolServerStartError("; ".join(sorted(failures)))
-        except BaseException as exc:
+        except BaseException:
             tg.cancel_scope.cancel()
-            await tg.__aexit__(type(exc), exc, exc.__traceback__)
+            await tg.__aexit__(None, None, None)
             raise
         self._tg = tg
         return self
