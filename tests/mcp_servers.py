@@ -3,9 +3,11 @@
 ``python -m tests.mcp_servers`` serves :data:`server` over stdio; :func:`http_server`
 serves it over streamable HTTP with uvicorn on a free port of 127.0.0.1, in the
 test's own event loop, and records the ``authorization`` header of each request.
-Tools: ``echo`` (text back), ``add`` (structured output), ``fail`` (a tool
-error), ``crash`` (the process exits mid-call; stdio only), ``hang`` (never
-answers), ``pid`` (the server's process id, to see a restart).
+Tools: ``echo`` (text back), ``add`` (structured output), ``note`` (text
+content only), ``environ`` (a variable of the server's environment), ``look.up``
+(a name with a dot), ``fail`` (a tool error), ``crash`` (the process exits
+mid-call; stdio only), ``hang`` (never answers), ``pid`` (the server's process
+id, to see a restart).
 """
 
 from __future__ import annotations
@@ -50,6 +52,21 @@ def crash() -> str:
 async def hang() -> str:
     await anyio.sleep_forever()
     return "unreachable"
+
+
+@server.tool(description="A plain-text answer (no structured content)", structured_output=False)
+def note(text: str) -> str:
+    return f"noted: {text}"
+
+
+@server.tool(description="A variable of the server's environment", structured_output=False)
+def environ(name: str) -> str:
+    return os.environ.get(name, "(unset)")
+
+
+@server.tool(name="look.up", description="A tool whose name has a dot")
+def look_up(q: str) -> str:
+    return f"found {q}"
 
 
 @server.tool(description="The server's process id")

@@ -4,6 +4,9 @@ a server that does not start, one that crashes mid-call, one that hangs."""
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 import socket
 import sys
 import time
@@ -144,7 +147,8 @@ async def test_crash_mid_call_is_a_tool_error_and_the_server_restarts() -> None:
         assert hub.starts("t") == 2
         assert await hub.call("t__echo", {"text": "back"}) == {"result": "back"}
         assert [t.name for t in hub.tools if t.server == "t"] == [
-            "t__add", "t__crash", "t__echo", "t__fail", "t__hang", "t__pid"]
+            "t__add", "t__crash", "t__echo", "t__environ", "t__fail", "t__hang", "t__look_up",
+            "t__note", "t__pid"]
 
 
 async def test_a_killed_idle_server_is_restarted() -> None:
@@ -190,3 +194,63 @@ async def test_parallel_calls_run_concurrently() -> None:
         # Three hangs cut at 1 s each, at the same time, and an answer meanwhile.
         assert time.monotonic() - started < 2.5
         assert results == [{"sum": 2}] and len(errors) == 3
+
+
+def test_defaults() -> None:
+    hub = ToolHub(parse_config({"mcpServers": {}}))
+    assert (hub.start_timeout, hub.restart_delay, hub.max_restart_delay) == (30, 0.5, 30)
+    assert (hub.ping_seconds, hub.ping_timeout) == (15, 10)
+
+
+async def test_text_content_environment_and_sanitized_names(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TG_GATEWAY_SECRET", "do-not-pass")
+    config = parse_config({"mcpServers": {"t": TEST_SERVER | {"env": {"TG_GIVEN": "yes"}}}})
+    async with ToolHub(config) as hub:
+        assert await hub.call("t__note", {"text": "x"}) == "noted: x"  # text, not structured
+        assert await hub.call("t__environ", {"name": "TG_GIVEN"}) == "yes"
+        assert await hub.call("t__environ", {"name": "TG_GATEWAY_SECRET"}) == "(unset)"
+        assert await hub.call("t__environ", {"name": "PATH"}) == os.environ["PATH"]
+        tool = hub.get("t__look_up")
+        assert tool is not None and tool.tool == "look.up"
+        assert await hub.call("t__look_up", {"q": "it"}) == {"result": "found it"}
+
+
+async def test_a_server_that_stops_answering_pings_is_restarted() -> None:
+    config = parse_config({"mcpServers": {"t": TEST_SERVER}})
+    async with ToolHub(config, restart_delay=0.05, ping_seconds=0.2, ping_timeout=0.5) as hub:
+        pid = (await hub.call("t__pid"))["result"]
+        psutil.Process(pid).suspend()  # alive, but answers nothing
+        await wait_until(lambda: hub.starts("t") == 2, within=20)
+        assert (await hub.call("t__pid"))["result"] != pid
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+
+async def test_restarts_back_off_while_they_fail(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    flag = tmp_path / "refuse"
+    script = (f"import os, runpy, sys\nif os.path.exists({str(flag)!r}): sys.exit(3)\n"
+              "runpy.run_module('tests.mcp_servers', run_name='__main__')")
+    config = parse_config({"mcpServers": {"t": {
+        "command": sys.executable, "args": ["-c", script], "cwd": str(ROOT),
+        "timeoutSeconds": 0.5}}})
+    caplog.set_level(logging.INFO, logger="turngate.tools")
+    async with ToolHub(config, restart_delay=0.05, max_restart_delay=0.2) as hub:
+        pid = (await hub.call("t__pid"))["result"]
+        flag.touch()
+        psutil.Process(pid).kill()
+
+        def pauses() -> list[float]:
+            return [float(m.group(1)) for r in caplog.records
+                    if (m := re.search(r"'t' is down .*next try in ([\d.]+) s", r.getMessage()))]
+
+        await wait_until(lambda: len(pauses()) >= 4, within=30)
+        assert pauses()[:4] == [0.1, 0.2, 0.2, 0.2]
+        # Down, its tools are still on offer; a call waits its timeout, then fails.
+        assert "t__pid" in {t.name for t in hub.tools}
+        with pytest.raises(ToolError, match=r"MCP server 't' is not running \(it is being "
+                                            r"restarted\); 't__pid' was not called"):
+            await hub.call("t__pid")
+        flag.unlink()
+        await wait_until(lambda: hub.starts("t") == 2, within=30)
+        assert (await hub.call("t__pid"))["result"] != pid

@@ -44,6 +44,7 @@ logger = logging.getLogger("turngate.tools")
 
 START_TIMEOUT = 30.0
 PING_SECONDS = 15.0
+PING_TIMEOUT = 10.0
 _MAX_LIST_PAGES = 100
 
 
@@ -191,12 +192,14 @@ class ToolHub:
         restart_delay: float = 0.5,
         max_restart_delay: float = 30.0,
         ping_seconds: float = PING_SECONDS,
+        ping_timeout: float = PING_TIMEOUT,
     ) -> None:
         self.config = config
         self.start_timeout = start_timeout
         self.restart_delay = restart_delay
         self.max_restart_delay = max_restart_delay
         self.ping_seconds = ping_seconds
+        self.ping_timeout = ping_timeout
         self._servers = {s.name: _Server(s) for s in config.servers}
         self._tools: dict[str, HubTool] = {}
         self._tg: anyio.abc.TaskGroup | None = None
@@ -374,7 +377,7 @@ class ToolHub:
                 while True:
                     await anyio.sleep(self.ping_seconds)
                     try:
-                        with anyio.fail_after(max(5.0, server.config.timeout_seconds)):
+                        with anyio.fail_after(self.ping_timeout):
                             await client.send_ping()
                     except Exception as exc:
                         logger.warning("MCP server %r did not answer a ping: %s",
