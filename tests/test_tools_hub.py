@@ -214,6 +214,8 @@ async def test_text_content_environment_and_sanitized_names(
         tool = hub.get("t__look_up")
         assert tool is not None and tool.tool == "look.up"
         assert await hub.call("t__look_up", {"q": "it"}) == {"result": "found it"}
+        with pytest.raises(ToolError, match=r"arguments of 't__echo' must be a JSON object"):
+            await hub.call("t__echo", ["text", "x"])  # type: ignore[arg-type]
 
 
 async def test_a_server_that_stops_answering_pings_is_restarted() -> None:

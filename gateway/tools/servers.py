@@ -241,11 +241,15 @@ class ToolHub:
     # -- calls -----------------------------------------------------------------------
 
     async def call(self, name: str, arguments: Mapping[str, Any] | None = None) -> Any:
-        """Run the tool ``name`` with ``arguments``; its output, or ``ToolError``."""
+        """Run the tool ``name`` with ``arguments``; its output, or ``ToolError`` (the
+        only exception it raises, besides cancellation)."""
         tool = self._tools.get(name)
         if tool is None:
             known = ", ".join(sorted(self._tools)) or "none"
             raise ToolError(f"unknown tool {name!r}; the tools are: {known}")
+        if arguments is not None and not isinstance(arguments, Mapping):
+            raise ToolError(f"the arguments of {name!r} must be a JSON object, "
+                            f"not {type(arguments).__name__}")
         server = self._servers[tool.server]
         timeout = server.config.timeout_seconds
         client: Client | None = None
@@ -265,6 +269,8 @@ class ToolHub:
                 server.broken.set()
                 raise ToolError(f"MCP server {tool.server!r} could not be reached for "
                                 f"{name!r} ({_describe(exc)}); it is being restarted") from exc
+            except Exception as exc:  # e.g. an answer that breaks the protocol
+                raise ToolError(f"tool {name!r} failed: {_describe(exc)}") from exc
         if scope.cancelled_caught:
             if client is None:
                 raise ToolError(f"MCP server {tool.server!r} is not running (it is being "
