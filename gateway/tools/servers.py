@@ -147,6 +147,11 @@ class _Server:
             return None
         return self.client
 
+    def mark_broken(self, client: Client) -> None:
+        """Have the supervisor reconnect, if ``client`` is still the current connection."""
+        if self.client is client:
+            self.broken.set()
+
     def notify(self) -> None:
         """Wake the calls waiting for the connection to change."""
         self.changed.set()
@@ -260,13 +265,13 @@ class ToolHub:
                 result = await client.call_tool(tool.tool, dict(arguments or {}))
             except MCPError as exc:
                 if exc.code == CONNECTION_CLOSED:
-                    server.broken.set()
+                    server.mark_broken(client)
                     raise ToolError(f"MCP server {tool.server!r} stopped during the call of "
                                     f"{name!r}; it is being restarted") from exc
                 raise ToolError(f"tool {name!r} failed: {exc.message}") from exc
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError,
                     httpx2.HTTPError) as exc:
-                server.broken.set()
+                server.mark_broken(client)
                 raise ToolError(f"MCP server {tool.server!r} could not be reached for "
                                 f"{name!r} ({_describe(exc)}); it is being restarted") from exc
             except Exception as exc:  # e.g. an answer that breaks the protocol
