@@ -26,9 +26,7 @@ from llm_adapters.events import (
     ToolResult,
     Usage,
 )
-
-NO_TEXT_MARKER = [{"type": "status", "text": "(no text response)"}]
-SHELL = [{"type": "text", "text": ""}]
+from persistence.content import NO_TEXT_MARKER
 
 
 def parse_tool_args(text: str) -> Any:
@@ -301,8 +299,6 @@ class TurnUsage:
 
 
 __all__ = [
-    "NO_TEXT_MARKER",
-    "SHELL",
     "CallRecord",
     "ContentBuilder",
     "TurnUsage",
