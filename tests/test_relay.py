@@ -22,11 +22,16 @@ async def test_follow_replays_after_id_then_follows_live() -> None:
         async for data in live.follow(after=0):
             got.append(data)
 
+    async def until(n: int) -> None:
+        with anyio.fail_after(5):
+            while len(got) < n:
+                await anyio.lowlevel.checkpoint()
+
     async with anyio.create_task_group() as tg:
         tg.start_soon(reader)
-        await anyio.sleep(0.01)
+        await until(1)  # it took what was there, and waits for more
         live.publish([b"d"])
-        await anyio.sleep(0.01)
+        await until(2)
         live.publish([b"e", b"f"])
         live.finish("complete")
     assert b"".join(got) == b"bcdef"

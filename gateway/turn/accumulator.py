@@ -136,7 +136,7 @@ class ContentBuilder:
         """How the parts of ``snapshot()`` were streamed, one entry per part: the
         lengths of a text/reasoning part's deltas, ``{"args": [lengths], "ended"}``
         for a tool call. A replay from the stored row re-splits the parts with it, so
-        its events carry the live stream's ids (``gateway.streaming.responses.replay_chunks``)."""
+        its events carry the live stream's ids (``gateway.turn.replay.replay_chunks``)."""
         if self.is_empty():
             return []
         out: list[Any] = []
