@@ -1,8 +1,9 @@
 """The per-app state: one ``AppContext`` per app, built by ``create_app`` and its
 lifespan, reached from ``request.app.state`` and passed explicitly from there.
 
-Nothing per-app lives in a module global: a second app in the same process (the
-tests run several) shares nothing with the first.
+Nothing per-app lives in a module global (``tests/test_architecture.py`` checks
+that no module starts a registry at import time), so apps in one process (the
+tests run several) keep their state apart.
 """
 
 from __future__ import annotations
