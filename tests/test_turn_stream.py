@@ -187,7 +187,9 @@ async def test_busy_thread_is_409(gateway: GatewayServer) -> None:
                     json=_turn("scripted:tokens=30,delay_ms=10"))
 
             tg.start_soon(long_turn)
-            await anyio.sleep(0.15)
+            with anyio.fail_after(5):  # the first turn is generating
+                while gateway.ctx.relay.running_on_thread(thread) is None:
+                    await anyio.sleep(0.005)
             r = await client.post(f"/v1/threads/{thread}/turns", json=_turn("scripted:tokens=2"))
             assert r.status_code == 409
             assert r.json()["error"]["code"] == "thread_busy"
