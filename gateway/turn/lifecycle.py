@@ -150,11 +150,8 @@ async def open_turn(
     history = history_messages(opened.history or [], turn_id)
     history.append(ChatMessage("user", content))
     live = LiveTurn(thread_id, turn_id, user_id, opened.assistant_message_id)
-    ctx.runner.launch(
-        live, adapter, AdapterRequest(model=model, messages=history),
-        user_message_id=opened.user_message_id, model_string=model_string, started=started,
-    )
-    return sse_response(ctx, follow_live(ctx, live)), True
+    return _launch(ctx, live, adapter, AdapterRequest(model=model, messages=history),
+                   opened.user_message_id, model_string, started), True
 
 
 async def attach_to_regenerate(
@@ -217,11 +214,20 @@ async def open_regenerate(
     history = history_messages(opened.history or [], turn_id)
     history.append(ChatMessage("user", opened.user_content or []))
     live = LiveTurn(thread_id, turn_id, user_id, opened.assistant_message_id)
+    return _launch(ctx, live, adapter, AdapterRequest(model=model, messages=history),
+                   opened.user_message_id, model_string, started), True
+
+
+def _launch(
+    ctx: AppContext, live: LiveTurn, adapter: Adapter, request: AdapterRequest,
+    user_message_id: int, model_string: str, started: float,
+) -> Response:
+    """Start generating the opened turn; the response follows it from its first chunk."""
     ctx.runner.launch(
-        live, adapter, AdapterRequest(model=model, messages=history),
-        user_message_id=opened.user_message_id, model_string=model_string, started=started,
+        live, adapter, request,
+        user_message_id=user_message_id, model_string=model_string, started=started,
     )
-    return sse_response(ctx, follow_live(ctx, live)), True
+    return sse_response(ctx, follow_live(ctx, live))
 
 
 async def stream_turn(
