@@ -19,8 +19,8 @@ async def test_follow_replays_after_id_then_follows_live() -> None:
     got: list[bytes] = []
 
     async def reader() -> None:
-        async for data in live.follow(after=0):
-            got.append(data)
+        async for _, chunks in live.batches(after=0):
+            got.append(b"".join(chunks))
 
     async def until(n: int) -> None:
         with anyio.fail_after(5):

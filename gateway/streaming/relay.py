@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -174,7 +173,9 @@ class LiveTurn:
                 self._waiting -= 1
 
     async def batches(self, after: int = -1) -> AsyncGenerator[tuple[int, list[bytes]], None]:
-        """Like ``follow``, as ``(SSE id of the first chunk, chunks)`` (for a mirror).
+        """Every chunk after SSE id ``after``, then live ones, until the turn ends, as
+        ``(SSE id of the first chunk, chunks)``: chunks that are already there come in
+        one batch, so a reader that falls behind catches up in one send.
 
         Ends early when the next chunk it needs was dropped (``max_bytes``).
         """
@@ -197,18 +198,6 @@ class LiveTurn:
             # One scheduler tick (no timer): a producer mid-burst adds its next chunk
             # and both go out in one write (bench/: the long-turn events/s).
             await anyio.lowlevel.checkpoint()
-
-    async def follow(self, after: int = -1) -> AsyncIterator[bytes]:
-        """Yield every chunk after SSE id ``after``, then live ones, until the end.
-
-        Chunks that are already there are sent as one write: a reader that
-        falls behind catches up in one send instead of one per token.
-        """
-        # aclosing: a departing reader must release the inner generator (and its
-        # waiter count) at once, not whenever the garbage collector gets to it.
-        async with aclosing(self.batches(after)) as batches:
-            async for _, chunks in batches:
-                yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class LocalRelay:
