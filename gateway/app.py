@@ -18,6 +18,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from gateway.api import aisdk as routes_aisdk
 from gateway.api import models as routes_models
 from gateway.api import ops as routes_ops
 from gateway.api import threads as routes_threads
@@ -30,8 +31,10 @@ from gateway.ops.settings import Settings
 from gateway.replicas.limits import SharedLimits
 from gateway.replicas.relay import RedisRelay, connect_shared
 from gateway.streaming.relay import LocalRelay
-from gateway.turn.finalize import batcher_for
+from gateway.streaming.responses import end_streams_at_shutdown
+from gateway.streaming.sse import StreamSet
 from gateway.turn.lifecycle import TurnRunner
+from gateway.turn.upkeep import maintain
 from llm_adapters.pricing import PriceTable
 from llm_adapters.registry import AdapterRegistry
 from persistence import Store, migrate, schema_status
@@ -67,12 +70,7 @@ def _routes() -> list[BaseRoute]:
               methods=["POST"]),
         Route("/v1/usage", routes_threads.list_usage, methods=["GET"]),
     ]
-    try:
-        from gateway.api import aisdk as routes_aisdk
-
-        routes.extend(routes_aisdk.ROUTES)
-    except ImportError:
-        pass
+    routes.extend(routes_aisdk.ROUTES)
     if os.path.isdir(STATIC_DIR):
         # Browsers ask for /favicon.ico whatever the page links; the icon is an SVG.
         routes.append(Route("/favicon.ico", _favicon, methods=["GET", "HEAD"]))
@@ -150,23 +148,27 @@ def create_app(
             await prepare_database(settings)
         await store.connect()
         ctx.shutdown_event = anyio.Event()
+        ctx.streams = StreamSet()
         shared: RedisRelay | None = None
         try:
             # With REDIS_URL: Redis must answer now (RelayError stops start-up).
             shared = await connect_shared(settings)
-            ctx.shared = runner.mirror = shared
+            runner.shared = shared
             if shared is not None:
-                ctx.limits = runner.limits = SharedLimits(
-                    shared, hold_seconds=settings.lease_seconds
-                )
+                runner.limits = SharedLimits(shared, hold_seconds=settings.lease_seconds)
             async with anyio.create_task_group() as tg:
                 runner.task_group = tg
-                batcher_for(runner)  # starts the finalize batcher in tg
+                tg.start_soon(runner.batcher.run)
                 if shared is not None:
                     tg.start_soon(shared.run, relay)
                 await store.recover_expired_turns()
-                tg.start_soon(runner.maintain)
+                tg.start_soon(maintain, runner)
                 tg.start_soon(_drain_on_signal, ctx.shutdown_event)
+                # Streams still open after the drain's deadline are ended before uvicorn's.
+                tg.start_soon(
+                    end_streams_at_shutdown, ctx.shutdown_event, ctx.streams,
+                    settings.shutdown_grace_seconds + settings.finalize_timeout + 1,
+                )
                 ctx.ready = True
                 logger.info("started instance=%s", instance_id,
                             extra={"event": "started", "instance": instance_id})

@@ -1,21 +1,31 @@
-"""What the routes share: the app's services, reached from ``request.app.state``."""
+"""The per-app state: one ``AppContext`` per app, built by ``create_app`` and its
+lifespan, reached from ``request.app.state`` and passed explicitly from there.
+
+Nothing per-app lives in a module global (``tests/test_architecture.py`` checks
+that no module starts a registry at import time), so apps in one process (the
+tests run several) keep their state apart.
+"""
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import anyio
 from starlette.requests import Request
 
-from gateway.ops.metrics import Metrics
-from gateway.ops.settings import Settings
-from gateway.replicas.limits import SharedLimits
-from gateway.streaming.relay import LocalRelay, SharedRelay
-from gateway.turn.lifecycle import TurnRunner
-from llm_adapters.pricing import PriceTable
-from llm_adapters.registry import AdapterRegistry
-from persistence import Store
+if TYPE_CHECKING:
+    import anyio
+
+    from gateway.ops.metrics import Metrics
+    from gateway.ops.settings import Settings
+    from gateway.replicas.limits import SharedLimits
+    from gateway.streaming.relay import LocalRelay, SharedRelay
+    from gateway.streaming.sse import StreamSet
+    from gateway.turn.lifecycle import TurnRunner
+    from llm_adapters.pricing import PriceTable
+    from llm_adapters.registry import AdapterRegistry
+    from persistence import Store
 
 
 @dataclass
@@ -25,16 +35,26 @@ class AppContext:
     settings: Settings
     store: Store
     adapters: AdapterRegistry
-    relay: LocalRelay
-    runner: TurnRunner
+    relay: LocalRelay  # the turns generating (or recently ended) in this process
+    runner: TurnRunner  # owns the generations, their final writes and upkeep
     metrics: Metrics
     prices: PriceTable
     instance_id: str
+    # Set by the lifespan: the shutdown signal, and the open SSE streams it ends.
     shutdown_event: anyio.Event | None = None
-    shared: SharedRelay | None = None  # the relay between replicas (REDIS_URL)
-    limits: SharedLimits | None = None  # per-user limits across replicas (REDIS_URL)
+    streams: StreamSet | None = None
     ready: bool = False
     rate_windows: dict[int, deque[float]] = field(default_factory=dict)
+
+    @property
+    def shared(self) -> SharedRelay | None:
+        """The relay between replicas (REDIS_URL), owned by the runner."""
+        return self.runner.shared
+
+    @property
+    def limits(self) -> SharedLimits | None:
+        """Per-user limits across replicas (REDIS_URL), owned by the runner."""
+        return self.runner.limits
 
 
 def context(request: Request) -> AppContext:

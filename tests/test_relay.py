@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from contextlib import aclosing
+
 import anyio
+import anyio.lowlevel
 import pytest
 
 from gateway.streaming.relay import LiveTurn, LocalRelay
@@ -16,14 +19,19 @@ async def test_follow_replays_after_id_then_follows_live() -> None:
     got: list[bytes] = []
 
     async def reader() -> None:
-        async for data in live.follow(after=0):
-            got.append(data)
+        async for _, chunks in live.batches(after=0):
+            got.append(b"".join(chunks))
+
+    async def until(n: int) -> None:
+        with anyio.fail_after(5):
+            while len(got) < n:
+                await anyio.lowlevel.checkpoint()
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(reader)
-        await anyio.sleep(0.01)
+        await until(1)  # it took what was there, and waits for more
         live.publish([b"d"])
-        await anyio.sleep(0.01)
+        await until(2)
         live.publish([b"e", b"f"])
         live.finish("complete")
     assert b"".join(got) == b"bcdef"
@@ -43,11 +51,63 @@ async def test_cancel_only_while_running() -> None:
 
 
 def test_memory_per_turn_is_bounded() -> None:
+    """Publishing far past ``max_bytes`` keeps at most ``max_bytes`` of chunks: the
+    newest, with their SSE ids."""
+    live = LiveTurn("th", "t1", 1, 10, max_bytes=1000)
+    chunks = [b"%05d" % i + b"x" * 95 for i in range(10_000)]  # 1 MB in all
+    for chunk in chunks:
+        live.publish([chunk])
+        assert sum(len(c) for c in live.events) == live.size <= 1000
+    assert live.overflowed  # late readers are refused
+    assert live.next_id == 10_000
+    assert live.events == chunks[live.first_id :]  # the newest ones, where their ids say
+    assert live.since(9_998) == chunks[9_998:]
+    assert live.complete_upto(5) is None  # the oldest are gone
+
+
+def test_a_chunk_larger_than_the_bound_is_kept_alone() -> None:
     live = LiveTurn("th", "t1", 1, 10, max_bytes=100)
-    live.publish([b"x" * 60])
-    assert not live.overflowed
-    live.publish([b"x" * 60])
-    assert live.overflowed  # late readers are refused instead of the process growing
+    live.publish([b"a" * 10, b"b" * 500])
+    assert live.events == [b"b" * 500] and live.first_id == 1
+
+
+async def test_a_follower_that_keeps_up_gets_everything_past_the_bound() -> None:
+    live = LiveTurn("th", "t1", 1, 10, max_bytes=1000)
+    chunks = [b"%05d" % i + b"x" * 95 for i in range(2_000)]
+    got: list[bytes] = []
+    received = 0
+
+    async def reader() -> None:
+        nonlocal received
+        async for _, batch in live.batches():
+            got.extend(batch)
+            received += len(batch)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader)
+        for i, chunk in enumerate(chunks):
+            live.publish([chunk])
+            while received <= i:  # the reader has taken it before the next one comes
+                await anyio.lowlevel.checkpoint()
+        live.finish("complete")
+    assert got == chunks
+    assert live.size <= 1000
+
+
+async def test_a_follower_behind_the_bound_is_ended() -> None:
+    live = LiveTurn("th", "t1", 1, 10, max_bytes=1000)
+    live.publish([b"x" * 100] * 5)
+    got: list[int] = []
+    with anyio.fail_after(5):
+        async with aclosing(live.batches()) as batches:
+            async for first, _ in batches:
+                got.append(first)
+                # While this reader holds chunk 4, far more than the bound is published.
+                live.publish([b"y" * 100] * 50)
+        # It ended (no finish: the turn still runs) rather than skip what was dropped.
+        assert got == [0] and not live.done and live.first_id > 5
+        late = [b async for b in live.batches(-1)]
+        assert late == []
 
 
 async def test_finished_turns_are_retained_then_dropped() -> None:

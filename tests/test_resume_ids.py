@@ -87,7 +87,7 @@ async def test_resume_from_the_database_after_the_owning_replica_was_killed(
 
 def test_replay_without_a_map_keeps_one_delta_per_part() -> None:
     """Rows stored before maps were kept (or by the legacy route) still replay."""
-    from gateway.streaming.responses import replay_chunks
+    from gateway.turn.replay import replay_chunks
 
     parts = [{"type": "text", "text": "hello world"}]
     for event_map in (None, [[3, 3]], [[11, 0]], "junk"):

@@ -144,8 +144,15 @@ async def test_disconnect_cancels_an_idle_generation_within_1s(database_url: str
         assert TRACES[trace].closed and not TRACES[trace].finished
 
 
+def _open_streams(gw: GatewayServer) -> float:
+    value = gw.ctx.metrics.registry.get_sample_value("turngate_active_streams")
+    return value or 0.0
+
+
 @sqlite_only
 async def test_two_tasks_per_open_stream(database_url: str) -> None:
+    """An open turn stream costs two tasks: the request's own and its watcher. Its
+    generation is one more, the turn's (a task of the app's task group), counted apart."""
     streams = 20
     writers: list[asyncio.StreamWriter] = []
     async with run_gateway(database_url, TURNGATE_MAX_STREAMS_PER_USER="100",
@@ -154,18 +161,23 @@ async def test_two_tasks_per_open_stream(database_url: str) -> None:
             warm, _, _ = await _open_stream(gw, "scripted:tokens=1")
             warm.close()
             await warm.wait_closed()
-            await anyio.sleep(0.3)
-            before = len(asyncio.all_tasks())
+            with anyio.fail_after(5):  # the warm-up turn and its response are over
+                while gw.ctx.relay.running() or _open_streams(gw) > 0:
+                    await anyio.sleep(0.01)
+            before = set(asyncio.all_tasks())
             for _ in range(streams):
+                # Each is open and generating: its first event was read.
                 writers.append((await _open_stream(gw, "scripted:tokens=1,delay_ms=60000"))[0])
-            await anyio.sleep(0.3)
-            per_stream = (len(asyncio.all_tasks()) - before) / streams
+            assert _open_streams(gw) == streams and len(gw.ctx.relay.running()) == streams
+            new = asyncio.all_tasks() - before
         finally:
             for w in writers:
                 w.close()
-        # The request's task and the disconnect/ping watcher, plus the generation.
-        print(f"{per_stream:.2f} tasks per open stream")
-        assert per_stream <= 3, per_stream
+    generations = [t for t in new if t.get_name().endswith("TurnRunner._generate")]
+    per_stream = [t.get_name() for t in new if t not in generations]
+    print(f"{len(per_stream) / streams:.2f} tasks per open stream, plus its generation")
+    assert len(generations) == streams
+    assert len(per_stream) == 2 * streams, sorted(per_stream)
 
 
 # -- the response alone ---------------------------------------------------------------

@@ -187,7 +187,9 @@ async def test_busy_thread_is_409(gateway: GatewayServer) -> None:
                     json=_turn("scripted:tokens=30,delay_ms=10"))
 
             tg.start_soon(long_turn)
-            await anyio.sleep(0.15)
+            with anyio.fail_after(5):  # the first turn is generating
+                while gateway.ctx.relay.running_on_thread(thread) is None:
+                    await anyio.sleep(0.005)
             r = await client.post(f"/v1/threads/{thread}/turns", json=_turn("scripted:tokens=2"))
             assert r.status_code == 409
             assert r.json()["error"]["code"] == "thread_busy"
@@ -237,3 +239,22 @@ async def test_unknown_thread_is_404_and_writes_nothing(gateway: GatewayServer) 
         r = await client.post("/v1/threads/nope/turns", json=_turn("scripted:tokens=2"))
         assert r.status_code == 404
         assert r.json() == {"error": {"code": "thread_not_found", "message": "thread not found"}}
+
+
+async def test_an_adapter_that_fails_to_load_is_a_400_and_logged_with_its_cause(
+    gateway: GatewayServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(env: object) -> object:
+        raise RuntimeError("missing setting FOO_URL")
+
+    gateway.ctx.adapters.register("broken", broken)  # type: ignore[arg-type]
+    caplog.set_level("ERROR", logger="turngate.gateway")
+    async with gateway.client() as client:
+        thread = await gateway.new_thread(client)
+        r = await client.post(f"/v1/threads/{thread}/turns", json=_turn("broken:m"))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_adapter", r.text
+        assert "FOO_URL" not in r.text  # the cause is the operator's, in the log
+        assert await _messages(client, thread) == []  # nothing written
+    failed = [rec for rec in caplog.records if "adapter_load_failed" in rec.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info is not None
+    assert "missing setting FOO_URL" in caplog.text

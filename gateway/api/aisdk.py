@@ -33,7 +33,7 @@ from starlette.routing import Route
 from gateway.api.auth import authenticate
 from gateway.api.errors import ApiError, not_found
 from gateway.api.limits import check_rate
-from gateway.api.turns import _attach_or_replay, regenerate, run_turn
+from gateway.api.turns import regenerate, start, stream
 from gateway.api.validation import (
     check_id,
     check_model_field,
@@ -126,7 +126,7 @@ async def chat(request: Request) -> Response:
             await ctx.store.create_thread(user_id, thread_id, title)
         except ThreadIdTaken:
             raise not_found() from None
-    return await run_turn(ctx, user_id, thread_id, turn, started)
+    return await start(ctx, user_id, thread_id, turn, started)
 
 
 async def chat_stream(request: Request) -> Response:
@@ -141,7 +141,7 @@ async def chat_stream(request: Request) -> Response:
     live = ctx.relay.running_on_thread(thread_id)
     if live is None or live.owner_id != user_id:
         return Response(status_code=204)
-    response = await _attach_or_replay(ctx, user_id, thread_id, live.turn_id, -1)
+    response = await stream(ctx, user_id, thread_id, live.turn_id, -1)
     return response if response is not None else Response(status_code=204)
 
 

@@ -25,6 +25,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
+from gateway.turn.replay import UsageLike, usage_metadata
+
 _DATA_URL_TYPE = re.compile(r"^data:([^;,]+)[;,]")
 
 _UNFINISHED_TOOL = "The tool call did not finish: the reply ended first."
@@ -47,30 +49,6 @@ class MessageLike(Protocol):
     def turn_id(self) -> str | None: ...
     @property
     def created_at(self) -> str: ...
-
-
-class UsageLike(Protocol):
-    """What a stored usage row must have (``persistence.rows.UsageRow``)."""
-
-    @property
-    def prompt_tokens(self) -> int: ...
-    @property
-    def completion_tokens(self) -> int: ...
-    @property
-    def total_tokens(self) -> int: ...
-    @property
-    def cost_micros(self) -> int: ...
-    @property
-    def estimated(self) -> bool: ...
-
-
-def usage_metadata(row: UsageLike) -> dict[str, Any]:
-    """A stored usage row as the stream's ``finish`` reports it (``messageMetadata.usage``)."""
-    return {
-        "inputTokens": row.prompt_tokens, "outputTokens": row.completion_tokens,
-        "totalTokens": row.total_tokens, "costMicros": row.cost_micros,
-        "estimated": row.estimated,
-    }
 
 
 def _media_type(url: str) -> str:

@@ -89,16 +89,16 @@ class StreamWriter:
         memory, so a follower's ``Last-Event-ID`` still means the same event. In
         one MULTI so that a reader never sees a partial copy.
         """
-        events = live.events[:]
+        events, base = live.events[:], live.first_id  # from the oldest chunk kept
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(self.key)
         for first in range(0, len(events), REWRITE_CHUNKS):
             batch = events[first : first + REWRITE_CHUNKS]
-            pipe.xadd(self.key, {FIRST: first, COUNT: len(batch), DATA: b"".join(batch)},
+            pipe.xadd(self.key, {FIRST: base + first, COUNT: len(batch), DATA: b"".join(batch)},
                       maxlen=self.maxlen, approximate=True)
         pipe.expire(self.key, self.ttl_running)
         await pipe.execute()
-        self.written = len(events) - 1
+        self.written = base + len(events) - 1
 
     async def run(self, live: LiveTurn) -> None:
         """Write every batch of ``live`` after ``written``, then the end marker.
@@ -113,9 +113,10 @@ class StreamWriter:
             # At shutdown the task group is cancelled right after the drain: the
             # last chunks and the end marker still go out (briefly, shielded).
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                rest = live.events[self.written + 1 :]
+                first = max(self.written + 1, live.first_id)
+                rest = live.since(first)
                 if rest:
-                    await self.write_batch(self.written + 1, rest)
+                    await self.write_batch(first, rest)
                 if live.done:
                     await self._xadd({END: live.status or "interrupted"}, self.ttl_done)
 

@@ -1,18 +1,19 @@
 """The in-process relay: live turn events for the first client, attached
 clients and resumed streams.
 
-A ``LiveTurn`` holds the encoded chunks of one turn (index = SSE id), so a
-reader can start from any ``Last-Event-ID`` and then follow live output.
-Memory is bounded per turn (``max_bytes``: past it, late readers are refused
-rather than the process growing) and after the turn ends
-(``retention_seconds``, swept by one periodic task).
+A ``LiveTurn`` holds the encoded chunks of one turn (SSE id = ``first_id`` +
+index), so a reader can start from any ``Last-Event-ID`` and then follow live
+output. Memory is bounded per turn: at most ``max_bytes`` of chunks are kept
+(past it the oldest are dropped, the turn is marked ``overflowed`` so late
+readers are refused, and a reader that falls behind what is kept is ended);
+after the turn ends it is kept for ``retention_seconds``, swept by one
+periodic task.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,8 +30,9 @@ class LiveTurn:
     owner_id: int
     message_id: int
     max_bytes: int = 16 * 1024 * 1024
-    events: list[bytes] = field(default_factory=list)
-    size: int = 0
+    events: list[bytes] = field(default_factory=list)  # the chunks kept, from ``first_id``
+    first_id: int = 0  # the SSE id of ``events[0]``; above 0 once the oldest were dropped
+    size: int = 0  # bytes in ``events``
     overflowed: bool = False
     done: bool = False
     status: str | None = None
@@ -62,16 +64,42 @@ class LiveTurn:
     _waiting: int = 0
 
     def publish(self, chunks: list[bytes]) -> None:
-        """Append encoded chunks and wake the readers."""
+        """Append encoded chunks and wake the readers.
+
+        Past ``max_bytes`` the oldest chunks are dropped down to half of it (so a
+        drop is rare, not one per chunk); only the newest chunk is kept whatever
+        its size.
+        """
         if not chunks:
             return
         self.events.extend(chunks)
-        if not self.overflowed:
-            for chunk in chunks:
-                self.size += len(chunk)
-            if self.size > self.max_bytes:
-                self.overflowed = True
+        self.size += sum(len(chunk) for chunk in chunks)
+        if self.size > self.max_bytes:
+            self.overflowed = True
+            self._drop_oldest(self.max_bytes // 2)
         self._wake()
+
+    def _drop_oldest(self, keep_bytes: int) -> None:
+        drop, size = 0, self.size
+        while size > keep_bytes and drop < len(self.events) - 1:
+            size -= len(self.events[drop])
+            drop += 1
+        del self.events[:drop]
+        self.first_id += drop
+        self.size = size
+
+    @property
+    def next_id(self) -> int:
+        """The SSE id the next published chunk gets."""
+        return self.first_id + len(self.events)
+
+    def since(self, index: int) -> list[bytes]:
+        """The kept chunks from SSE id ``index`` on (from the oldest kept if dropped)."""
+        return self.events[max(index - self.first_id, 0) :]
+
+    def complete_upto(self, last: int) -> list[bytes] | None:
+        """Every chunk up to SSE id ``last``; None if the oldest were dropped."""
+        return self.events[: last + 1] if self.first_id == 0 else None
 
     def _wake(self) -> None:
         if self._waiting:
@@ -118,7 +146,7 @@ class LiveTurn:
     def unread_elsewhere(self) -> None:
         """The last reader on other replicas left; the policy applies if none is here."""
         if self.subscribers == 0 and not self.done:
-            self.last_delivered = len(self.events) - 1
+            self.last_delivered = self.next_id - 1
             if self.on_unread is not None:
                 self.on_unread(self)
 
@@ -145,12 +173,19 @@ class LiveTurn:
                 self._waiting -= 1
 
     async def batches(self, after: int = -1) -> AsyncGenerator[tuple[int, list[bytes]], None]:
-        """Like ``follow``, as ``(SSE id of the first chunk, chunks)`` (for a mirror)."""
+        """Every chunk after SSE id ``after``, then live ones, until the turn ends, as
+        ``(SSE id of the first chunk, chunks)``: chunks that are already there come in
+        one batch, so a reader that falls behind catches up in one send.
+
+        Ends early when the next chunk it needs was dropped (``max_bytes``).
+        """
         index = after + 1
         while True:
-            end = len(self.events)
+            if index < self.first_id:
+                return  # fell behind what is kept
+            end = self.next_id
             if index < end:
-                yield index, self.events[index:end]
+                yield index, self.events[index - self.first_id : end - self.first_id]
                 index = end
                 continue
             if self.done:
@@ -161,21 +196,8 @@ class LiveTurn:
             finally:
                 self._waiting -= 1
             # One scheduler tick (no timer): a producer mid-burst adds its next chunk
-            # and both go out in one write. bench/: a 20,000-delta turn went from
-            # ~0.73x to ~0.96x bare sse-starlette's events/s.
+            # and both go out in one write (bench/: the long-turn events/s).
             await anyio.lowlevel.checkpoint()
-
-    async def follow(self, after: int = -1) -> AsyncIterator[bytes]:
-        """Yield every chunk after SSE id ``after``, then live ones, until the end.
-
-        Chunks that are already there are sent as one write: a reader that
-        falls behind catches up in one send instead of one per token.
-        """
-        # aclosing: a departing reader must release the inner generator (and its
-        # waiter count) at once, not whenever the garbage collector gets to it.
-        async with aclosing(self.batches(after)) as batches:
-            async for _, chunks in batches:
-                yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class LocalRelay:

@@ -14,8 +14,8 @@ and does it with two tasks per stream:
   not completed within ``send_timeout`` (uvicorn's ``send`` never fails for a
   stalled or departed client). The watcher holds that deadline rather than a
   cancel scope around every chunk's ``send``: almost every send completes
-  without suspending, and dropping the scope per chunk took one long turn
-  from about 49k to 66k events/s in bench/. That send only stays pending once
+  without suspending, and a scope per chunk costs about a quarter of a long
+  turn's events/s (bench/). That send only stays pending once
   the kernel's send buffer is full (up to 4 MiB), so under ``turngate serve``
   the kernel finds a stalled reader first (``TCP_USER_TIMEOUT``, see
   ``gateway.ops.http_guard``) and this response sees ``http.disconnect``; the
@@ -29,9 +29,9 @@ and does it with two tasks per stream:
 
 Whichever side ends first cancels the other (as Starlette's StreamingResponse
 does). The body is closed in ``finally`` under a shield with a deadline, so
-``gateway.streaming.responses.follow_live``'s ``finally`` (reader count, cancel of the
-generation) runs at once. Server shutdown ends streams through ``StreamSet``
-(see there): one task per app, not one per stream.
+``gateway.streaming.responses.follow_live``'s ``finally`` (the reader leaves, and
+the lifecycle's disconnect policy is applied) runs at once. Server shutdown ends
+streams through ``StreamSet`` (see there): one task per app, not one per stream.
 """
 
 from __future__ import annotations

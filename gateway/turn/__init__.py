@@ -1,1 +1,2 @@
-"""One chat turn: open, generate, stream, finalize; the accumulator and the chunk encoder."""
+"""One chat turn: ``lifecycle`` (open, launch, generate, disconnect policy, finish), and
+beside it ``accumulator``, ``chunks``, ``finalize``, ``replay`` and ``upkeep``."""

@@ -26,9 +26,7 @@ from llm_adapters.events import (
     ToolResult,
     Usage,
 )
-
-NO_TEXT_MARKER = [{"type": "status", "text": "(no text response)"}]
-SHELL = [{"type": "text", "text": ""}]
+from persistence.content import NO_TEXT_MARKER
 
 
 def parse_tool_args(text: str) -> Any:
@@ -138,7 +136,7 @@ class ContentBuilder:
         """How the parts of ``snapshot()`` were streamed, one entry per part: the
         lengths of a text/reasoning part's deltas, ``{"args": [lengths], "ended"}``
         for a tool call. A replay from the stored row re-splits the parts with it, so
-        its events carry the live stream's ids (``gateway.streaming.responses.replay_chunks``)."""
+        its events carry the live stream's ids (``gateway.turn.replay.replay_chunks``)."""
         if self.is_empty():
             return []
         out: list[Any] = []
@@ -301,8 +299,6 @@ class TurnUsage:
 
 
 __all__ = [
-    "NO_TEXT_MARKER",
-    "SHELL",
     "CallRecord",
     "ContentBuilder",
     "TurnUsage",

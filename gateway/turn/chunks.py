@@ -28,14 +28,6 @@ from llm_adapters.events import (
 _dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
 
 DONE_DATA = b"data: [DONE]\n\n"
-PING = b": ping\n\n"
-
-STREAM_HEADERS = {
-    "cache-control": "no-cache",
-    "connection": "keep-alive",
-    "x-vercel-ai-ui-message-stream": "v1",
-    "x-accel-buffering": "no",
-}
 
 
 def encode(seq: int, chunk: dict[str, Any]) -> bytes:
@@ -203,6 +195,6 @@ def events_of_chunks(chunks: list[bytes]) -> list[AdapterEvent]:
 
 
 __all__ = [
-    "DONE_DATA", "PING", "STREAM_HEADERS", "ChunkEncoder", "encode", "encode_done",
+    "DONE_DATA", "ChunkEncoder", "encode", "encode_done",
     "events_of_chunks",
 ]

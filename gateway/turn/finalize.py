@@ -1,9 +1,9 @@
 """Finalizes turns in batches: one statement for every turn that ended meanwhile.
 
 When 1,000 clients leave at once, 1,000 generations end within milliseconds of
-each other. One finalize statement each (plus its log line) kept the event loop
-and the pool busy for seconds, and the later streams' disconnect handling waited
-behind them. The batcher collects finalize requests and writes them with
+each other; one finalize statement each (plus its log line) would keep the event
+loop and the pool busy for seconds, with the later streams' disconnect handling
+waiting behind them. The batcher collects finalize requests and writes them with
 ``Store.finalize_turns`` whenever the previous write has ended: no timer, so a
 lone turn is written at once (as ``finalize_turn``, the single-row statement), and
 the turns that end while a write is in flight go together in the next one (at most
@@ -15,16 +15,19 @@ chunks are still published only after its row is final. Items that a batch could
 not write (a failed batch, one bad row) are retried one by one with
 ``finalize_turn``, so one bad row cannot fail the others. Nothing here raises
 into a generation task.
+
+``write_final`` is what the lifecycle calls: the batched write, retried with
+backoff until it lands.
 """
 
 from __future__ import annotations
 
 import logging
-import weakref
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from gateway.streaming.relay import LiveTurn
 from persistence import FinalizeItem, Store, UsageRecord
 
 if TYPE_CHECKING:
@@ -45,7 +48,11 @@ class _Request:
 
 
 class FinalizeBatcher:
-    """Collects finalize requests; ``run`` (a task of the app's task group) writes them."""
+    """Collects finalize requests; ``run`` (a task of the app's task group) writes them.
+
+    One per app, owned by its ``TurnRunner`` and started by the app's lifespan; until
+    ``run`` is running (no lifespan) each request is written on its own.
+    """
 
     def __init__(self, store: Store, *, max_batch: int = MAX_BATCH) -> None:
         self.store = store
@@ -125,24 +132,8 @@ class FinalizeBatcher:
         )
 
 
-_BATCHERS: weakref.WeakKeyDictionary[TurnRunner, FinalizeBatcher] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def batcher_for(runner: TurnRunner) -> FinalizeBatcher:
-    """The runner's batcher, started in its task group on first use (the app's lifespan
-    starts it up front)."""
-    batcher = _BATCHERS.get(runner)
-    if batcher is None:
-        batcher = _BATCHERS[runner] = FinalizeBatcher(runner.store)
-        if runner.task_group is not None:
-            runner.task_group.start_soon(batcher.run)
-    return batcher
-
-
 async def finalize(
-    runner: TurnRunner,
+    batcher: FinalizeBatcher,
     message_id: int,
     thread_id: str,
     user_id: int,
@@ -151,13 +142,78 @@ async def finalize(
     usage: UsageRecord,
     event_map: list[Any] | None = None,
 ) -> str:
-    """``Store.finalize_turn``, through the runner's batcher. Never raises."""
+    """``Store.finalize_turn``, through ``batcher``. Never raises."""
     item = FinalizeItem(message_id, thread_id, user_id, content, status, usage, event_map)
     try:
-        return await batcher_for(runner).finalize(item)
+        return await batcher.finalize(item)
     except Exception:
         logger.exception("finalize_failed message_id=%s", item.message_id)
         return "failed"
 
 
-__all__ = ["MAX_BATCH", "FinalizeBatcher", "batcher_for", "finalize"]
+# Backoff of a final write that failed: the first retry at once-ish, then doubling up
+# to half a checkpoint interval (at most 1 s), so a thread whose final write waited on
+# the database is free again within a checkpoint interval of its return.
+RETRY_FIRST_SECONDS = 0.05
+RETRY_MAX_SECONDS = 1.0
+
+
+async def write_final(
+    runner: TurnRunner, live: LiveTurn, parts: list[dict[str, Any]], event_map: list[Any],
+    status: str, record: UsageRecord,
+) -> tuple[str, int]:
+    """Write the turn's final row and usage until it lands; ``(outcome, attempts)``.
+
+    A write that fails (database down, locked, pool exhausted) is retried with
+    backoff for as long as the process lives; meanwhile the turn stays in
+    ``relay.running()``, so the maintenance loop keeps renewing its lease and no
+    reaper takes it. Ends with ``ok`` (written),
+    ``row_missing`` (the row is not ours to write: deleted, superseded, final
+    already) or, only once a drain gave up on it, ``failed``.
+    """
+    attempts = 0
+    delay = RETRY_FIRST_SECONDS
+    cap = min(RETRY_MAX_SECONDS, runner.settings.checkpoint_seconds / 2)
+    while True:
+        attempts += 1
+        # The lock waits for a checkpoint of this turn still in flight (bounded by
+        # the store's deadline), so a reclaim cannot follow the final write.
+        async with live.db_lock:
+            outcome = await finalize(
+                runner.batcher, live.message_id, live.thread_id, live.owner_id, parts, status,
+                record, event_map,
+            )
+        if outcome == "row_missing" and attempts > 1:
+            outcome = await _written_already(runner, live, status)
+        if outcome != "failed" or runner.give_up.is_set():
+            return outcome, attempts
+        runner.metrics.finalize_retries.inc()
+        if attempts == 1:
+            logger.warning(
+                "finalize_retrying message_id=%s status=%s", live.message_id, status,
+                extra={"event": "finalize_retrying", "message_id": live.message_id,
+                       "thread_id": live.thread_id, "turn_id": live.turn_id,
+                       "status": status},
+            )
+        with anyio.move_on_after(delay):
+            await runner.give_up.wait()
+        delay = min(delay * 2, cap)
+
+
+async def _written_already(runner: TurnRunner, live: LiveTurn, status: str) -> str:
+    """After a failed attempt, ``row_missing`` may mean that attempt committed and
+    only its answer was lost: the row already holds our status."""
+    try:
+        rows = await runner.store.get_turn(live.thread_id, live.turn_id)
+    except Exception as exc:
+        logger.warning("finalize_check_failed message_id=%s: %s", live.message_id,
+                       str(exc) or type(exc).__name__,
+                       extra={"event": "finalize_check_failed", "message_id": live.message_id})
+        return "failed"
+    row = rows.assistant
+    if row is not None and row.id == live.message_id and row.status == status:
+        return "ok"
+    return "row_missing"
+
+
+__all__ = ["MAX_BATCH", "FinalizeBatcher", "finalize", "write_final"]

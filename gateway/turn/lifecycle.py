@@ -1,11 +1,22 @@
-"""The turn lifecycle: open, generate, stream, finalize.
+"""The turn lifecycle, top to bottom: open, launch, generate, readers leaving, finish.
 
-A turn's generation runs as a task in the application's task group, not in
-the HTTP response: responses only *follow* a ``LiveTurn`` in the relay. That
-is what lets a retried request attach instead of generating twice, a dropped
-client resume, and the cancel route stop a generation it does not own. A
-generation ends in exactly one finalize, written in ``finally`` under a
-shielded cancel scope with a deadline.
+One turn's path. The route (``gateway.api.turns``: parse, authenticate, limits)
+calls ``attach_running`` (the same turn is generating here already: follow it)
+and then ``open_turn``, which opens the turn in the database or finds it there (a
+retry attaches, a finished turn replays: ``stream_turn``). ``TurnRunner.launch``
+starts the generation as a task of the app's task group, not in the HTTP response:
+responses only *follow* a ``LiveTurn`` in the relay (``gateway.streaming``). That is
+what lets a retried request attach instead of generating twice, a dropped client
+resume, and the cancel route stop a generation it does not own. ``_generate``
+feeds the adapter's events to the encoder and the relay. When the last reader
+leaves, ``on_unread`` applies the disconnect policy (followers only report that
+they left). A generation ends in exactly one ``_finish``, run in ``finally`` under
+a shielded cancel scope: the final write (``finalize.write_final``), then the
+closing chunks.
+
+Beside it: ``accumulator`` (the reply and its usage), ``chunks`` (the AI SDK
+encoder), ``finalize`` (the batched final write), ``replay`` (a stored turn's
+stream), ``upkeep`` (checkpoints and leases of running turns).
 """
 
 from __future__ import annotations
@@ -17,16 +28,22 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
+from starlette.responses import Response
 
+from gateway.replicas.follow import attach_shared, supersede_shared
 from gateway.streaming.relay import LiveTurn, LocalRelay, SharedRelay
+from gateway.streaming.responses import follow_live, sse_response
 from gateway.turn.accumulator import ContentBuilder, TurnUsage, estimate_tokens
 from gateway.turn.chunks import ChunkEncoder, events_of_chunks
+from gateway.turn.finalize import FinalizeBatcher, write_final
+from gateway.turn.replay import from_list, replay_chunks, stored_usage
 from llm_adapters.base import Adapter, AdapterRequest, ChatMessage
 from llm_adapters.events import FinishReason, Usage
 from persistence import Store, UsageRecord
-from turngate.exceptions import RelayError, UpstreamError
+from turngate.exceptions import UpstreamError
 
 if TYPE_CHECKING:
+    from gateway.context import AppContext
     from gateway.ops.metrics import Metrics
     from gateway.ops.settings import Settings
     from gateway.replicas.limits import SharedLimits
@@ -40,11 +57,255 @@ LEASE_LOST_ERROR = (
     "The reply was stopped: this gateway lost its claim on the turn to another process."
 )
 NOT_SAVED_ERROR = "The reply could not be saved; reloading may show less of it."
-# Backoff of a final write that failed: the first retry at once-ish, then doubling up
-# to half a checkpoint interval (at most 1 s), so a thread whose final write waited on
-# the database is free again within a checkpoint interval of its return.
-RETRY_FIRST_SECONDS = 0.05
-RETRY_MAX_SECONDS = 1.0
+
+
+# -- opening: what the routes call after parsing, authentication and limits ------------
+
+
+class Refused(Exception):
+    """The turn cannot be started, regenerated or followed now.
+
+    ``kind`` says why (``thread_not_found``, ``turn_not_found``, ``unauthorized``,
+    ``unavailable``, ``thread_busy``, ``turn_in_progress``, ``not_last_turn``,
+    ``shutting_down``); the route turns it into its HTTP answer.
+    """
+
+    def __init__(self, kind: str, message: str = "") -> None:
+        super().__init__(message or kind)
+        self.kind = kind
+        self.message = message or kind
+
+
+_THREAD_BUSY = "another turn is streaming on this thread"
+_STILL_GENERATING = "the reply is still being generated; stop it first"
+
+
+async def attach_running(
+    ctx: AppContext, user_id: int, thread_id: str, turn_id: str
+) -> Response | None:
+    """The stream of ``turn_id`` if it is generating here already (a retry, a double
+    submit: no database round trip), else None once the thread is free for it here.
+
+    A turn of the thread that nobody reads any more is superseded (``supersede``);
+    one that is read refuses with ``thread_busy``.
+    """
+    live = ctx.relay.get(thread_id, turn_id)
+    if live is not None and live.owner_id == user_id and not live.overflowed:
+        return sse_response(ctx, follow_live(ctx, live))
+    running = ctx.relay.running_on_thread(thread_id)
+    if (
+        running is not None and running.owner_id == user_id and running.turn_id != turn_id
+        and not await ctx.runner.supersede(running)
+    ):
+        raise Refused("thread_busy", _THREAD_BUSY)
+    if ctx.runner.draining:
+        raise Refused("shutting_down", "the server is shutting down")
+    return None
+
+
+async def open_turn(
+    ctx: AppContext, user_id: int, thread_id: str, turn_id: str,
+    content: list[dict[str, Any]], adapter: Adapter, model: str, model_string: str,
+    started: float, *, key_prefix: str | None = None, key_hash: str | None = None,
+) -> tuple[Response, bool]:
+    """Open the turn; start its generation, or attach to or replay it if it exists.
+
+    The flag says whether a generation started here (it then owns the stream slot).
+    ``key_prefix``/``key_hash``: a cached key, checked by the open statement itself.
+    """
+    opened = await ctx.store.open_turn(
+        thread_id, user_id, turn_id, content,
+        lease_owner=ctx.instance_id, lease_seconds=ctx.settings.lease_seconds,
+        with_history=True, history_limit=ctx.settings.history_messages,
+        key_prefix=key_prefix, key_hash=key_hash,
+    )
+    if opened.status in ("unavailable", "unauthorized", "thread_not_found"):
+        raise Refused(opened.status)
+    own_turn_busy = opened.status == "busy" and opened.busy_turn_id == turn_id
+    if (
+        opened.status == "busy" and not own_turn_busy and opened.busy_turn_id is not None
+        and await supersede_shared(ctx, thread_id, opened.busy_turn_id, user_id)
+    ):
+        # Another replica's turn nobody reads any more ended for this one: open again.
+        opened = await ctx.store.open_turn(
+            thread_id, user_id, turn_id, content,
+            lease_owner=ctx.instance_id, lease_seconds=ctx.settings.lease_seconds,
+            with_history=True, history_limit=ctx.settings.history_messages,
+        )
+        if opened.status == "unavailable":
+            raise Refused("unavailable")
+        own_turn_busy = opened.status == "busy" and opened.busy_turn_id == turn_id
+    if opened.status == "busy" and not own_turn_busy:
+        raise Refused("thread_busy", _THREAD_BUSY)
+    if own_turn_busy or not opened.assistant_inserted:
+        # A retry or double submit: never a second generation. (The store never names
+        # the request's own turn as the busy one; if it did, that turn is streaming,
+        # which is an attach, not a conflict.)
+        response = await stream_turn(ctx, user_id, thread_id, turn_id, -1)
+        if response is None:
+            raise Refused("unavailable")
+        return response, False
+    assert opened.assistant_message_id is not None and opened.user_message_id is not None
+    # The earlier messages came back with the open, in the same round trip.
+    history = history_messages(opened.history or [], turn_id)
+    history.append(ChatMessage("user", content))
+    live = LiveTurn(thread_id, turn_id, user_id, opened.assistant_message_id)
+    return _launch(ctx, live, adapter, AdapterRequest(model=model, messages=history),
+                   opened.user_message_id, model_string, started), True
+
+
+async def attach_to_regenerate(
+    ctx: AppContext, user_id: int, thread_id: str, turn_id: str, replaces: int | None
+) -> Response | None:
+    """A regenerate of the turn generating here: attach to it, or stop it first.
+
+    ``replaces``: the reply the client saw. A regenerate sent twice makes one new
+    reply: the second finds it (replaces no longer current, or it streams with a
+    reader) and attaches to it. A reply still streaming with nobody reading (a
+    Stop, then Regenerate) is stopped first (what its reader was sent stays in the
+    superseded row); one that names it and has a reader is refused.
+    """
+    live = ctx.relay.running_on_thread(thread_id)
+    if live is not None and live.owner_id == user_id and live.turn_id == turn_id:
+        if replaces is not None and replaces != live.message_id:
+            # The reply the client saw was replaced already: a double click.
+            return sse_response(ctx, follow_live(ctx, live))
+        if replaces is None and not live.abandoned:
+            # Someone reads it (a double click without an id): attach, do not restart.
+            return sse_response(ctx, follow_live(ctx, live))
+        if not await ctx.runner.supersede(live):
+            raise Refused("thread_busy", _STILL_GENERATING)
+    if ctx.runner.draining:
+        raise Refused("shutting_down", "the server is shutting down")
+    return None
+
+
+async def open_regenerate(
+    ctx: AppContext, user_id: int, thread_id: str, turn_id: str, replaces: int | None,
+    adapter: Adapter, model: str, model_string: str, started: float,
+) -> tuple[Response, bool]:
+    """Answer the turn's user message again; the reply it had becomes ``superseded``.
+
+    The flag says whether a generation started here (as ``open_turn``'s).
+    """
+    opened = await ctx.store.regenerate_turn(
+        thread_id, user_id, turn_id, replaces=replaces,
+        lease_owner=ctx.instance_id, lease_seconds=ctx.settings.lease_seconds,
+        history_limit=ctx.settings.history_messages,
+    )
+    if opened.status in ("unavailable", "thread_not_found", "turn_not_found"):
+        raise Refused(opened.status)
+    if opened.status == "not_last_turn":
+        raise Refused(
+            "not_last_turn",
+            f"turn {turn_id[:40]!r} is not the thread's last; only the last reply "
+            "can be regenerated",
+        )
+    if opened.status == "busy":
+        raise Refused("thread_busy", _STILL_GENERATING)
+    assert opened.assistant_message_id is not None and opened.user_message_id is not None
+    if not opened.assistant_inserted:
+        response = await stream_turn(
+            ctx, user_id, thread_id, turn_id, -1, opened.assistant_message_id
+        )
+        if response is None:
+            raise Refused("unavailable")
+        return response, False
+    history = history_messages(opened.history or [], turn_id)
+    history.append(ChatMessage("user", opened.user_content or []))
+    live = LiveTurn(thread_id, turn_id, user_id, opened.assistant_message_id)
+    return _launch(ctx, live, adapter, AdapterRequest(model=model, messages=history),
+                   opened.user_message_id, model_string, started), True
+
+
+def _launch(
+    ctx: AppContext, live: LiveTurn, adapter: Adapter, request: AdapterRequest,
+    user_message_id: int, model_string: str, started: float,
+) -> Response:
+    """Start generating the opened turn; the response follows it from its first chunk."""
+    ctx.runner.launch(
+        live, adapter, request,
+        user_message_id=user_message_id, model_string=model_string, started=started,
+    )
+    return sse_response(ctx, follow_live(ctx, live))
+
+
+async def stream_turn(
+    ctx: AppContext, user_id: int, thread_id: str, turn_id: str, after: int,
+    message_id: int | None = None,
+) -> Response | None:
+    """Stream an existing turn from SSE id ``after``: live from the relay (this
+    replica's, else the shared one), else rebuilt from the database.
+
+    None when the turn has no assistant row (nothing to resume). ``message_id``: the
+    reply wanted, when the relay may still hold the one it replaced (regenerate).
+    """
+    live = ctx.relay.get(thread_id, turn_id)
+    if (
+        live is not None and live.owner_id == user_id and not live.overflowed
+        and message_id in (None, live.message_id)
+    ):
+        return sse_response(ctx, follow_live(ctx, live, after))
+    try:
+        rows = await ctx.store.get_turn(thread_id, turn_id)
+    except Exception as exc:
+        logger.warning("turn_lookup_failed turn_id=%s: %s", turn_id,
+                       str(exc) or type(exc).__name__,
+                       extra={"event": "turn_lookup_failed", "turn_id": turn_id})
+        raise Refused("unavailable") from None
+    assistant = rows.assistant
+    if assistant is None:
+        return None
+    if ctx.shared is not None and ctx.relay.get(thread_id, turn_id) is None:
+        # Several replicas: the turn's stream as its generating replica relays it.
+        shared = await attach_shared(
+            ctx, thread_id, turn_id, after, assistant.status == "streaming", user_id
+        )
+        if shared is not None:
+            return shared
+    if assistant.status == "streaming":
+        live = await ctx.relay.wait_for(
+            thread_id, turn_id, within=2.0 if ctx.shared is None else 0.0,
+            message_id=assistant.id,
+        )
+        if (
+            live is not None and live.owner_id == user_id and live.message_id == assistant.id
+            and not live.overflowed
+        ):
+            return sse_response(ctx, follow_live(ctx, live, after))
+        raise Refused(
+            "turn_in_progress", "this turn is being generated elsewhere; retry shortly"
+        )
+    usage = await stored_usage(ctx.store, user_id, thread_id, assistant.id)
+    chunks = replay_chunks(
+        message_id=assistant.id,
+        user_message_id=rows.user.id if rows.user is not None else None,
+        thread_id=thread_id,
+        turn_id=turn_id,
+        parts=assistant.content,
+        status=assistant.status,
+        usage=usage,
+        event_map=assistant.event_map,
+    )
+    return sse_response(ctx, from_list(chunks, after))
+
+
+def history_messages(rows: list[Any], turn_id: str) -> list[ChatMessage]:
+    """The thread's earlier messages as adapter input (this turn's rows excluded)."""
+    out: list[ChatMessage] = []
+    for row in rows:
+        if row.turn_id == turn_id:
+            continue
+        if row.role not in ("user", "assistant") or row.status in ("streaming", "superseded"):
+            continue
+        parts = [p for p in row.content if isinstance(p, dict) and p.get("type") != "status"]
+        if parts:
+            out.append(ChatMessage(row.role, parts))
+    return out
+
+
+
+# -- the generation: launched, generated, left by its readers, finished --------------
 
 
 class TurnRunner:
@@ -66,12 +327,15 @@ class TurnRunner:
         self.metrics = metrics
         self.instance_id = instance_id
         self.task_group: TaskGroup | None = None
-        self.mirror: SharedRelay | None = None  # copies turns to other replicas
-        self.limits: SharedLimits | None = None  # stream slots across replicas
+        self.batcher = FinalizeBatcher(store)  # its ``run`` is started by the lifespan
+        # With REDIS_URL (set by the lifespan): the relay between replicas, which turns
+        # generated here are mirrored to, and the stream slots across replicas.
+        self.shared: SharedRelay | None = None
+        self.limits: SharedLimits | None = None
         self.draining = False
         self._idle = anyio.Event()
         # Set when a drain's grace is over: final writes stop retrying (the process exits).
-        self._give_up = anyio.Event()
+        self.give_up = anyio.Event()
 
     # -- starting ---------------------------------------------------------
 
@@ -98,8 +362,8 @@ class TurnRunner:
         )
         live.on_unread = self.on_unread
         self.relay.add(live)
-        if self.mirror is not None:
-            self.task_group.start_soon(self.mirror.mirror, live)
+        if self.shared is not None:
+            self.task_group.start_soon(self.shared.mirror, live)
         logger.info(
             "turn_start thread_id=%s turn_id=%s message_id=%s user_message_id=%s model=%s",
             live.thread_id, live.turn_id, live.message_id, user_message_id, model_string,
@@ -224,15 +488,19 @@ class TurnRunner:
                 parts.append({"type": "error", "errorText": error_text})
                 if event_map:
                     event_map = [*event_map, None]
-            if live.keep_upto is not None and status == "cancelled":
+            sent_chunks = (
+                live.complete_upto(live.keep_upto) if live.keep_upto is not None else None
+            )
+            if sent_chunks is not None and status == "cancelled":
                 # The reader left and nobody came back: store what it was sent (and how
                 # it was streamed), though the usage above counts every token generated.
+                # (Past the relay's memory bound those chunks are gone: all is stored.)
                 sent = ContentBuilder()
-                for event in events_of_chunks(live.events[: live.keep_upto + 1]):
+                for event in events_of_chunks(sent_chunks):
                     sent.feed(event)
                 parts, event_map = sent.final(), sent.event_map()
             t0 = time.monotonic()
-            outcome, attempts = await self._write_final(live, parts, event_map, status, record)
+            outcome, attempts = await write_final(self, live, parts, event_map, status, record)
             self.metrics.finalize_duration.observe(time.monotonic() - t0)
             if live.lease_gone:
                 error_text = LEASE_LOST_ERROR
@@ -301,7 +569,7 @@ class TurnRunner:
         policy = self.settings.on_disconnect
         if policy == "continue" or self.draining or self.task_group is None:
             return
-        if policy == "cancel" and self.mirror is None:
+        if policy == "cancel" and self.shared is None:
             live.cancel("cancelled", keep_upto=live.last_delivered)
             return
         grace = self.settings.disconnect_grace_seconds if policy == "grace" else 0.0
@@ -312,8 +580,8 @@ class TurnRunner:
             return
         if not live.abandoned or self.draining:
             return
-        if self.mirror is not None and (
-            await self.mirror.remote_readers(live.thread_id, live.turn_id) > 0
+        if self.shared is not None and (
+            await self.shared.remote_readers(live.thread_id, live.turn_id) > 0
             or not live.abandoned
         ):
             return
@@ -334,7 +602,7 @@ class TurnRunner:
         """
         if self.settings.on_disconnect != "grace" or not live.abandoned:
             return False
-        if self.mirror is not None and await self.mirror.remote_readers(
+        if self.shared is not None and await self.shared.remote_readers(
             live.thread_id, live.turn_id
         ) > 0:
             return False
@@ -343,171 +611,6 @@ class TurnRunner:
         with anyio.move_on_after(self.settings.finalize_timeout + 1):
             await live.wait_done()
         return live.done
-
-    async def _write_final(
-        self, live: LiveTurn, parts: list[dict[str, Any]], event_map: list[Any], status: str,
-        record: UsageRecord,
-    ) -> tuple[str, int]:
-        """Write the turn's final row and usage until it lands; ``(outcome, attempts)``.
-
-        A write that fails (database down, locked, pool exhausted) is retried with
-        backoff for as long as the process lives; meanwhile the turn stays in
-        ``relay.running()``, so the maintenance loop keeps renewing its lease and no
-        reaper takes it. Ends with ``ok`` (written),
-        ``row_missing`` (the row is not ours to write: deleted, superseded, final
-        already) or, only once a drain gave up on it, ``failed``.
-        """
-        from gateway.turn.finalize import finalize  # batched with the turns ending meanwhile
-
-        attempts = 0
-        delay = RETRY_FIRST_SECONDS
-        cap = min(RETRY_MAX_SECONDS, self.settings.checkpoint_seconds / 2)
-        while True:
-            attempts += 1
-            # The lock waits for a checkpoint of this turn still in flight (bounded by
-            # the store's deadline), so a reclaim cannot follow the final write.
-            async with live.db_lock:
-                outcome = await finalize(
-                    self, live.message_id, live.thread_id, live.owner_id, parts, status,
-                    record, event_map,
-                )
-            if outcome == "row_missing" and attempts > 1:
-                outcome = await self._written_already(live, status)
-            if outcome != "failed" or self._give_up.is_set():
-                return outcome, attempts
-            self.metrics.finalize_retries.inc()
-            if attempts == 1:
-                logger.warning(
-                    "finalize_retrying message_id=%s status=%s", live.message_id, status,
-                    extra={"event": "finalize_retrying", "message_id": live.message_id,
-                           "thread_id": live.thread_id, "turn_id": live.turn_id,
-                           "status": status},
-                )
-            with anyio.move_on_after(delay):
-                await self._give_up.wait()
-            delay = min(delay * 2, cap)
-
-    async def _written_already(self, live: LiveTurn, status: str) -> str:
-        """After a failed attempt, ``row_missing`` may mean that attempt committed and
-        only its answer was lost: the row already holds our status."""
-        try:
-            rows = await self.store.get_turn(live.thread_id, live.turn_id)
-        except Exception:
-            return "failed"
-        row = rows.assistant
-        if row is not None and row.id == live.message_id and row.status == status:
-            return "ok"
-        return "row_missing"
-
-    # -- upkeep -----------------------------------------------------------
-
-    async def checkpoint_running(self) -> None:
-        """Save the partial content of running turns that changed; renew the other leases.
-
-        Leases belong to generations that are running or whose final write is
-        being retried, nothing else: the renewal names exactly those rows. Turns
-        whose content did not change since their last checkpoint (idle streams,
-        slow upstreams) and turns that are finalizing cost nothing per turn: one
-        statement renews them all. A row missing from a checkpoint or a renewal
-        (a reaper marked it ``interrupted`` after a stall longer than the lease) is
-        taken back at once, or, if that is refused, its generation is stopped
-        (``_lease_lost``).
-        """
-        renew: list[LiveTurn] = []
-        for live in self.relay.running():
-            content = live.content
-            if live.done:
-                continue
-            if (
-                live.finalizing
-                or not isinstance(content, ContentBuilder)
-                or content.version == live.checkpointed_version
-            ):
-                renew.append(live)
-                continue
-            await self._checkpoint(live, content)
-        if not renew:
-            return
-        renewed = await self.store.renew_leases(
-            self.instance_id, self.settings.lease_seconds, [t.message_id for t in renew]
-        )
-        for live in renew:
-            if live.message_id not in renewed and not live.finalizing and not live.done:
-                content = live.content
-                await self._checkpoint(
-                    live, content if isinstance(content, ContentBuilder) else None,
-                    lost=True,
-                )
-
-    async def _checkpoint(
-        self, live: LiveTurn, content: ContentBuilder | None, *, lost: bool = False
-    ) -> None:
-        async with live.db_lock:
-            if live.finalizing or live.done:
-                return  # its final write has begun: the row is no longer a checkpoint's
-            version = content.version if content is not None else live.checkpointed_version
-            parts = content.snapshot() if content is not None else [{"type": "text", "text": ""}]
-            stream_map = content.event_map() if content is not None else []
-            if not lost and await self.store.checkpoint(
-                live.message_id, parts, lease_owner=self.instance_id,
-                lease_seconds=self.settings.lease_seconds, event_map=stream_map,
-            ):
-                live.checkpointed_version = version
-                return
-            await self._lease_lost(live, parts, stream_map, version)
-
-    async def _lease_lost(
-        self, live: LiveTurn, parts: list[dict[str, Any]], stream_map: list[Any], version: int
-    ) -> None:
-        """Our row was not ours any more: take it back, or stop the generation.
-
-        Taking it back works when a reaper marked it ``interrupted`` (the owner
-        outlived its lease: a stall, a lock, a partition) and no other turn streams
-        on the thread; the reply then goes on as if nothing happened. Otherwise
-        (another turn started on the thread, the row is gone) the generation stops;
-        its final write stores the content so far as ``interrupted`` and the stream
-        ends with an ``error`` chunk that says why.
-        """
-        reclaimed = await self.store.checkpoint(
-            live.message_id, parts, lease_owner=self.instance_id,
-            lease_seconds=self.settings.lease_seconds, reclaim=True, event_map=stream_map,
-        )
-        fields = {"message_id": live.message_id, "thread_id": live.thread_id,
-                  "turn_id": live.turn_id}
-        if reclaimed:
-            live.checkpointed_version = version
-            logger.warning("lease_reclaimed message_id=%s", live.message_id,
-                           extra={"event": "lease_reclaimed", **fields})
-            return
-        logger.warning("lease_lost message_id=%s: generation stopped", live.message_id,
-                       extra={"event": "lease_lost", **fields})
-        live.lease_gone = True
-        live.cancel("interrupted")
-
-    async def _renew_stream_holds(self, limits: SharedLimits) -> None:
-        running = [(t.owner_id, t.thread_id, t.turn_id) for t in self.relay.running()]
-        if not running:
-            return
-        try:
-            await limits.renew_streams(running)
-        except RelayError:
-            pass  # Redis is away (logged there); new turns get 503 meanwhile
-
-    async def maintain(self) -> None:
-        """Periodic upkeep: checkpoints, lease renewal, crash recovery, relay sweep."""
-        while True:
-            await anyio.sleep(self.settings.checkpoint_seconds)
-            try:
-                await self.checkpoint_running()
-                if self.limits is not None:
-                    await self._renew_stream_holds(self.limits)
-                await self.store.recover_expired_turns()
-                self.relay.sweep()
-            except Exception as exc:
-                # One line per failed pass, naming the cause; the traceback only at debug.
-                logger.warning("maintenance_failed: %s", str(exc) or type(exc).__name__,
-                               exc_info=logger.isEnabledFor(logging.DEBUG),
-                               extra={"event": "maintenance_failed"})
 
     async def drain(self, grace: float) -> None:
         """Stop taking turns; let running ones finish within ``grace``, then interrupt them."""
@@ -521,24 +624,14 @@ class TurnRunner:
         # flight (or one more) and is given up, before the streams are cut at shutdown
         # (grace + finalize timeout + 1 s). Its row keeps the last checkpoint for a reaper,
         # and its stream ends with an error that says the reply was not saved.
-        self._give_up.set()
+        self.give_up.set()
         if self.relay.running():
             with anyio.move_on_after(self.settings.finalize_timeout + 1):
                 await self._idle.wait()  # set by the last _finish while draining
 
 
-def history_messages(rows: list[Any], turn_id: str) -> list[ChatMessage]:
-    """The thread's earlier messages as adapter input (this turn's rows excluded)."""
-    out: list[ChatMessage] = []
-    for row in rows:
-        if row.turn_id == turn_id:
-            continue
-        if row.role not in ("user", "assistant") or row.status in ("streaming", "superseded"):
-            continue
-        parts = [p for p in row.content if isinstance(p, dict) and p.get("type") != "status"]
-        if parts:
-            out.append(ChatMessage(row.role, parts))
-    return out
-
-
-__all__ = ["GENERIC_ERROR", "TurnRunner", "history_messages"]
+__all__ = [
+    "GENERIC_ERROR", "LEASE_LOST_ERROR", "NOT_SAVED_ERROR", "Refused", "TurnRunner",
+    "attach_running", "attach_to_regenerate", "history_messages", "open_regenerate",
+    "open_turn", "stream_turn",
+]
