@@ -16,6 +16,7 @@ by another process only shows there: reads still pass).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -25,6 +26,8 @@ from starlette.responses import JSONResponse, Response
 
 from gateway.context import AppContext, context
 from persistence import ProbeResult, Store, classify_revision
+
+logger = logging.getLogger("turngate.readyz")
 
 # A probe must answer before the balancer gives up on it (typically 1-5 s).
 _REDIS_TIMEOUT = 1.0
@@ -102,10 +105,8 @@ async def _database_checks(ctx: AppContext) -> tuple[dict[str, str], dict[str, A
 
 
 async def _redis_check(url: str) -> str:
-    try:
-        import redis.asyncio as redis_asyncio
-    except ImportError:  # redis is optional at runtime
-        return "client not installed"
+    import redis.asyncio as redis_asyncio
+
     client = redis_asyncio.from_url(
         url, socket_connect_timeout=_REDIS_TIMEOUT, socket_timeout=_REDIS_TIMEOUT
     )
@@ -113,7 +114,9 @@ async def _redis_check(url: str) -> str:
         with anyio.fail_after(_REDIS_TIMEOUT * 2):
             await client.ping()
         return "ok"
-    except Exception:
+    except Exception as exc:
+        logger.warning("readyz_redis_unreachable error=%s", type(exc).__name__,
+                       extra={"event": "readyz_redis_unreachable", "error": type(exc).__name__})
         return "unreachable"
     finally:
         with anyio.CancelScope(shield=True):

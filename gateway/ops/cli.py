@@ -17,6 +17,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from dotenv import load_dotenv
 
 from gateway.ops.settings import Settings, settings_help
 from turngate.exceptions import ConfigError, SchemaOutdated, TurngateError
@@ -25,10 +26,6 @@ logger = logging.getLogger("turngate.cli")
 
 
 def _load_dotenv() -> None:
-    try:
-        from dotenv import load_dotenv
-    except ImportError:  # optional at runtime
-        return
     load_dotenv(override=False)
 
 

@@ -3,6 +3,7 @@ turn that another replica generates. Used only when ``REDIS_URL`` is set."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
@@ -13,6 +14,8 @@ from gateway.context import AppContext
 from gateway.replicas.stream import RelayLost
 from gateway.streaming.responses import sse_response
 from turngate.exceptions import RelayError
+
+logger = logging.getLogger("turngate.redis")
 
 # How long a cancel from another replica waits to see the turn finalized.
 CANCEL_WAIT_SECONDS = 1.5
@@ -46,8 +49,12 @@ def _streaming_check(
     async def still_streaming() -> bool:
         try:
             rows = await ctx.store.get_turn(thread_id, turn_id)
-        except Exception:
-            return True  # the database is away for a moment: keep following
+        except Exception as exc:  # the database is away for a moment: keep following
+            logger.warning("follow_status_check_failed turn_id=%s error=%s", turn_id,
+                           type(exc).__name__,
+                           extra={"event": "follow_status_check_failed", "turn_id": turn_id,
+                                  "error": type(exc).__name__})
+            return True
         return rows.assistant is not None and rows.assistant.status == "streaming"
 
     return still_streaming

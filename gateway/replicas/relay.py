@@ -102,10 +102,19 @@ class RedisRelay:
         return f"{self.prefix}:turn:{thread_id}:{turn_id}"
 
     def _lost(self, what: str, exc: BaseException) -> None:
+        """Log a Redis failure and mark Redis unavailable.
+
+        The first failure after Redis answered is an error line; later ones, while
+        it is known to be away, go to debug, so an outage is one line, not one per
+        ping, reader and request.
+        """
+        fields = {"during": what, "error": type(exc).__name__}
         if self._available:
             logger.error("redis_unavailable during=%s error=%s", what, type(exc).__name__,
-                         extra={"event": "redis_unavailable", "during": what,
-                                "error": type(exc).__name__})
+                         extra={"event": "redis_unavailable", **fields})
+        else:
+            logger.debug("redis_still_unavailable during=%s error=%s", what,
+                         type(exc).__name__, extra={"event": "redis_still_unavailable", **fields})
         self._available = False
 
     # -- this replica's turns ---------------------------------------------
@@ -194,7 +203,10 @@ class RedisRelay:
             request = json.loads(data)
             live = relay.get(str(request["thread_id"]), str(request["turn_id"]))
             owner = int(request["owner_id"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("redis_cancel_malformed error=%s", type(exc).__name__,
+                           extra={"event": "redis_cancel_malformed",
+                                  "error": type(exc).__name__})
             return
         if live is None or live.owner_id != owner:
             return
