@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
+from gateway.api.auth import KeyMap
+
 if TYPE_CHECKING:
     import anyio
 
@@ -45,6 +47,7 @@ class AppContext:
     streams: StreamSet | None = None
     ready: bool = False
     rate_windows: dict[int, deque[float]] = field(default_factory=dict)
+    keys: KeyMap = field(default_factory=KeyMap)  # API keys that authenticated here
 
     @property
     def shared(self) -> SharedRelay | None:

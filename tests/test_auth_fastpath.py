@@ -1,4 +1,4 @@
-"""Issue 9: a new turn with a key seen before costs one database round trip, auth intact.
+"""A new turn with a key seen before costs one database round trip, auth intact.
 
 The gateway remembers keys that authenticated; a new turn with such a key skips
 ``store.authenticate`` and ``open_turn`` re-checks the key in its own statement
@@ -14,7 +14,7 @@ import anyio
 import httpx
 import pytest
 
-from gateway.api.auth import _map_for
+from gateway.api.auth import KeyMap
 from tests.fixtures_db import RoundTripProxy
 from tests.fixtures_server import GatewayServer, run_gateway
 from tests.test_auth import _cli
@@ -130,7 +130,7 @@ async def test_wrong_secret_with_a_real_prefix_is_401_while_the_key_is_cached(
         await _finish(a, thread, "t1", "scripted:tokens=2,delay_ms=0")
         await anyio.sleep(0.2)
     key = gateway.key
-    assert _map_for(gateway.ctx.store), "the right key is cached"
+    assert gateway.ctx.keys, "the right key is cached"
     forged = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")
     before = await snapshot(gateway.store)
     async with client_for(gateway, forged) as f:
@@ -187,9 +187,7 @@ async def test_cached_key_errors_before_the_open_are_401_once_revoked(
 
 
 async def test_key_map_is_bounded() -> None:
-    from gateway.api.auth import _KeyMap
-
-    m = _KeyMap(size=3)
+    m = KeyMap(size=3)
     for i in range(5):
         m.put((f"p{i}", "h"), i)
     assert len(m) == 3 and m.get(("p0", "h")) is None and m.get(("p4", "h")) == 4

@@ -97,7 +97,7 @@ async def chat(request: Request) -> Response:
     """``POST /api/chat``: the AI SDK request, answered by the turn stream."""
     ctx = context(request)
     started = time.monotonic()
-    user_id = await authenticate(request, ctx.store)
+    user_id = await authenticate(request, ctx.store, ctx.keys)
     await check_rate(ctx, user_id)
     body = require_object(await read_json(request, ctx.settings.max_body_bytes))
     if "id" not in body:
@@ -133,7 +133,7 @@ async def chat_stream(request: Request) -> Response:
     """``GET /api/chat/{id}/stream``: replay-then-follow the running turn, or 204."""
     ctx = context(request)
     thread_id = check_thread_path_id(request.path_params["chat_id"], ctx.settings)
-    user_id = await authenticate(request, ctx.store)
+    user_id = await authenticate(request, ctx.store, ctx.keys)
     if await ctx.store.get_thread(thread_id, user_id) is None:
         # useChat({resume: true}) asks on mount, also for a chat not started yet: 204
         # is "nothing to resume", the same answer for someone else's chat (no leak).

@@ -1,10 +1,11 @@
 """Bearer API keys: every route but health and metrics needs one.
 
 Every route authenticates with ``store.authenticate`` (one query). The one
-exception is starting a new turn with a key this process has already seen
-(issue 9): ``cached_key`` finds its user in a small in-process map, and the
-turn's ``open_turn`` statement re-checks the key (exists, unrevoked, that user)
-before writing anything, so a revoked key still fails on its very next request.
+exception is starting a new turn with a key this process has already seen:
+``cached_key`` finds its user in the app's ``KeyMap`` (``AppContext.keys``), and
+the turn's ``open_turn`` statement re-checks the key (exists, unrevoked, that
+user) before writing anything, so a revoked key still fails on its very next
+request.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from weakref import WeakKeyDictionary
 
 from starlette.requests import Request
 
@@ -37,8 +37,11 @@ class CachedKey:
     key: str = field(repr=False)
 
 
-class _KeyMap:
-    """(prefix, sha256 hex of the secret) → user id of keys that authenticated here.
+class KeyMap:
+    """(prefix, sha256 hex of the secret) to user id of keys that authenticated here.
+
+    One per app (``AppContext.keys``): user ids mean something only in that app's
+    database.
 
     A key's user never changes, so an entry can only be stale about revocation;
     whoever uses one must re-check that in the database. Least recently used out.
@@ -65,17 +68,6 @@ class _KeyMap:
 
     def __len__(self) -> int:
         return len(self._users)
-
-
-# One map per store (per database): user ids mean nothing across databases.
-_MAPS: WeakKeyDictionary[Store, _KeyMap] = WeakKeyDictionary()
-
-
-def _map_for(store: Store) -> _KeyMap:
-    found = _MAPS.get(store)
-    if found is None:
-        found = _MAPS[store] = _KeyMap()
-    return found
 
 
 def _ident(key: str) -> tuple[str, str] | None:
@@ -111,7 +103,7 @@ def bearer_key(request: Request) -> str | None:
     return key.strip()
 
 
-async def authenticate_key(key: str | None, store: Store) -> int:
+async def authenticate_key(key: str | None, store: Store, keys: KeyMap) -> int:
     """The user id of ``key`` as the database says now; 401 for a missing, unknown or
     revoked key. Remembers a good key for ``cached_key``, forgets a refused one."""
     if key is None:
@@ -126,19 +118,19 @@ async def authenticate_key(key: str | None, store: Store) -> int:
     ident = _ident(key)
     if user_id is None:
         if ident is not None:
-            _map_for(store).discard(ident)
+            keys.discard(ident)
         raise unauthorized()
     if ident is not None:
-        _map_for(store).put(ident, user_id)
+        keys.put(ident, user_id)
     return user_id
 
 
-async def authenticate(request: Request, store: Store) -> int:
+async def authenticate(request: Request, store: Store, keys: KeyMap) -> int:
     """The caller's user id; 401 for a missing, unknown or revoked key."""
-    return await authenticate_key(bearer_key(request), store)
+    return await authenticate_key(bearer_key(request), store, keys)
 
 
-def cached_key(request: Request, store: Store) -> CachedKey | None:
+def cached_key(request: Request, keys: KeyMap) -> CachedKey | None:
     """The request's key if it authenticated here before, without a query.
 
     Only for a caller that has the database re-check the key in the statement that
@@ -149,20 +141,21 @@ def cached_key(request: Request, store: Store) -> CachedKey | None:
     ident = _ident(key) if key is not None else None
     if key is None or ident is None:
         return None
-    user_id = _map_for(store).get(ident)
+    user_id = keys.get(ident)
     if user_id is None:
         return None
     return CachedKey(user_id, ident[0], ident[1], key)
 
 
-def forget_key(store: Store, cached: CachedKey) -> None:
+def forget_key(keys: KeyMap, cached: CachedKey) -> None:
     """Drop a key the database refused."""
-    _map_for(store).discard((cached.prefix, cached.secret_hash))
+    keys.discard((cached.prefix, cached.secret_hash))
 
 
 __all__ = [
     "MAX_AUTHORIZATION_BYTES",
     "CachedKey",
+    "KeyMap",
     "authenticate",
     "authenticate_key",
     "authorization_too_long",

@@ -110,7 +110,7 @@ async def list_models(request: Request) -> Response:
     """``GET /v1/models``: ``{"default", "models": [{id, adapter, label, priced}],
     "adapters": [{name, status, error?}], "limits"}``."""
     ctx = context(request)
-    await authenticate(request, ctx.store)
+    await authenticate(request, ctx.store, ctx.keys)
     cache = _cache(request)
     models: list[dict[str, Any]] = []
     adapters: list[dict[str, Any]] = []

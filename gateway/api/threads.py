@@ -63,7 +63,7 @@ def message_json(row: Any) -> dict[str, Any]:
 async def create_thread(request: Request) -> Response:
     """``POST /v1/threads``: ``{"id"?, "title"?}`` → 201 (200 if the caller already has it)."""
     ctx = context(request)
-    user_id = await authenticate(request, ctx.store)
+    user_id = await authenticate(request, ctx.store, ctx.keys)
     await check_rate(ctx, user_id)
     body = require_object(await read_json(request, 64 * 1024))
     thread_id = body.get("id")
@@ -82,7 +82,7 @@ async def create_thread(request: Request) -> Response:
 async def list_threads(request: Request) -> Response:
     """``GET /v1/threads``: the caller's threads, newest first, paginated by ``before``."""
     ctx = context(request)
-    user_id = await authenticate(request, ctx.store)
+    user_id = await authenticate(request, ctx.store, ctx.keys)
     try:
         rows, next_cursor = await ctx.store.list_threads(
             user_id, limit=_limit(request), before=_cursor(request)
@@ -99,7 +99,7 @@ async def list_messages(request: Request) -> Response:
     """
     ctx = context(request)
     thread_id = check_thread_path_id(request.path_params["thread_id"], ctx.settings)
-    user_id = await authenticate(request, ctx.store)
+    user_id = await authenticate(request, ctx.store, ctx.keys)
     include = request.query_params.get("include", "")
     if include not in ("", "superseded"):
         raise ApiError(
@@ -140,7 +140,7 @@ async def append_message(request: Request) -> Response:
     """``POST /v1/threads/{id}/messages``: the legacy client's idempotent append."""
     ctx = context(request)
     thread_id = check_thread_path_id(request.path_params["thread_id"], ctx.settings)
-    user_id = await authenticate(request, ctx.store)
+    user_id = await authenticate(request, ctx.store, ctx.keys)
     await check_rate(ctx, user_id)
     body = require_object(await read_json(request, ctx.settings.max_body_bytes))
     role, content = parse_legacy_message(body, ctx.settings)
@@ -158,7 +158,7 @@ async def append_message(request: Request) -> Response:
 async def list_usage(request: Request) -> Response:
     """``GET /v1/usage``: the caller's token_usage rows, optionally for one thread."""
     ctx = context(request)
-    user_id = await authenticate(request, ctx.store)
+    user_id = await authenticate(request, ctx.store, ctx.keys)
     thread_id = request.query_params.get("thread_id")
     if thread_id is not None:
         thread_id = check_thread_path_id(thread_id, ctx.settings)
@@ -195,7 +195,7 @@ async def rename_thread(request: Request) -> Response:
     """``PATCH /v1/threads/{id}``: ``{"title": str | null}`` → the thread."""
     ctx = context(request)
     thread_id = check_thread_path_id(request.path_params["thread_id"], ctx.settings)
-    user_id = await authenticate(request, ctx.store)
+    user_id = await authenticate(request, ctx.store, ctx.keys)
     await check_rate(ctx, user_id)
     body = require_object(await read_json(request, 64 * 1024))
     unknown = sorted(set(body) - {"title"})
@@ -225,7 +225,7 @@ async def delete_thread(request: Request) -> Response:
     thread and its messages; its ``token_usage`` rows stay."""
     ctx = context(request)
     thread_id = check_thread_path_id(request.path_params["thread_id"], ctx.settings)
-    user_id = await authenticate(request, ctx.store)
+    user_id = await authenticate(request, ctx.store, ctx.keys)
     await check_rate(ctx, user_id)
     if await ctx.store.get_thread(thread_id, user_id) is None:
         raise not_found()

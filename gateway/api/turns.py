@@ -94,8 +94,8 @@ async def start_turn(request: Request) -> Response:
     started = time.monotonic()
     thread_id = check_thread_path_id(request.path_params["thread_id"], ctx.settings)
     # A key seen here before: no authenticate round trip, open_turn re-checks it.
-    key = cached_key(request, ctx.store)
-    user_id = key.user_id if key is not None else await authenticate(request, ctx.store)
+    key = cached_key(request, ctx.keys)
+    user_id = key.user_id if key is not None else await authenticate(request, ctx.store, ctx.keys)
     try:
         await check_rate(ctx, user_id)
         body = parse_turn_request(
@@ -110,7 +110,7 @@ async def start_turn(request: Request) -> Response:
 async def _confirm_key(ctx: AppContext, key: CachedKey | None) -> None:
     """Authenticate a cached key for real (401 if it is no longer valid)."""
     if key is not None:
-        await authenticate_key(key.key, ctx.store)
+        await authenticate_key(key.key, ctx.store, ctx.keys)
 
 
 async def _reserve(ctx: AppContext, user_id: int, thread_id: str, turn_id: str) -> bool:
@@ -155,7 +155,7 @@ async def start(
         return response
     except Refused as exc:
         if exc.kind == "unauthorized" and key is not None:
-            forget_key(ctx.store, key)
+            forget_key(ctx.keys, key)
         raise _refusal(exc) from None
     finally:
         if held and not started_generation:
@@ -167,7 +167,7 @@ async def regenerate_turn(request: Request) -> Response:
     ctx = context(request)
     started = time.monotonic()
     thread_id = check_thread_path_id(request.path_params["thread_id"], ctx.settings)
-    user_id = await authenticate(request, ctx.store)
+    user_id = await authenticate(request, ctx.store, ctx.keys)
     await check_rate(ctx, user_id)
     turn_id = check_id(request.path_params["turn_id"], "turn_id", ctx.settings)
     empty = request.headers.get("content-length", "0") == "0" and (
@@ -232,7 +232,7 @@ async def resume_turn(request: Request) -> Response:
     """``GET /v1/threads/{id}/turns/{turn_id}/stream``: replay from Last-Event-ID, then follow."""
     ctx = context(request)
     thread_id = check_thread_path_id(request.path_params["thread_id"], ctx.settings)
-    user_id = await authenticate(request, ctx.store)
+    user_id = await authenticate(request, ctx.store, ctx.keys)
     turn_id = check_id(request.path_params["turn_id"], "turn_id", ctx.settings)
     after = _last_event_id(request)
     thread = await ctx.store.get_thread(thread_id, user_id)
@@ -246,7 +246,7 @@ async def cancel_turn(request: Request) -> Response:
     """``POST /v1/threads/{id}/turns/{turn_id}/cancel``: stop a running generation."""
     ctx = context(request)
     thread_id = check_thread_path_id(request.path_params["thread_id"], ctx.settings)
-    user_id = await authenticate(request, ctx.store)
+    user_id = await authenticate(request, ctx.store, ctx.keys)
     turn_id = check_id(request.path_params["turn_id"], "turn_id", ctx.settings)
     thread = await ctx.store.get_thread(thread_id, user_id)
     if thread is None:
