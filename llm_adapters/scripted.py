@@ -17,9 +17,6 @@ once the request carries the call's result (the turn's assistant message holds t
 answered call), it answers ``NAME answered: <result>`` (or ``NAME answered: Error:
 <errorText>``). ``parallel=P`` makes P calls at once in each step, ``rounds=R``
 calls again in R steps before answering.
-
-``trace=KEY`` records progress in :data:`TRACES` so tests can see how far a
-generation got and whether it was closed.
 """
 
 from __future__ import annotations
@@ -47,20 +44,6 @@ from llm_adapters.events import (
 )
 from turngate.exceptions import UpstreamProtocolError
 
-
-@dataclass
-class Trace:
-    """How far one traced generation got."""
-
-    deltas_sent: int = 0
-    text_deltas_sent: int = 0
-    finished: bool = False
-    closed: bool = False
-
-
-TRACES: dict[str, Trace] = {}
-_MAX_TRACES = 10_000
-
 _INT_OPTIONS = (
     "tokens", "delay_ms", "reasoning", "tools", "fail_after", "chunk", "parallel", "rounds"
 )
@@ -76,7 +59,6 @@ class ScriptOptions:
     tools: int = 0
     fail_after: int | None = None
     chunk: int | None = None
-    trace: str | None = None
     call: str | None = None
     args: tuple[tuple[str, Any], ...] = ()
     parallel: int = 1
@@ -91,9 +73,6 @@ def parse_options(model: str) -> ScriptOptions:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ValueError(f"scripted option {item!r} must be in format \"<name>=<value>\"")
-        if key == "trace":
-            values["trace"] = raw[:100]
-            continue
         if key == "call":
             if not raw:
                 raise ValueError("scripted option call= must name a tool")
@@ -105,7 +84,7 @@ def parse_options(model: str) -> ScriptOptions:
         if key not in _INT_OPTIONS:
             raise ValueError(
                 f"unknown scripted option {key!r}; expected one of "
-                f"{', '.join(_INT_OPTIONS + ('trace', 'call', 'arg.<name>'))}"
+                f"{', '.join(_INT_OPTIONS + ('call', 'arg.<name>'))}"
             )
         if not raw.isdigit() or int(raw) > 1_000_000:
             raise ValueError(f"scripted option {key}={raw!r} must be an integer 0..1000000")
@@ -141,11 +120,7 @@ class ScriptedAdapter(BaseAdapter):
 
     async def stream(self, request: AdapterRequest) -> AsyncGenerator[AdapterEvent, None]:
         opts = parse_options(request.model)
-        trace = Trace()
-        if opts.trace:
-            if len(TRACES) >= _MAX_TRACES:
-                TRACES.clear()
-            TRACES[opts.trace] = trace
+        sent = 0  # deltas: the completion tokens it reports
         prompt_tokens = sum(len(_words(m.text)) for m in request.messages)
         delay = opts.delay_ms / 1000
 
@@ -157,54 +132,49 @@ class ScriptedAdapter(BaseAdapter):
             else:
                 await anyio.lowlevel.checkpoint()
 
-        try:
-            if opts.call:
-                async for event in self._tool_step(request, opts, pause):
-                    yield event
-                return
-            for i in range(1, opts.reasoning + 1):
-                await pause()
-                trace.deltas_sent += 1
-                yield ReasoningDelta(f"r{i} ")
-            for i in range(1, opts.tools + 1):
-                call_id = f"call_{i}"
-                args = json.dumps({"query": f"q{i}", "n": i})
-                await pause()
-                yield ToolCallStart(call_id, "lookup")
-                step = max(1, len(args) // 3)
-                for start in range(0, len(args), step):
-                    await pause()
-                    trace.deltas_sent += 1
-                    yield ToolCallDelta(call_id, args[start : start + step])
-                yield ToolCallEnd(call_id)
-                await pause()
-                yield ToolResult(call_id, {"answer": f"a{i}"})
-            texts: Iterable[str]
-            if opts.tokens is None and opts.chunk:
-                last = request.messages[-1].text if request.messages else ""
-                size = opts.chunk
-                texts = [last[i : i + size] for i in range(0, len(last), size)] or ["(empty)"]
-            elif opts.tokens is None:
-                last = request.messages[-1].text if request.messages else ""
-                texts = [w + " " for w in _words(last)] or ["(empty)"]
-            else:
-                # Lazily: a list of a long script's deltas, built up front, cost the
-                # event loop seconds when a thousand such turns started at once.
-                texts = (f"w{i} " for i in range(1, opts.tokens + 1))
-            for n, text in enumerate(texts):
-                if opts.fail_after is not None and n >= opts.fail_after:
-                    raise UpstreamProtocolError(f"scripted failure after {n} text deltas")
-                await pause()
-                trace.deltas_sent += 1
-                trace.text_deltas_sent += 1
-                yield TextDelta(text)
+        if opts.call:
+            async for event in self._tool_step(request, opts, pause):
+                yield event
+            return
+        for i in range(1, opts.reasoning + 1):
             await pause()
-            yield Usage(f"scripted:{request.model}" if request.model else "scripted",
-                        prompt_tokens, trace.deltas_sent)
-            trace.finished = True
-            yield Finish("stop")
-        finally:
-            trace.closed = True
+            sent += 1
+            yield ReasoningDelta(f"r{i} ")
+        for i in range(1, opts.tools + 1):
+            call_id = f"call_{i}"
+            args = json.dumps({"query": f"q{i}", "n": i})
+            await pause()
+            yield ToolCallStart(call_id, "lookup")
+            step = max(1, len(args) // 3)
+            for start in range(0, len(args), step):
+                await pause()
+                sent += 1
+                yield ToolCallDelta(call_id, args[start : start + step])
+            yield ToolCallEnd(call_id)
+            await pause()
+            yield ToolResult(call_id, {"answer": f"a{i}"})
+        texts: Iterable[str]
+        if opts.tokens is None and opts.chunk:
+            last = request.messages[-1].text if request.messages else ""
+            size = opts.chunk
+            texts = [last[i : i + size] for i in range(0, len(last), size)] or ["(empty)"]
+        elif opts.tokens is None:
+            last = request.messages[-1].text if request.messages else ""
+            texts = [w + " " for w in _words(last)] or ["(empty)"]
+        else:
+            # Lazily: a list of a long script's deltas, built up front, cost the
+            # event loop seconds when a thousand such turns started at once.
+            texts = (f"w{i} " for i in range(1, opts.tokens + 1))
+        for n, text in enumerate(texts):
+            if opts.fail_after is not None and n >= opts.fail_after:
+                raise UpstreamProtocolError(f"scripted failure after {n} text deltas")
+            await pause()
+            sent += 1
+            yield TextDelta(text)
+        await pause()
+        yield Usage(f"scripted:{request.model}" if request.model else "scripted",
+                    prompt_tokens, sent)
+        yield Finish("stop")
 
     @staticmethod
     async def _tool_step(

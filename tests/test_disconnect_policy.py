@@ -17,9 +17,9 @@ import anyio
 import httpx
 import pytest
 
-from llm_adapters.scripted import TRACES
 from tests.fixtures_server import GatewayServer, run_gateway
 from tests.sse_client import Stream, stream_request, validate_ui_stream
+from tests.tracing import trace_turns
 
 pytestmark = pytest.mark.anyio
 
@@ -63,6 +63,7 @@ async def test_a_departed_reader_leaves_exactly_what_it_was_sent(
     if policy != "grace":
         env["TURNGATE_ON_DISCONNECT"] = policy
     async with run_gateway(database_url, **env) as gw, gw.client() as client:
+        traces = trace_turns(gw)
         thread = await gw.new_thread(client)
         trace = uuid.uuid4().hex
         s = await stream_request(client, "POST", f"/v1/threads/{thread}/turns",
@@ -75,7 +76,7 @@ async def test_a_departed_reader_leaves_exactly_what_it_was_sent(
         assert stopped < bound, f"{policy}: still generating {stopped:.2f}s after the reader left"
         if policy == "grace":
             assert stopped >= GRACE * 0.9, "cancelled before the grace period ended"
-        t = TRACES[trace]
+        t = traces[trace]
         assert t.closed and not t.finished
         assert row["status"] == "cancelled"
         # The row holds what the reader was sent, not what was generated meanwhile.
@@ -94,6 +95,7 @@ async def test_a_departed_reader_leaves_exactly_what_it_was_sent(
 async def test_a_reader_back_within_the_grace_keeps_the_turn_going(database_url: str) -> None:
     async with run_gateway(database_url, TURNGATE_DISCONNECT_GRACE_SECONDS=str(GRACE)) as gw, \
             gw.client() as client:
+        traces = trace_turns(gw)
         thread = await gw.new_thread(client)
         turns = f"/v1/threads/{thread}/turns"
         trace = uuid.uuid4().hex
@@ -105,13 +107,14 @@ async def test_a_reader_back_within_the_grace_keeps_the_turn_going(database_url:
         assert first.text + resumed.text == FULL
         row = await _final(client, thread, "t1", within=5)
         assert row["status"] == "complete" and _text(row) == FULL
-        assert TRACES[trace].finished
+        assert traces[trace].finished
         assert len(await _usage(client, thread)) == 1
 
 
 async def test_continue_generates_to_the_end(database_url: str) -> None:
     async with run_gateway(database_url, TURNGATE_ON_DISCONNECT="continue") as gw, \
             gw.client() as client:
+        traces = trace_turns(gw)
         thread = await gw.new_thread(client)
         trace = uuid.uuid4().hex
         await stream_request(client, "POST", f"/v1/threads/{thread}/turns",
@@ -119,6 +122,7 @@ async def test_continue_generates_to_the_end(database_url: str) -> None:
         row = await _final(client, thread, "t1", within=5)
         assert row["status"] == "complete" and _text(row) == FULL[: len("".join(
             f"w{i} " for i in range(1, 41)))]
+        assert traces[trace].finished and traces[trace].text_deltas_sent == 40
         assert len(await _usage(client, thread)) == 1
 
 
@@ -127,6 +131,7 @@ async def test_a_new_turn_supersedes_a_turn_nobody_reads(database_url: str) -> N
     and the stopped row holds what the page showed."""
     async with run_gateway(database_url, TURNGATE_DISCONNECT_GRACE_SECONDS="30") as gw, \
             gw.client() as client:
+        traces = trace_turns(gw)
         thread = await gw.new_thread(client)
         turns = f"/v1/threads/{thread}/turns"
         trace = uuid.uuid4().hex
@@ -139,12 +144,13 @@ async def test_a_new_turn_supersedes_a_turn_nobody_reads(database_url: str) -> N
         assert anyio.current_time() - sent < 3, "the new turn waited for the grace period"
         old = await _assistant(client, thread, "t1")
         assert old["status"] == "cancelled" and _text(old) == stopped.text
-        assert TRACES[trace].closed
+        assert traces[trace].closed
         assert (await _assistant(client, thread, "t2"))["status"] == "complete"
         assert len(await _usage(client, thread)) == 2
 
 
 async def test_a_turn_with_a_reader_still_makes_a_new_turn_409(gateway: GatewayServer) -> None:
+    trace_turns(gateway)
     async with gateway.client() as client:
         thread = await gateway.new_thread(client)
         turns = f"/v1/threads/{thread}/turns"

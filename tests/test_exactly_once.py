@@ -9,10 +9,10 @@ import anyio
 import httpx
 import pytest
 
-from llm_adapters.scripted import TRACES
 from persistence import TurnOpened
 from tests.fixtures_server import GatewayServer, run_gateway
 from tests.sse_client import Stream, stream_request, validate_ui_stream
+from tests.tracing import trace_turns
 
 pytestmark = pytest.mark.anyio
 
@@ -146,6 +146,7 @@ async def test_resume_when_nothing_to_resume_is_204(gateway: GatewayServer) -> N
 
 
 async def test_cancel_from_second_connection(gateway: GatewayServer) -> None:
+    traces = trace_turns(gateway)
     trace = uuid.uuid4().hex
     async with gateway.client() as client, gateway.client() as other:
         thread = await gateway.new_thread(client)
@@ -169,7 +170,7 @@ async def test_cancel_from_second_connection(gateway: GatewayServer) -> None:
         s = box["s"]
         validate_ui_stream(s)  # a proper end: parts closed, finish, [DONE]
         assert s.of_type("abort") and s.of_type("finish")[0]["finishReason"] == "other"
-        assert TRACES[trace].closed and not TRACES[trace].finished
+        assert traces[trace].closed and not traces[trace].finished
         msgs, usage = await _rows(client, thread)
         assert msgs[-1]["status"] == "cancelled"
         assert msgs[-1]["content"][0]["text"] == s.text

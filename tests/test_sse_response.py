@@ -23,8 +23,8 @@ import pytest
 
 from gateway.streaming.relay import LiveTurn
 from gateway.streaming.sse import SSEResponse, StreamSet
-from llm_adapters.scripted import TRACES
 from tests.fixtures_server import GatewayServer, run_gateway
+from tests.tracing import trace_turns
 
 pytestmark = pytest.mark.anyio
 sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -130,6 +130,7 @@ async def test_reader_that_stops_reading_is_dropped(database_url: str) -> None:
 @sqlite_only
 async def test_disconnect_cancels_an_idle_generation_within_1s(database_url: str) -> None:
     async with run_gateway(database_url, TURNGATE_ON_DISCONNECT="cancel") as gw:
+        traces = trace_turns(gw)
         trace = uuid.uuid4().hex
         writer, thread, turn_id = await _open_stream(
             gw, f"scripted:tokens=3,delay_ms=5000,trace={trace}"
@@ -141,7 +142,7 @@ async def test_disconnect_cancels_an_idle_generation_within_1s(database_url: str
         live = await _wait_live_done(gw, thread, turn_id, within=1.0)
         assert time.monotonic() - left < 1.0
         assert live.status == "cancelled"
-        assert TRACES[trace].closed and not TRACES[trace].finished
+        assert traces[trace].closed and not traces[trace].finished
 
 
 def _open_streams(gw: GatewayServer) -> float:

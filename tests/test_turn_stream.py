@@ -10,9 +10,9 @@ import anyio
 import httpx
 import pytest
 
-from llm_adapters.scripted import TRACES
 from tests.fixtures_server import GatewayServer, run_gateway
 from tests.sse_client import stream_request, validate_ui_stream
+from tests.tracing import trace_turns
 
 pytestmark = pytest.mark.anyio
 
@@ -122,6 +122,7 @@ async def test_disconnect_cancels_and_finalizes(
 ) -> None:
     gateway = cancelling_gateway
     model, n_events = CUTS[cut]
+    traces = trace_turns(gateway)
     trace = uuid.uuid4().hex
     async with gateway.client() as client:
         thread = await gateway.new_thread(client)
@@ -131,11 +132,11 @@ async def test_disconnect_cancels_and_finalizes(
         left = anyio.current_time()
         assistant = await _wait_status(client, thread, "cancelled", timeout=1.0)
         assert anyio.current_time() - left < 1.0
-        t = TRACES[trace]
+        t = traces[trace]
         assert t.closed and not t.finished
         produced = t.deltas_sent
         await anyio.sleep(0.2)
-        assert TRACES[trace].deltas_sent == produced, "the adapter kept producing"
+        assert traces[trace].deltas_sent == produced, "the adapter kept producing"
         # The row holds what the reader was sent: a prefix of the scripted reply, at
         # least what the client read, at most what was generated.
         text = "".join(p["text"] for p in assistant["content"] if p["type"] == "text")
