@@ -1,6 +1,6 @@
 """uvicorn's httptools protocol with the connection guards it lacks.
 
-Measured with uvicorn 0.54 / httptools 0.9 (issue 15):
+Measured with uvicorn 0.54 / httptools 0.9:
 
 - **No deadline on the request head.** uvicorn arms no timer on a new
   connection, and its keep-alive timer stops at the first byte of the next
@@ -76,7 +76,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # first one still in time.
     pending: ClassVar[dict[GuardedHttpToolsProtocol, None]] = {}
     # One timer per server, not one per connection: a uvloop call_later + cancel
-    # cost ~6 us, and one per request was most of this protocol's extra cost.
+    # costs ~6 us, which per request would be most of this protocol's extra cost.
     _sweeper: ClassVar[list[asyncio.TimerHandle | None]] = [None]
     _dropped: ClassVar[dict[str, int]] = {}
     _logged_at: ClassVar[list[float]] = [0.0]
