@@ -19,6 +19,7 @@ from starlette.requests import Request
 from gateway.api.errors import ApiError
 from gateway.ops.settings import Settings
 from persistence import build_user_content
+from persistence.content import NO_TEXT_MARKER
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 _DATA_URL_RE = re.compile(r"^data:(image/[A-Za-z0-9.+-]+);base64,(.*)$", re.DOTALL)
@@ -45,7 +46,7 @@ _PART_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 }
 _DOCUMENT_KEYS = frozenset({"id", "title", "document_type"})
 # The only status part the gateway writes: the marker of a reply with no text.
-_STATUS_TEXTS = frozenset({"(no text response)"})
+_STATUS_TEXTS = frozenset(part["text"] for part in NO_TEXT_MARKER)
 # Raster formats every vision provider accepts, by the bytes they start with. SVG and
 # anything else is refused: no provider takes it as vision input, and SVG can carry
 # script into every client that renders the history.
