@@ -4,6 +4,7 @@ its schema, Redis (when configured) and draining."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import anyio
 import httpx
@@ -90,7 +91,9 @@ async def test_readyz_schema_not_current(database_url: str) -> None:
         assert (await _ready(client)).status_code == 200
 
 
-async def test_readyz_checks_redis_only_when_configured(pg_url: str) -> None:
+async def test_readyz_checks_redis_only_when_configured(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     async with run_gateway(pg_url, REDIS_URL="redis://127.0.0.1:6379/0") as gw, \
             httpx.AsyncClient(base_url=gw.url) as client:
         r = await _ready(client)
@@ -110,6 +113,9 @@ async def test_readyz_checks_redis_only_when_configured(pg_url: str) -> None:
             assert r.json()["checks"] == {
                 "server": "ok", "database": "ok", "schema": "ok", "redis": "unreachable"
             }
+            assert any(rec.name == "turngate.readyz" and rec.levelno == logging.WARNING
+                       and rec.getMessage().startswith("readyz_redis_unreachable")
+                       for rec in caplog.records), "the failed probe is logged"
             assert (await client.get("/healthz")).status_code == 200
     finally:
         await proxy.close()
