@@ -1,4 +1,4 @@
-"""Exactly one generation per turn: attach, replay, resume, cancel (issue 6)."""
+"""Exactly one generation per turn: attach, replay, resume, cancel."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Redis lost under followers on another replica, and back (issue 15.5).
+"""Redis lost under followers on another replica, and back.
 
 The test runs its own ``redis-server`` on a free port (never the shared one),
 kills it with SIGKILL while readers on replica B follow a turn that replica A

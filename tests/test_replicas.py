@@ -1,4 +1,4 @@
-"""Several replicas over one PostgreSQL and one Redis behave as one gateway (issue 7).
+"""Several replicas over one PostgreSQL and one Redis behave as one gateway.
 
 Real ``turngate serve`` processes on different ports. Redis db 15 is flushed
 before each test. Redis missing is a failure (scripts/test.sh starts it).

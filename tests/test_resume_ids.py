@@ -1,6 +1,6 @@
 """Event ids are stable: resuming with any Last-Event-ID of the live stream yields the
 rest of it, exactly once, whether the events come from the relay or are rebuilt from
-the stored row (relay copy expired, or the owning replica killed) (issue 15, item 4).
+the stored row (relay copy expired, or the owning replica killed).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Clients that stop reading, and clients that never finish their request head (issue 15.6).
+"""Clients that stop reading, and clients that never finish their request head.
 
 Real ``turngate serve`` processes (the guarded httptools protocol is set up by
 the CLI), raw sockets on 127.0.0.1, every load bounded in count and time.
