@@ -36,16 +36,14 @@ class JsonFormatter(logging.Formatter):
 
 
 # Libraries whose debug lines carry request data: `databases` logs every query with its
-# arguments (message content, key hashes), sse-starlette every chunk it sends (the
-# reply), httpx/httpcore every upstream request. Their debug output never reaches our
-# log, whatever TURNGATE_LOG_LEVEL says; content is logged only by turngate itself,
-# at debug level, when TURNGATE_LOG_CONTENT is true.
+# arguments (message content, key hashes), httpx/httpcore every upstream request. Their
+# debug output never reaches our log, whatever TURNGATE_LOG_LEVEL says; content is logged
+# only by turngate itself, at debug level, when TURNGATE_LOG_CONTENT is true.
 THIRD_PARTY_LEVELS = {
     "databases": logging.INFO,
     "aiosqlite": logging.INFO,
     "asyncpg": logging.INFO,
     "sqlalchemy": logging.WARNING,
-    "sse_starlette": logging.INFO,
     "httpx": logging.WARNING,
     "httpcore": logging.WARNING,
     "asyncio": logging.INFO,
