@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.context import AppContext, context
+from gateway.replicas.relay import RedisRelay
 from persistence import ProbeResult, Store, classify_revision
 
 logger = logging.getLogger("turngate.readyz")
@@ -104,23 +105,18 @@ async def _database_checks(ctx: AppContext) -> tuple[dict[str, str], dict[str, A
     return checks, detail
 
 
-async def _redis_check(url: str) -> str:
-    import redis.asyncio as redis_asyncio
-
-    client = redis_asyncio.from_url(
-        url, socket_connect_timeout=_REDIS_TIMEOUT, socket_timeout=_REDIS_TIMEOUT
-    )
+async def _redis_check(ctx: AppContext) -> str:
+    """PING on the app's own Redis client (the relay's), within ``_REDIS_TIMEOUT``."""
+    if not isinstance(ctx.shared, RedisRelay):
+        return "not connected"  # the lifespan has not connected yet
     try:
-        with anyio.fail_after(_REDIS_TIMEOUT * 2):
-            await client.ping()
+        with anyio.fail_after(_REDIS_TIMEOUT):
+            await ctx.shared.ping()
         return "ok"
     except Exception as exc:
         logger.warning("readyz_redis_unreachable error=%s", type(exc).__name__,
                        extra={"event": "readyz_redis_unreachable", "error": type(exc).__name__})
         return "unreachable"
-    finally:
-        with anyio.CancelScope(shield=True):
-            await client.aclose()
 
 
 async def readyz(request: Request) -> Response:
@@ -136,7 +132,7 @@ async def readyz(request: Request) -> Response:
     database, detail = await _database_checks(ctx)
     checks.update(database)
     if ctx.settings.redis_url:
-        checks["redis"] = await _redis_check(ctx.settings.redis_url)
+        checks["redis"] = await _redis_check(ctx)
     # A newer schema (a rolling deploy's release step ran) still serves this code.
     ok = all(value == "ok" or (name, value) == ("schema", "newer")
              for name, value in checks.items())

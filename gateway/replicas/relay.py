@@ -94,6 +94,10 @@ class RedisRelay:
         """The connected ``redis.asyncio.Redis`` client (shared with ``SharedLimits``)."""
         return self._client
 
+    async def ping(self) -> None:
+        """One PING on the relay's own client; raises if Redis does not answer."""
+        await self._client.ping()
+
     @property
     def available(self) -> bool:
         return self._available and self._client is not None
