@@ -19,6 +19,7 @@ from gateway.api.auth import KeyMap
 if TYPE_CHECKING:
     import anyio
 
+    from gateway.api.ops import DatabaseProbe
     from gateway.ops.metrics import Metrics
     from gateway.ops.settings import Settings
     from gateway.replicas.limits import SharedLimits
@@ -48,6 +49,7 @@ class AppContext:
     ready: bool = False
     rate_windows: dict[int, deque[float]] = field(default_factory=dict)
     keys: KeyMap = field(default_factory=KeyMap)  # API keys that authenticated here
+    db_probe: DatabaseProbe | None = None  # /readyz's, made by its first probe
 
     @property
     def shared(self) -> SharedRelay | None:

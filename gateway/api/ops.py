@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from weakref import WeakKeyDictionary
 
 import anyio
 from starlette.requests import Request
@@ -38,7 +37,7 @@ PROBE_TIMEOUT = 2.0
 FAILURE_WINDOW = 5.0
 
 
-class _DatabaseProbe:
+class DatabaseProbe:
     """At most one probe of a store in flight; callers wait for it a bounded time.
 
     The store's operations are shielded from cancellation (a statement is never cut
@@ -70,10 +69,6 @@ class _DatabaseProbe:
             done.set()
 
 
-# One probe record per store, i.e. per app (the store is the app's own).
-_PROBES: WeakKeyDictionary[Store, _DatabaseProbe] = WeakKeyDictionary()
-
-
 async def healthz(request: Request) -> Response:
     """``GET /healthz``: the process answers."""
     return JSONResponse({"status": "ok"})
@@ -81,9 +76,9 @@ async def healthz(request: Request) -> Response:
 
 async def _database_checks(ctx: AppContext) -> tuple[dict[str, str], dict[str, Any]]:
     """The ``database`` and ``schema`` checks, and what explains a failed one."""
-    probe = _PROBES.get(ctx.store)
+    probe = ctx.db_probe
     if probe is None:
-        probe = _PROBES[ctx.store] = _DatabaseProbe()
+        probe = ctx.db_probe = DatabaseProbe()
     result = await probe.check(ctx.store, ctx.runner.task_group)
     detail: dict[str, Any] = {}
     if result.status != "ok":
@@ -156,4 +151,4 @@ async def metrics(request: Request) -> Response:
     )
 
 
-__all__ = ["healthz", "metrics", "readyz"]
+__all__ = ["DatabaseProbe", "healthz", "metrics", "readyz"]
