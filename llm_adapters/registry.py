@@ -63,24 +63,15 @@ class AdapterRegistry:
         return sorted(self._targets)
 
     def get(self, name: str) -> Adapter:
-        """The live adapter called ``name``; raise ``UnknownAdapter`` if none.
-
-        An adapter that fails to load or construct is logged with its cause, and
-        its exception raised; it is tried again on the next call.
-        """
+        """The live adapter called ``name``; raise ``UnknownAdapter`` if none."""
         adapter = self._instances.get(name)
         if adapter is not None:
             return adapter
         target = self._targets.get(name)
         if target is None:
             raise UnknownAdapter(name, self.names)
-        try:
-            factory = _load(target) if isinstance(target, str) else target
-            adapter = factory(self._env)
-        except Exception:  # a broken adapter package: its cause, for whoever runs it
-            logger.exception("adapter_load_failed adapter=%s", name,
-                             extra={"event": "adapter_load_failed", "adapter": name})
-            raise
+        factory = _load(target) if isinstance(target, str) else target
+        adapter = factory(self._env)
         self._instances[name] = adapter
         return adapter
 
