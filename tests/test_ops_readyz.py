@@ -198,3 +198,30 @@ async def test_a_statement_refused_for_its_data_leaves_the_replica_ready(
         r = await _ready(client)
         assert r.status_code == 200, r.text
         assert gw.ctx.store.health.recent(60).count == 0
+
+
+class CountingProxy(RoundTripProxy):
+    """The suite's proxy, counting the connections it accepted."""
+
+    accepted = 0
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        await super()._handle(reader, writer)
+
+
+async def test_readyz_pings_redis_on_the_apps_own_client(pg_url: str) -> None:
+    proxy = CountingProxy("127.0.0.1", 6379)
+    await proxy.start()
+    try:
+        async with run_gateway(pg_url, REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0") as gw, \
+                httpx.AsyncClient(base_url=gw.url) as client:
+            assert (await _ready(client)).json()["checks"]["redis"] == "ok"
+            before = proxy.accepted
+            for _ in range(5):
+                assert (await _ready(client)).json()["checks"]["redis"] == "ok"
+            # A probe opens no client of its own: the relay's pool serves it (one more
+            # pooled connection at most, if a probe meets the health check's ping).
+            assert proxy.accepted - before <= 1
+    finally:
+        await proxy.close()
