@@ -1,0 +1,132 @@
+"""Waiting on a condition instead of sleeping a fixed time.
+
+``eventually`` polls a probe until its value satisfies a predicate and returns that
+value; past the deadline it fails with what the probe last returned, so a timeout
+says what state the system was stuck in rather than only that it was slow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import anyio
+import httpx
+
+from persistence import Store
+
+T = TypeVar("T")
+
+_UNSEEN: Any = object()
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]],
+    ok: Callable[[T], bool],
+    *,
+    within: float,
+    what: str,
+    every: float = 0.02,
+) -> T:
+    """``await probe()`` until ``ok(value)``; that value. Raises ``AssertionError``
+    naming ``what`` and the last value seen if ``within`` seconds pass first."""
+    last: T = _UNSEEN
+    deadline = anyio.current_time() + within
+    while True:
+        last = await probe()
+        if ok(last):
+            return last
+        if anyio.current_time() >= deadline:
+            shown = "nothing" if last is _UNSEEN else repr(last)
+            raise AssertionError(f"{what}: not within {within} s; last seen: {shown}")
+        await anyio.sleep(every)
+
+
+async def until(cond: Callable[[], T], *, within: float, what: str, every: float = 0.01) -> T:
+    """``eventually`` for a synchronous probe of in-process state; returns its
+    first truthy value."""
+
+    async def probe() -> T:
+        return cond()
+
+    return await eventually(probe, bool, within=within, what=what, every=every)
+
+
+async def last_assistant(client: httpx.AsyncClient, thread: str) -> dict[str, Any] | None:
+    """The thread's last assistant message over the API, or None before there is one."""
+    r = await client.get(f"/v1/threads/{thread}/messages")
+    assert r.status_code == 200, r.text
+    rows = [m for m in r.json()["messages"] if m["role"] == "assistant"]
+    return rows[-1] if rows else None
+
+
+def _text(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return ""
+    return "".join(p.get("text", "") for p in row["content"] if p.get("type") == "text")
+
+
+async def assistant_where(
+    client: httpx.AsyncClient,
+    thread: str,
+    ok: Callable[[dict[str, Any]], bool],
+    *,
+    within: float,
+    what: str,
+) -> dict[str, Any]:
+    """The thread's last assistant message once ``ok`` holds for it."""
+    row = await eventually(lambda: last_assistant(client, thread),
+                           lambda m: m is not None and ok(m), within=within, what=what)
+    assert row is not None
+    return row
+
+
+async def streaming_with_text(
+    client: httpx.AsyncClient, thread: str, *, within: float = 5, prefix: str = ""
+) -> dict[str, Any]:
+    """The thread's last assistant row once it is streaming and its stored text (a
+    checkpoint) is non-empty and starts with ``prefix``."""
+    return await assistant_where(
+        client, thread,
+        lambda m: m["status"] == "streaming" and _text(m) != "" and _text(m).startswith(prefix),
+        within=within, what=f"a streaming row with a checkpoint starting {prefix!r}")
+
+
+async def lease_lapsed(store: Store, message_id: int, *, within: float = 5) -> None:
+    """Until the row's ``lease_expires_at`` has passed by the clock the store compares
+    it with (PostgreSQL's ``now()``; on SQLite the process's UTC clock), without
+    writing to the row."""
+    db = store._db
+    if store._is_pg:
+        sql = "SELECT lease_expires_at < now() FROM messages WHERE id = :id"
+
+        async def probe() -> Any:
+            return await db.fetch_val(sql, {"id": message_id})
+    else:  # ISO text in UTC, compared as text with the store's clock in the same format
+        sql = "SELECT lease_expires_at FROM messages WHERE id = :id"
+
+        async def probe() -> Any:
+            expires = await db.fetch_val(sql, {"id": message_id})
+            now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            return expires is not None and expires < now
+
+    await eventually(probe, bool, within=within,
+                     what=f"the lease of message {message_id} to lapse")
+
+
+async def clock_past(store: Store, stamp: str, *, within: float = 5) -> None:
+    """Until the clock the store stamps rows with is strictly past ``stamp`` (a
+    timestamp the store returned), so the next write's stamp sorts after it."""
+    if store._is_pg:
+        value = store._ts_param(stamp)
+
+        async def probe() -> Any:
+            return await store._db.fetch_val("SELECT now() > :ts", {"ts": value})
+    else:
+
+        async def probe() -> Any:
+            return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ") > stamp
+
+    await eventually(probe, bool, within=within, what=f"the store's clock to pass {stamp}",
+                     every=0.001)
