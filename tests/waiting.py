@@ -15,6 +15,8 @@ import anyio
 import httpx
 
 from persistence import Store
+from tests.fixtures_server import GatewayServer
+from tests.sse_client import Stream, parse_sse
 
 T = TypeVar("T")
 
@@ -130,3 +132,38 @@ async def clock_past(store: Store, stamp: str, *, within: float = 5) -> None:
 
     await eventually(probe, bool, within=within, what=f"the store's clock to pass {stamp}",
                      every=0.001)
+
+
+async def thread_released(gw: GatewayServer, thread: str, *, within: float = 5) -> None:
+    """Until no turn generates on ``thread`` in this gateway: a turn's stream ends
+    with its last event, and the turn lets go of the thread just after."""
+    await until(lambda: gw.ctx.relay.running_on_thread(thread) is None, within=within,
+                what=f"the turn on thread {thread} to let go of it")
+
+
+class Reading:
+    """``stream_request`` whose events another task can watch while they arrive:
+    ``await reading.events_at_least(n)`` returns once the reader holds ``n`` events."""
+
+    def __init__(self) -> None:
+        self.stream: Stream | None = None
+
+    async def run(self, client: httpx.AsyncClient, method: str, url: str, *,
+                  limit: int | None = None, **kwargs: Any) -> Stream:
+        async with client.stream(method, url, **kwargs) as response:
+            self.stream = Stream(response.status_code, dict(response.headers))
+            if response.status_code == 200 and response.headers.get(
+                    "content-type", "").startswith("text/event-stream"):
+                await parse_sse(response.aiter_lines(), self.stream, limit)
+            else:
+                self.stream.body = await response.aread()
+            return self.stream
+
+    async def events_at_least(self, n: int, *, within: float = 5) -> Stream:
+        async def seen() -> int:
+            return 0 if self.stream is None else len(self.stream.events)
+
+        await eventually(seen, lambda count: count >= n, within=within, every=0.005,
+                         what=f"{n} events read")
+        assert self.stream is not None
+        return self.stream
