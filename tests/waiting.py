@@ -7,6 +7,7 @@ says what state the system was stuck in rather than only that it was slow.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -167,3 +168,31 @@ class Reading:
                          what=f"{n} events read")
         assert self.stream is not None
         return self.stream
+
+
+def metric(gw: GatewayServer, name: str, **labels: str) -> float:
+    """A sample of the gateway's own metrics registry (0 when it has none yet)."""
+    return gw.ctx.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+def is_request_task(task: asyncio.Task[Any]) -> bool:
+    """The server's task for one HTTP request (uvicorn's ``run_asgi``)."""
+    return task.get_coro().__qualname__.endswith("run_asgi")  # type: ignore[union-attr]
+
+
+async def gateway_idle(gw: GatewayServer, *, within: float = 5) -> None:
+    """Until the in-process gateway has no open stream, no generation and no request
+    in progress: everything a finished turn started has ended."""
+
+    def state() -> tuple[float, float, int, int]:
+        return (metric(gw, "turngate_active_streams"),
+                metric(gw, "turngate_active_generations"),
+                len(gw.ctx.relay.running()),
+                sum(1 for t in asyncio.all_tasks() if is_request_task(t)))
+
+    async def probe() -> tuple[float, float, int, int]:
+        return state()
+
+    await eventually(probe, lambda s: s == (0, 0, 0, 0), within=within, every=0.005,
+                     what="no stream, generation, running turn or request "
+                          "(streams, generations, running, requests)")
