@@ -8,6 +8,7 @@ says what state the system was stuck in rather than only that it was slow.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -196,3 +197,18 @@ async def gateway_idle(gw: GatewayServer, *, within: float = 5) -> None:
     await eventually(probe, lambda s: s == (0, 0, 0, 0), within=within, every=0.005,
                      what="no stream, generation, running turn or request "
                           "(streams, generations, running, requests)")
+
+
+def until_sync(cond: Callable[[], T], *, within: float, what: str,
+               shown: Callable[[], object] | None = None, every: float = 0.01) -> T:
+    """``until`` for tests that run without an event loop (threads, subprocesses);
+    ``shown`` says what to report on a timeout (default: the last value)."""
+    deadline = time.monotonic() + within
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            seen = shown() if shown is not None else value
+            raise AssertionError(f"{what}: not within {within} s; last seen: {seen!r}")
+        time.sleep(every)
