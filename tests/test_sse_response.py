@@ -246,7 +246,8 @@ async def test_disconnect_closes_the_body_and_sends_no_end() -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(response, SCOPE, peer.receive, peer.send)
         # The client leaves once the head and the first event are out.
-        await until(lambda: len(peer.sent) >= 2, within=2, what="the first event sent")
+        await until(lambda: len(peer.sent) >= 2, within=2, what="the first event sent",
+                    shown=lambda: peer.sent)
         peer.leave.set()
     assert body.closed and response.outcome == "disconnect"
     assert all(m.get("more_body", True) for m in peer.sent)

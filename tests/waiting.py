@@ -22,9 +22,6 @@ from tests.sse_client import Stream, parse_sse
 
 T = TypeVar("T")
 
-_UNSEEN: Any = object()
-
-
 async def eventually(
     probe: Callable[[], Awaitable[T]],
     ok: Callable[[T], bool],
@@ -35,26 +32,32 @@ async def eventually(
 ) -> T:
     """``await probe()`` until ``ok(value)``; that value. Raises ``AssertionError``
     naming ``what`` and the last value seen if ``within`` seconds pass first."""
-    last: T = _UNSEEN
     deadline = anyio.current_time() + within
     while True:
         last = await probe()
         if ok(last):
             return last
         if anyio.current_time() >= deadline:
-            shown = "nothing" if last is _UNSEEN else repr(last)
-            raise AssertionError(f"{what}: not within {within} s; last seen: {shown}")
+            raise AssertionError(f"{what}: not within {within} s; last seen: {last!r}")
         await anyio.sleep(every)
 
 
-async def until(cond: Callable[[], T], *, within: float, what: str, every: float = 0.01) -> T:
+async def until(cond: Callable[[], T], *, within: float, what: str,
+                shown: Callable[[], object] | None = None, every: float = 0.01) -> T:
     """``eventually`` for a synchronous probe of in-process state; returns its
-    first truthy value."""
+    first truthy value. ``shown`` says what to report on a timeout (default: the
+    probe's last value)."""
+    try:
+        return await eventually(lambda: _now(cond), bool, within=within, what=what,
+                                every=every)
+    except AssertionError:
+        if shown is None:
+            raise
+        raise AssertionError(f"{what}: not within {within} s; last seen: {shown()!r}") from None
 
-    async def probe() -> T:
-        return cond()
 
-    return await eventually(probe, bool, within=within, what=what, every=every)
+async def _now(cond: Callable[[], T]) -> T:
+    return cond()
 
 
 async def last_assistant(client: httpx.AsyncClient, thread: str) -> dict[str, Any] | None:
@@ -99,8 +102,7 @@ async def streaming_with_text(
 
 async def lease_lapsed(store: Store, message_id: int, *, within: float = 5) -> None:
     """Until the row's ``lease_expires_at`` has passed by the clock the store compares
-    it with (PostgreSQL's ``now()``; on SQLite the process's UTC clock), without
-    writing to the row."""
+    it with (PostgreSQL's ``now()``; on SQLite the process's UTC clock)."""
     db = store._db
     if store._is_pg:
         sql = "SELECT lease_expires_at < now() FROM messages WHERE id = :id"
@@ -137,10 +139,11 @@ async def clock_past(store: Store, stamp: str, *, within: float = 5) -> None:
 
 
 async def thread_released(gw: GatewayServer, thread: str, *, within: float = 5) -> None:
-    """Until no turn generates on ``thread`` in this gateway: a turn's stream ends
-    with its last event, and the turn lets go of the thread just after."""
+    """Until no turn generates on ``thread`` in this gateway (a finished turn's
+    client may have its whole body before the turn lets go of the thread)."""
     await until(lambda: gw.ctx.relay.running_on_thread(thread) is None, within=within,
-                what=f"the turn on thread {thread} to let go of it")
+                what=f"the turn on thread {thread} to let go of it",
+                shown=lambda: gw.ctx.relay.running_on_thread(thread))
 
 
 class Reading:
@@ -178,21 +181,19 @@ def metric(gw: GatewayServer, name: str, **labels: str) -> float:
 
 def is_request_task(task: asyncio.Task[Any]) -> bool:
     """The server's task for one HTTP request (uvicorn's ``run_asgi``)."""
-    return task.get_coro().__qualname__.endswith("run_asgi")  # type: ignore[union-attr]
+    coro = task.get_coro()
+    return coro is not None and str(getattr(coro, "__qualname__", "")).endswith("run_asgi")
 
 
 async def gateway_idle(gw: GatewayServer, *, within: float = 5) -> None:
     """Until the in-process gateway has no open stream, no generation and no request
     in progress: everything a finished turn started has ended."""
 
-    def state() -> tuple[float, float, int, int]:
+    async def probe() -> tuple[float, float, int, int]:
         return (metric(gw, "turngate_active_streams"),
                 metric(gw, "turngate_active_generations"),
                 len(gw.ctx.relay.running()),
                 sum(1 for t in asyncio.all_tasks() if is_request_task(t)))
-
-    async def probe() -> tuple[float, float, int, int]:
-        return state()
 
     await eventually(probe, lambda s: s == (0, 0, 0, 0), within=within, every=0.005,
                      what="no stream, generation, running turn or request "
