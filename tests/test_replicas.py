@@ -471,7 +471,7 @@ async def test_stream_holds_expire_unless_renewed_and_release_is_final(redis_url
             await anyio.sleep(0.25)  # the pace of the renewals, within the 0.5 s hold
             await limits.renew_streams([(7, "th1", "t1")])
         assert await limits.reserve_stream(7, "th2", "t1", 1) == (False, 1)
-        await anyio.sleep(0.6)  # not renewed: lapsed
+        await anyio.sleep(0.6)  # past the 0.5 s hold, not renewed: the expiry under test
         assert await limits.reserve_stream(7, "th2", "t1", 1) == (True, 0)
         await limits.release_stream(7, "th2", "t1")
         await limits.renew_streams([(7, "th2", "t1")])  # never re-creates a released hold
