@@ -75,7 +75,7 @@ class SwallowsCancel(BaseAdapter):
         self.calls += 1
         if self._swallowed:
             self.calls_after_cancel += 1
-        await anyio.sleep(0.001)
+        await anyio.sleep(0.001)  # the fake upstream's latency: a checkpoint a cancel can hit
 
     async def stream(self, request: AdapterRequest) -> AsyncGenerator[AdapterEvent, None]:
         words = _words(request)

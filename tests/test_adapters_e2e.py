@@ -35,6 +35,7 @@ from tests.sse_client import Stream, parse_sse, stream_request, validate_ui_stre
 from tests.stream_corpus import StreamCase, cases, check_text
 from tests.stream_corpus import case as fixture_case
 from tests.upstream_fakes import FakeResponse, FakeUpstream
+from tests.waiting import until
 from turngate.exceptions import UpstreamProtocolError, UpstreamStatusError
 
 pytestmark = pytest.mark.anyio
@@ -509,8 +510,9 @@ async def test_disconnect_before_the_first_token_closes_upstream(database_url: s
 
 
 async def test_disconnect_during_the_retry_wait_sends_no_second_request(
-    database_url: str,
+    database_url: str, caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="turngate.adapters")
     async with FakeUpstream() as fake:
         fake.enqueue(FakeResponse.json(429, {"error": {"type": "rate_limit"}},
                                        headers={"retry-after": "2"}))
@@ -521,11 +523,15 @@ async def test_disconnect_during_the_retry_wait_sends_no_second_request(
                                      json=turn("openai:gpt-4o")) as response:
                 s = Stream(response.status_code, dict(response.headers))
                 await parse_sse(response.aiter_lines(), s, limit=2)
-                await fake.wait_for_request()  # the 429 came; the adapter waits to retry
-                await anyio.sleep(0.1)
+                await fake.wait_for_request()
+                # The 429 came back and the adapter waits out its Retry-After.
+                await until(lambda: [r for r in caplog.records
+                                     if r.getMessage().startswith("upstream_retry")],
+                            within=5, what="the upstream_retry log line")
             validate_ui_stream(s, complete=False)
             assistant = await wait_final(client, thread)
-            await anyio.sleep(2.2)  # past the Retry-After
+            # An observation window, not a wait: a retry would come 2 s after the 429.
+            await anyio.sleep(2.2)
     assert len(fake.requests) == 1
     assert assistant["status"] == "cancelled"
 

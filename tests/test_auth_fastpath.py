@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import anyio
 import httpx
 import pytest
 
@@ -19,6 +18,7 @@ from tests.fixtures_db import RoundTripProxy
 from tests.fixtures_server import GatewayServer, run_gateway
 from tests.test_auth import _cli
 from tests.test_bad_input import assert_json_error, client_for, snapshot
+from tests.waiting import thread_released
 
 pytestmark = pytest.mark.anyio
 
@@ -78,11 +78,11 @@ async def test_revoked_key_next_turn_is_401_and_nothing_written(
     async with client_for(gateway, key) as carol:
         thread = await gateway.new_thread(carol)
         await _finish(carol, thread, "t1", "scripted:tokens=2,delay_ms=0")
-        await anyio.sleep(0.2)
+        await thread_released(gateway, thread)
         calls = _count_authenticate(gateway, monkeypatch)
         await _finish(carol, thread, "t2", "scripted:tokens=2,delay_ms=0")
         assert calls == [], "a known key starts a turn without store.authenticate"
-        await anyio.sleep(0.2)
+        await thread_released(gateway, thread)
 
         assert await gateway.store.revoke_api_key(key[3:11]) is True
         before = await snapshot(gateway.store)
@@ -113,7 +113,7 @@ async def test_cli_revoke_from_another_process_refuses_the_very_next_turn(
     async with client_for(gateway, key) as erin:
         thread = await gateway.new_thread(erin)
         await _finish(erin, thread, "t1", "scripted:tokens=2,delay_ms=0")
-        await anyio.sleep(0.2)
+        await thread_released(gateway, thread)
         assert await _cli("keys", "revoke", key[3:11]) == 0
         before = await snapshot(gateway.store)
         r = await erin.post(f"/v1/threads/{thread}/turns", json=_turn("t2"))
@@ -128,7 +128,7 @@ async def test_wrong_secret_with_a_real_prefix_is_401_while_the_key_is_cached(
     async with gateway.client() as a:
         thread = await gateway.new_thread(a)
         await _finish(a, thread, "t1", "scripted:tokens=2,delay_ms=0")
-        await anyio.sleep(0.2)
+        await thread_released(gateway, thread)
     key = gateway.key
     assert gateway.ctx.keys, "the right key is cached"
     forged = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")
@@ -176,7 +176,7 @@ async def test_cached_key_errors_before_the_open_are_401_once_revoked(
     async with client_for(gateway, key) as gina:
         thread = await gateway.new_thread(gina)
         await _finish(gina, thread, "t1", "scripted:tokens=2,delay_ms=0")
-        await anyio.sleep(0.2)
+        await thread_released(gateway, thread)
         assert await gateway.store.revoke_api_key(key[3:11]) is True
         r = await gina.post(f"/v1/threads/{thread}/turns", json={"turn_id": "x"})
         assert_json_error(r, 401, "unauthorized", "bad body")

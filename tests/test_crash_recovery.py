@@ -10,6 +10,7 @@ import pytest
 
 from tests.fixtures_server import ServerProcess
 from tests.sse_client import stream_request, validate_ui_stream
+from tests.waiting import streaming_with_text
 
 pytestmark = pytest.mark.anyio
 
@@ -39,7 +40,9 @@ async def test_sigkill_mid_stream_then_restart(database_url: str) -> None:
                         pass  # the server died under it
 
                 tg.start_soon(reader)
-                await anyio.sleep(CHECKPOINT * 3)
+                # Killed once a checkpoint holds some of the reply.
+                await streaming_with_text(client, thread, prefix="w1 w2 ",
+                                          within=LEASE + 3 * CHECKPOINT)
                 server.kill(signal.SIGKILL)
             assert await server.wait(5) is not None
             killed_at = anyio.current_time()

@@ -13,6 +13,7 @@ from persistence import TurnOpened
 from tests.fixtures_server import GatewayServer, run_gateway
 from tests.sse_client import Stream, stream_request, validate_ui_stream
 from tests.tracing import trace_turns
+from tests.waiting import Reading, assistant_where, streaming_with_text
 
 pytestmark = pytest.mark.anyio
 
@@ -123,7 +124,9 @@ async def test_resume_with_last_event_id(database_url: str, after_end: bool) -> 
                 client, "POST", f"/v1/threads/{thread}/turns", json=body, limit=12)
             k = first.last_id
             if after_end:
-                await anyio.sleep(1.0)  # the turn goes on without its client, to the end
+                # The turn goes on without its client, to the end.
+                await assistant_where(client, thread, lambda m: m["status"] != "streaming",
+                                      within=5, what="the turn to end")
             rest = await stream_request(
                 client, "GET", f"/v1/threads/{thread}/turns/{turn_id}/stream",
                 headers={"last-event-id": str(k)})
@@ -155,14 +158,16 @@ async def test_cancel_from_second_connection(gateway: GatewayServer) -> None:
                 "model": f"scripted:tokens=500,delay_ms=10,trace={trace}"}
         box: dict = {}
 
+        reading = Reading()
+
         async def first() -> None:
-            box["s"] = await stream_request(client, "POST", f"/v1/threads/{thread}/turns",
-                                            json=body)
+            box["s"] = await reading.run(client, "POST", f"/v1/threads/{thread}/turns",
+                                         json=body)
             box["ended"] = anyio.current_time()
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(first)
-            await anyio.sleep(0.3)
+            await reading.events_at_least(3)  # generating: start, text-start, a delta
             sent = anyio.current_time()
             r = await other.post(f"/v1/threads/{thread}/turns/{turn_id}/cancel")
             assert r.status_code == 200 and r.json()["cancelled"] is True
@@ -196,12 +201,10 @@ async def test_checkpoints_save_partial_content(database_url: str) -> None:
                         client, "POST", f"/v1/threads/{thread}/turns", json=body)
 
                 tg.start_soon(run)
-                await anyio.sleep(0.8)
-                msgs = (await client.get(f"/v1/threads/{thread}/messages")).json()["messages"]
-                mid = msgs[-1]
-                assert mid["status"] == "streaming"
+                # Checkpoints every 0.2 s of a 2 s turn: one lands while it streams.
+                mid = await streaming_with_text(client, thread, within=1.5)
                 text = mid["content"][0]["text"]
-                assert text and _full(200).startswith(text), "no checkpoint was written"
+                assert _full(200).startswith(text), "the checkpoint is not what was generated"
             validate_ui_stream(box["s"])
 
 

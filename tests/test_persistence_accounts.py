@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import anyio
 import pytest
 
 from persistence import (
@@ -14,6 +13,7 @@ from persistence import (
     schema_status,
 )
 from tests.fixtures_db import MakeThread
+from tests.waiting import clock_past
 
 
 def test_build_user_content_orders_parts_and_drops_bad_documents() -> None:
@@ -83,7 +83,9 @@ async def test_list_threads_paginates_newest_first(
     ids = []
     for i in range(5):
         ids.append(await make_thread(thread_id=f"th-{i}"))
-        await anyio.sleep(0.002)
+        made = await store.get_thread(ids[-1], user_id)
+        assert made is not None
+        await clock_past(store, made.updated_at)  # the next thread sorts after this one
     # Touching th-0 with a turn moves it to the front.
     await store.open_turn(
         "th-0", user_id, "t", build_user_content("x"), lease_owner="p", lease_seconds=9

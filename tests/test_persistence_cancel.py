@@ -64,7 +64,7 @@ async def test_cancel_at_every_point_leaves_the_pool_whole(database_url: str) ->
         task = asyncio.ensure_future(
             store.append_message(thread_id, owner, "user", [], f"n{round_no}")
         )
-        await asyncio.sleep(delay)
+        await asyncio.sleep(delay)  # where the cancel lands in the write: the point under test
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 

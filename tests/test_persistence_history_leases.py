@@ -11,6 +11,7 @@ import pytest
 
 from persistence import MessageRow, Store, TurnOpened, UsageRecord, build_user_content
 from tests.fixtures_db import MakeThread
+from tests.waiting import lease_lapsed
 
 USAGE = UsageRecord(prompt_tokens=3, completion_tokens=5, total_tokens=8)
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -126,8 +127,9 @@ async def test_history_shows_an_expired_holder_as_interrupted(
     store: Store, user_id: int, make_thread: MakeThread
 ) -> None:
     thread_id = await make_thread()
-    await _open(store, thread_id, user_id, "t1", lease_seconds=0.05)
-    await anyio.sleep(0.2)
+    held = await _open(store, thread_id, user_id, "t1", lease_seconds=0.05)
+    assert held.assistant_message_id is not None
+    await lease_lapsed(store, held.assistant_message_id)
     opened = await _open(store, thread_id, user_id, "t2", with_history=True)
     assert opened.assistant_inserted and opened.history is not None
     assert [(m.turn_id, m.role, m.status) for m in opened.history] == [
@@ -168,7 +170,8 @@ async def test_renew_leases_extends_only_this_owners_streaming_rows(
     ) == {a.assistant_message_id}
     assert ("renew_leases", "ok") in seen
 
-    await anyio.sleep(0.6)
+    assert c.assistant_message_id is not None
+    await lease_lapsed(store, c.assistant_message_id)  # a and b were renewed for 60 s
     assert await store.recover_expired_turns() == [c.assistant_message_id]
     for thread_id, turn in ((t1, "a"), (t2, "b")):
         row = (await store.get_turn(thread_id, turn)).assistant

@@ -7,6 +7,7 @@ import pytest
 
 from persistence import Store, TurnOpened, UsageRecord, build_user_content
 from tests.fixtures_db import MakeThread
+from tests.waiting import clock_past, lease_lapsed
 
 USAGE = UsageRecord(prompt_tokens=3, completion_tokens=5, total_tokens=8, cost_micros=42)
 USAGE_OTHER = UsageRecord(prompt_tokens=1, completion_tokens=1, total_tokens=2, estimated=True)
@@ -85,7 +86,9 @@ async def test_fifty_different_turns_on_one_thread_open_exactly_one(
     assert isinstance(winner, TurnOpened)
     turns = await store.list_messages(thread_id, user_id)
     assert turns is not None and len(turns) == 2  # the losers wrote nothing
-    assert {b.busy_turn_id for b in busy} <= {turns[0].turn_id}  # type: ignore[attr-defined]
+    # Every loser names the winner's turn as the one holding the thread.
+    assert {b.busy_turn_id for b in busy} == {turns[0].turn_id}  # type: ignore[attr-defined]
+    assert turns[1].id == winner.assistant_message_id
 
 
 @pytest.mark.anyio
@@ -97,7 +100,8 @@ async def test_repeat_open_recovers_and_reports_assistant_status(
     assert first.user_inserted and first.assistant_inserted
     assert first.assistant_status == "streaming"
     before = await store.get_thread(thread_id, user_id)
-    await anyio.sleep(0.01)
+    assert before is not None
+    await clock_past(store, before.updated_at)
     again = await _open(store, thread_id, user_id, "t1")
     assert (again.user_message_id, again.assistant_message_id) == (
         first.user_message_id,
@@ -130,7 +134,8 @@ async def test_open_bumps_thread_updated_at_on_insert(
 ) -> None:
     thread_id = await make_thread()
     before = await store.get_thread(thread_id, user_id)
-    await anyio.sleep(0.01)
+    assert before is not None
+    await clock_past(store, before.updated_at)
     await _open(store, thread_id, user_id, "t1")
     after = await store.get_thread(thread_id, user_id)
     assert before is not None and after is not None
@@ -363,7 +368,7 @@ async def test_expired_lease_is_interrupted_by_the_next_turn(
         lease_owner="proc-1",
         lease_seconds=0.05,
     )
-    await anyio.sleep(0.2)
+    await lease_lapsed(store, first.assistant_message_id)
     second = await _open(store, thread_id, user_id, "t2")
     assert second.status == "opened" and second.assistant_inserted
     old = await store.get_turn(thread_id, "t1")
@@ -407,7 +412,7 @@ async def test_recover_expired_turns(store: Store, user_id: int, make_thread: Ma
         lease_owner="proc-1",
         lease_seconds=0.05,
     )
-    await anyio.sleep(0.2)
+    await lease_lapsed(store, short.assistant_message_id)
     assert await store.recover_expired_turns() == [short.assistant_message_id]
     assert await store.recover_expired_turns() == []
     rows, _ = await store.list_usage(user_id)
@@ -443,7 +448,7 @@ async def test_reclaim_takes_back_a_reaped_row_unless_the_thread_moved_on(
     first = await _open(store, thread_id, user_id, "t1", lease_seconds=0.05)
     mid = first.assistant_message_id
     assert mid is not None
-    await anyio.sleep(0.2)
+    await lease_lapsed(store, mid)
     assert await store.recover_expired_turns() == [mid]
     assert await _count(store, "SELECT count(*) FROM token_usage") == 1
     part = [{"type": "text", "text": "more than the checkpoint"}]
@@ -462,7 +467,7 @@ async def test_reclaim_takes_back_a_reaped_row_unless_the_thread_moved_on(
                                       reclaim=True)
     # Reaped again, and a new turn streams on the thread: the reclaim is refused.
     assert await store.checkpoint(mid, part, lease_owner="proc-1", lease_seconds=0.05)
-    await anyio.sleep(0.2)
+    await lease_lapsed(store, mid)
     second = await _open(store, thread_id, user_id, "t2")
     assert second.assistant_inserted
     assert not await store.checkpoint(mid, part, lease_owner="proc-1", lease_seconds=30,

@@ -44,7 +44,7 @@ async def test_cancel_only_while_running() -> None:
     with anyio.CancelScope() as scope:
         live.cancel_scope = scope
         assert live.cancel("cancelled") is True
-        await anyio.sleep(1)
+        await anyio.sleep(1)  # the cancel must interrupt this at once
     assert scope.cancelled_caught and live.cancel_reason == "cancelled"
     live.finish("cancelled")
     assert live.cancel("cancelled") is False
@@ -122,7 +122,7 @@ async def test_finished_turns_are_retained_then_dropped() -> None:
     assert relay.running() == []
     assert relay.sweep() == 2  # over max_finished: the oldest go first
     assert len(relay) == 3
-    await anyio.sleep(0.06)
+    await anyio.sleep(0.06)  # the retention time itself (0.05 s) runs out
     assert relay.sweep() == 3
     assert len(relay) == 0
 
@@ -132,7 +132,7 @@ async def test_wait_for_a_racing_registration() -> None:
     live = LiveTurn("th", "t1", 1, 10)
 
     async def register() -> None:
-        await anyio.sleep(0.02)
+        await anyio.sleep(0.02)  # registers after wait_for started: the race under test
         relay.add(live)
 
     async with anyio.create_task_group() as tg:

@@ -22,6 +22,7 @@ from tests.fixtures_db import RoundTripProxy
 from tests.fixtures_server import ServerProcess
 from tests.sse_client import Stream, stream_request, validate_ui_stream
 from tests.test_bad_input import assert_json_error
+from tests.waiting import Reading, streaming_with_text
 
 pytestmark = pytest.mark.anyio
 
@@ -100,15 +101,17 @@ async def test_attach_resume_cancel_from_another_replica(pg_url: str, redis_url:
         body = {"turn_id": "t1", "text": "x", "model": "scripted:tokens=80,delay_ms=10"}
         box: dict[str, Stream] = {}
 
+        reading_a = Reading()
+
         async def on_a() -> None:
-            box["a"] = await stream_request(a, "POST", turns, json=body)
+            box["a"] = await reading_a.run(a, "POST", turns, json=body)
 
         async def attach_on_b() -> None:
-            await anyio.sleep(0.2)
+            await reading_a.events_at_least(3)  # A generates: start, text-start, a delta
             box["b"] = await stream_request(b, "POST", turns, json=body)
 
         async def resume_on_b() -> None:
-            await anyio.sleep(0.35)
+            await reading_a.events_at_least(8)  # events after id 5 exist; the turn runs on
             box["r"] = await stream_request(
                 b, "GET", f"{turns}/t1/stream", headers={"last-event-id": "5"})
 
@@ -137,13 +140,15 @@ async def test_attach_resume_cancel_from_another_replica(pg_url: str, redis_url:
         # Cancel on B a turn that A generates.
         body2 = {"turn_id": "t2", "text": "x", "model": "scripted:tokens=500,delay_ms=10"}
 
+        reading_c = Reading()
+
         async def long_on_a() -> None:
-            box["c"] = await stream_request(a, "POST", turns, json=body2)
+            box["c"] = await reading_c.run(a, "POST", turns, json=body2)
             box["ended_at"] = anyio.current_time()  # type: ignore[assignment]
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(long_on_a)
-            await anyio.sleep(0.4)
+            await reading_c.events_at_least(3)
             sent = anyio.current_time()
             r = await b.post(f"{turns}/t2/cancel")
             assert r.status_code == 200, r.text
@@ -208,20 +213,24 @@ async def test_sigkill_one_replica_mid_turn_another_recovers(pg_url: str, redis_
         body = {"turn_id": "doomed", "text": "x", "model": "scripted:tokens=1000,delay_ms=10"}
         box: dict[str, Stream] = {}
 
+        reading_a, reading_b = Reading(), Reading()
+
         async def on_a() -> None:
             try:
-                await stream_request(a, "POST", f"/v1/threads/{thread}/turns", json=body)
+                await reading_a.run(a, "POST", f"/v1/threads/{thread}/turns", json=body)
             except httpx.TransportError:
                 pass  # the replica died under it
 
         async def attached_on_b() -> None:
-            await anyio.sleep(0.2)
-            box["b"] = await stream_request(b, "POST", f"/v1/threads/{thread}/turns", json=body)
+            await reading_a.events_at_least(3)
+            box["b"] = await reading_b.run(b, "POST", f"/v1/threads/{thread}/turns", json=body)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(on_a)
             tg.start_soon(attached_on_b)
-            await anyio.sleep(CHECKPOINT * 3)
+            # Killed once B's reader follows the turn and a checkpoint holds some text.
+            await reading_b.events_at_least(5)
+            await streaming_with_text(b, thread, prefix="w1 w2 ", within=LEASE + 3 * CHECKPOINT)
             procs[0].kill(signal.SIGKILL)
             assert await procs[0].wait(5) is not None
             killed_at = anyio.current_time()
@@ -273,15 +282,19 @@ async def test_redis_lost_while_running(pg_url: str, redis_url: str) -> None:
             body = {"turn_id": "running", "text": "x", "model": "scripted:tokens=150,delay_ms=10"}
             box: dict[str, Stream] = {}
 
+            reading = Reading()
+
             async def running() -> None:
-                box["s"] = await stream_request(a, "POST", f"/v1/threads/{thread}/turns",
-                                                json=body)
+                box["s"] = await reading.run(a, "POST", f"/v1/threads/{thread}/turns",
+                                             json=body)
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(running)
-                await anyio.sleep(0.3)
+                await reading.events_at_least(3)
                 await proxy.close()
-                await anyio.sleep(1.5)  # the health check notices within a second
+                # The bound under test: the health check (a ping a second) notices
+                # within 1.5 s; no request may probe it earlier (it would start a turn).
+                await anyio.sleep(1.5)
                 r = await a.post(f"/v1/threads/{other}/turns",
                                  json={"turn_id": uuid.uuid4().hex, "text": "y"})
                 assert r.status_code == 503, r.text
@@ -313,14 +326,15 @@ async def test_a_reader_on_another_replica_keeps_the_turn_alive(
         # 1. A's reader leaves early, B's follows to the end: the turn completes.
         body = {"turn_id": "kept", "text": "x", "model": "scripted:tokens=60,delay_ms=20"}
         box: dict[str, Stream] = {}
+        kept_on_a = Reading()
 
         async def follow_on_b() -> None:
-            await anyio.sleep(0.1)
+            await kept_on_a.events_at_least(3)  # the turn generates at A
             box["b"] = await stream_request(b, "POST", turns, json=body)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(follow_on_b)
-            await stream_request(a, "POST", turns, json=body, limit=20)
+            await kept_on_a.run(a, "POST", turns, json=body, limit=20)
         validate_ui_stream(box["b"])
         assert box["b"].text == _full(60)
         assert (await _last_message(a, thread))["status"] == "complete"
@@ -328,14 +342,16 @@ async def test_a_reader_on_another_replica_keeps_the_turn_alive(
         # 2. Both leave, B last: the turn is cancelled once B has gone.
         body = {"turn_id": "dropped", "text": "x", "model": "scripted:tokens=400,delay_ms=20"}
 
+        dropped_on_a = Reading()
+
         async def leave_on_b() -> None:
-            await anyio.sleep(0.1)
+            await dropped_on_a.events_at_least(3)  # the turn generates at A
             await stream_request(b, "POST", turns, json=body, limit=25)
             box["b_left"] = Stream(0, {})
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(leave_on_b)
-            await stream_request(a, "POST", turns, json=body, limit=10)
+            await dropped_on_a.run(a, "POST", turns, json=body, limit=10)
         with anyio.fail_after(2.5):
             while (last := await _last_message(a, thread))["status"] == "streaming":
                 await anyio.sleep(0.05)
@@ -452,10 +468,10 @@ async def test_stream_holds_expire_unless_renewed_and_release_is_final(redis_url
         assert await limits.reserve_stream(7, "th2", "t1", 1) == (False, 1)  # full
         assert await limits.reserve_stream(8, "th3", "t1", 1) == (True, 0)  # another user
         for _ in range(3):  # renewed: still held past its first expiry
-            await anyio.sleep(0.25)
+            await anyio.sleep(0.25)  # the pace of the renewals, within the 0.5 s hold
             await limits.renew_streams([(7, "th1", "t1")])
         assert await limits.reserve_stream(7, "th2", "t1", 1) == (False, 1)
-        await anyio.sleep(0.6)  # not renewed: lapsed
+        await anyio.sleep(0.6)  # past the 0.5 s hold, not renewed: the expiry under test
         assert await limits.reserve_stream(7, "th2", "t1", 1) == (True, 0)
         await limits.release_stream(7, "th2", "t1")
         await limits.renew_streams([(7, "th2", "t1")])  # never re-creates a released hold

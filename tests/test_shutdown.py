@@ -28,6 +28,7 @@ import pytest
 
 from persistence._accounts import _SECRET_LEN
 from tests.fixtures_db import _admin, pg_url_for, run_sync
+from tests.waiting import until_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 TURNGATE = str(Path(sys.executable).parent / "turngate")
@@ -190,7 +191,9 @@ def test_sigterm_with_50_open_streams(fresh_database: str, tmp_path: Path) -> No
 
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        until_sync(lambda: "shutdown_started" in log_path.read_text(), within=5,
+                   what="the server to log shutdown_started",
+                   shown=lambda: log_path.read_text()[-2000:])
 
         # After the signal no new turn starts: 503 while a connection is still open,
         # or the connection is refused once the listener is closed.

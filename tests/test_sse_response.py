@@ -25,6 +25,7 @@ from gateway.streaming.relay import LiveTurn
 from gateway.streaming.sse import SSEResponse, StreamSet
 from tests.fixtures_server import GatewayServer, run_gateway
 from tests.tracing import trace_turns
+from tests.waiting import until
 
 pytestmark = pytest.mark.anyio
 sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -135,7 +136,9 @@ async def test_disconnect_cancels_an_idle_generation_within_1s(database_url: str
         writer, thread, turn_id = await _open_stream(
             gw, f"scripted:tokens=3,delay_ms=5000,trace={trace}"
         )
-        await anyio.sleep(0.3)  # idle: no bytes flow, the adapter is in its pause
+        # The condition under test, not a wait: the client leaves 0.3 s into the
+        # adapter's 5 s pause, while no bytes flow.
+        await anyio.sleep(0.3)
         assert gw.ctx.relay.get(thread, turn_id) is not None
         writer.close()
         left = time.monotonic()
@@ -243,7 +246,9 @@ async def test_disconnect_closes_the_body_and_sends_no_end() -> None:
     response = SSEResponse(body.gen(), ping_seconds=60, send_timeout=1)
     async with anyio.create_task_group() as tg:
         tg.start_soon(response, SCOPE, peer.receive, peer.send)
-        await anyio.sleep(0.05)
+        # The client leaves once the head and the first event are out.
+        await until(lambda: len(peer.sent) >= 2, within=2, what="the first event sent",
+                    shown=lambda: peer.sent)
         peer.leave.set()
     assert body.closed and response.outcome == "disconnect"
     assert all(m.get("more_body", True) for m in peer.sent)

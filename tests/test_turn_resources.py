@@ -15,6 +15,7 @@ from tests.fixtures_db import PG_HOST, PG_PORT, PG_USER, RoundTripProxy
 from tests.fixtures_server import run_gateway
 from tests.sse_client import stream_request, validate_ui_stream
 from tests.tracing import trace_turns
+from tests.waiting import gateway_idle
 
 pytestmark = pytest.mark.anyio
 
@@ -59,14 +60,13 @@ async def test_a_thousand_turns_leak_nothing(database_url: str) -> None:
 
         for i in range(20):  # warm-up: pools, prepared statements, caches
             await turn(i)
+        await gateway_idle(gateway)
         tasks_before = len(asyncio.all_tasks())
         fds_before = _open_fds()
         pg_before = await _pg_backends(database) if is_pg else 0
         for i in range(20, 1020):
             await turn(i)
-        with anyio.fail_after(5):  # the last generations' tasks end after their streams
-            while len(asyncio.all_tasks()) > tasks_before or gateway.ctx.relay.running():
-                await anyio.sleep(0.01)
+        await gateway_idle(gateway)
         gateway.ctx.relay.retention_seconds = 0
         gateway.ctx.relay.sweep()
         assert len(asyncio.all_tasks()) <= tasks_before
@@ -94,7 +94,7 @@ async def test_round_trips_of_a_short_turn_on_postgresql(
                     await stream_request(client, "POST", f"/v1/threads/{thread}/turns",
                                          json={"turn_id": f"w{i}", "text": "hi",
                                                "model": "scripted:tokens=3"})
-                await anyio.sleep(0.05)
+                await gateway_idle(gw)  # nothing of the warm-up turns is counted
                 proxy.reset()
                 s = await stream_request(client, "POST", f"/v1/threads/{thread}/turns",
                                          json={"turn_id": "counted", "text": "hi",
