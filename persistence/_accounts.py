@@ -53,7 +53,7 @@ class _AccountsMixin(_StoreBase):
             found = await conn.fetch_val("SELECT id FROM users WHERE name = :name", {"name": name})
             return int(found), "race_recovered"
 
-        return await self._shielded("create_user", op, user_name=name)
+        return await self._write("create_user", op, user_name=name)
 
     async def count_users(self) -> int:
         """How many users exist (the CLI creates a local user on an empty database)."""
@@ -85,7 +85,7 @@ class _AccountsMixin(_StoreBase):
                     return f"{KEY_PREFIX}{prefix}_{secret}", "inserted"
             raise RuntimeError("could not find a free key prefix")
 
-        return await self._shielded("create_api_key", op, user_id=user_id)
+        return await self._write("create_api_key", op, user_id=user_id)
 
     async def revoke_api_key(self, prefix: str) -> bool:
         """Revoke the key with this prefix; False if there is no such active key."""
@@ -99,7 +99,7 @@ class _AccountsMixin(_StoreBase):
             )
             return revoked is not None, "ok" if revoked is not None else "row_missing"
 
-        return await self._shielded("revoke_api_key", op, key_prefix=prefix)
+        return await self._write("revoke_api_key", op, key_prefix=prefix)
 
     async def authenticate(self, key: str) -> int | None:
         """The user id of a valid, unrevoked key, else None.

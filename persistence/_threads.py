@@ -120,7 +120,7 @@ class _ThreadsMixin(_StoreBase):
                 return (existing, False), "conflict_no_match"
             return (existing, False), "race_recovered"
 
-        result, created = await self._shielded(
+        result, created = await self._write(
             "create_thread", op, thread_id=tid, owner_id=owner_id
         )
         if result is None or result.owner_id != owner_id:
@@ -153,7 +153,7 @@ class _ThreadsMixin(_StoreBase):
             )
             return (None, "not_found") if row is None else (_thread_row(row), "updated")
 
-        return await self._shielded("rename_thread", op, thread_id=thread_id, owner_id=owner_id)
+        return await self._write("rename_thread", op, thread_id=thread_id, owner_id=owner_id)
 
     async def delete_thread(self, thread_id: str, owner_id: int) -> int | None:
         """Delete the owner's thread and its messages; the number of messages, None if
@@ -175,7 +175,7 @@ class _ThreadsMixin(_StoreBase):
                 await conn.execute("DELETE FROM threads WHERE id = :id", {"id": thread_id})
             return int(count), "deleted"
 
-        return await self._shielded("delete_thread", op, thread_id=thread_id, owner_id=owner_id)
+        return await self._write("delete_thread", op, thread_id=thread_id, owner_id=owner_id)
 
     async def list_threads(
         self, owner_id: int, *, limit: int = 50, before: str | None = None

@@ -73,39 +73,38 @@ class _WritersMixin(_StoreBase):
                     return None, "row_missing"
             return _append_result(new_id, old_id)
 
-        return await self._shielded(
+        return await self._write(
             "append_message", op, thread_id=thread_id, turn_id=turn_id, role=role
         )
 
     async def _append_sqlite(self, conn: Conn, values: dict[str, Any]) -> tuple[Any, Any, bool]:
         now = _utcnow_text()
-        async with self._sqlite_writer(conn):
-            found = await conn.fetch_val(
-                "SELECT 1 FROM threads WHERE id = :thread_id AND owner_id = :owner_id",
-                {"thread_id": values["thread_id"], "owner_id": values["owner_id"]},
+        found = await conn.fetch_val(
+            "SELECT 1 FROM threads WHERE id = :thread_id AND owner_id = :owner_id",
+            {"thread_id": values["thread_id"], "owner_id": values["owner_id"]},
+        )
+        if found is None:
+            return None, None, False
+        new_id = await conn.fetch_val(
+            "INSERT INTO messages (thread_id, role, content, status, author_id, turn_id, "
+            "created_at, updated_at) VALUES (:thread_id, :role, :content, 'complete', "
+            ":author_id, :turn_id, :now, :now) "
+            + _pg_sql.ON_TURN_CONFLICT + " "
+            "RETURNING id",
+            {k: v for k, v in values.items() if k != "owner_id"} | {"now": now},
+        )
+        if new_id is not None:
+            await conn.execute(
+                "UPDATE threads SET updated_at = :now WHERE id = :thread_id",
+                {"thread_id": values["thread_id"], "now": now},
             )
-            if found is None:
-                return None, None, False
-            new_id = await conn.fetch_val(
-                "INSERT INTO messages (thread_id, role, content, status, author_id, turn_id, "
-                "created_at, updated_at) VALUES (:thread_id, :role, :content, 'complete', "
-                ":author_id, :turn_id, :now, :now) "
-                + _pg_sql.ON_TURN_CONFLICT + " "
-                "RETURNING id",
-                {k: v for k, v in values.items() if k != "owner_id"} | {"now": now},
-            )
-            if new_id is not None:
-                await conn.execute(
-                    "UPDATE threads SET updated_at = :now WHERE id = :thread_id",
-                    {"thread_id": values["thread_id"], "now": now},
-                )
-                return new_id, None, True
-            old_id = await conn.fetch_val(
-                "SELECT id FROM messages WHERE thread_id = :thread_id "
-                "AND turn_id = :turn_id AND role = :role AND status <> 'superseded'",
-                {k: values[k] for k in ("thread_id", "turn_id", "role")},
-            )
-            return None, old_id, True
+            return new_id, None, True
+        old_id = await conn.fetch_val(
+            "SELECT id FROM messages WHERE thread_id = :thread_id "
+            "AND turn_id = :turn_id AND role = :role AND status <> 'superseded'",
+            {k: values[k] for k in ("thread_id", "turn_id", "role")},
+        )
+        return None, old_id, True
 
     async def checkpoint(
         self,
@@ -144,11 +143,10 @@ class _WritersMixin(_StoreBase):
             elif self._is_pg:
                 done = await conn.fetch_val(_pg_sql.CHECKPOINT, params) is not None
             else:
-                async with self._sqlite_writer(conn):
-                    done = await _checkpoint_sqlite(conn, params, reclaim)
+                done = await _checkpoint_sqlite(conn, params, reclaim)
             return done, "ok" if done else "row_missing"
 
-        return await self._shielded(
+        return await self._write(
             "reclaim" if reclaim else "checkpoint", op, message_id=message_id
         )
 
@@ -179,22 +177,20 @@ class _WritersMixin(_StoreBase):
                      "lease_seconds": float(lease_seconds)},
                 )
             else:
-                # One autocommit statement: the write lock only queues our own writers.
-                async with self._write_lock:
-                    rows = await conn.fetch_all(
-                        "UPDATE messages SET lease_expires_at = :expires "
-                        "WHERE id IN (SELECT value FROM json_each(:ids)) "
-                        "AND lease_owner = :lease_owner AND status = 'streaming' RETURNING id",
-                        {
-                            "ids": _dump_json(ids),
-                            "lease_owner": lease_owner,
-                            "expires": _plus_seconds(_utcnow_text(), lease_seconds),
-                        },
-                    )
+                rows = await conn.fetch_all(
+                    "UPDATE messages SET lease_expires_at = :expires "
+                    "WHERE id IN (SELECT value FROM json_each(:ids)) "
+                    "AND lease_owner = :lease_owner AND status = 'streaming' RETURNING id",
+                    {
+                        "ids": _dump_json(ids),
+                        "lease_owner": lease_owner,
+                        "expires": _plus_seconds(_utcnow_text(), lease_seconds),
+                    },
+                )
             renewed = {int(r["id"]) for r in rows}
             return renewed, "ok" if len(renewed) == len(ids) else "row_missing"
 
-        return await self._shielded(
+        return await self._write(
             "renew_leases", op, lease_owner=lease_owner, count=len(ids)
         )
 
@@ -235,13 +231,12 @@ class _WritersMixin(_StoreBase):
                 updated = bool(row["updated"])
             else:
                 now = _utcnow_text()
-                async with self._sqlite_writer(conn):
-                    updated = await _finalize_sqlite_row(conn, values, now)
+                updated = await _finalize_sqlite_row(conn, values, now)
             outcome = "ok" if updated else "row_missing"
             return outcome, outcome
 
         try:
-            return await self._shielded(
+            return await self._write(
                 "finalize_turn", op, message_id=message_id, thread_id=thread_id, status=status
             )
         except Exception:
@@ -277,14 +272,13 @@ class _WritersMixin(_StoreBase):
             else:
                 now = _utcnow_text()
                 updated = []
-                async with self._sqlite_writer(conn):
-                    for rec in records:
-                        updated.append(await _finalize_sqlite_row(conn, _dumped(rec), now))
+                for rec in records:
+                    updated.append(await _finalize_sqlite_row(conn, _dumped(rec), now))
             return updated, "ok" if all(updated) else "row_missing"
 
         started = time.perf_counter()
         try:
-            updated, _ = await self._run(op)
+            updated, _ = await self._run(op, write=True)
         except Exception:
             logger.exception("finalize_turns failed for a batch of %d", len(items))
             updated = None
@@ -327,7 +321,7 @@ class _WritersMixin(_StoreBase):
                 ids = await self._recover_sqlite(conn)
             return ids, "ok" if ids else "row_missing"
 
-        ids = await self._shielded("recover_expired_turns", op)
+        ids = await self._write("recover_expired_turns", op)
         if ids:
             logger.info(
                 "recovered_turns: marked %d turn%s interrupted (lease expired), message_ids=%s",
@@ -338,15 +332,14 @@ class _WritersMixin(_StoreBase):
 
     async def _recover_sqlite(self, conn: Conn) -> list[int]:
         now = _utcnow_text()
-        async with self._sqlite_writer(conn):
-            rows = await conn.fetch_all(
-                "SELECT m.id, m.thread_id, m.content, t.owner_id FROM messages m "
-                "JOIN threads t ON t.id = m.thread_id "
-                "WHERE m.status = 'streaming' AND m.lease_expires_at < :now ORDER BY m.id",
-                {"now": now},
-            )
-            for row in rows:
-                await _sqlite_interrupt(conn, row, int(row["owner_id"]), now)
+        rows = await conn.fetch_all(
+            "SELECT m.id, m.thread_id, m.content, t.owner_id FROM messages m "
+            "JOIN threads t ON t.id = m.thread_id "
+            "WHERE m.status = 'streaming' AND m.lease_expires_at < :now ORDER BY m.id",
+            {"now": now},
+        )
+        for row in rows:
+            await _sqlite_interrupt(conn, row, int(row["owner_id"]), now)
         return [int(r["id"]) for r in rows]
 
     async def ping(self) -> bool:
