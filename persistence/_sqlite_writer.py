@@ -127,6 +127,8 @@ class SqliteWriter:
         self.max_pending = max_pending
         self.max_batch = max_batch
         self.journal_mode: str | None = None
+        #: Transactions begun so far (each holds one batch).
+        self.batches = 0
         self._jobs: deque[_Job] = deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -245,6 +247,7 @@ class SqliteWriter:
     def _write(self, con: sqlite3.Connection, conn: _ThreadConn, batch: list[_Job]) -> None:
         """One transaction for ``batch``, each job in its savepoint; every job settled."""
         done: list[_Job] = []  # ran without error; written only if COMMIT succeeds
+        self.batches += 1
         try:
             con.execute("BEGIN IMMEDIATE")
             for job in batch:
