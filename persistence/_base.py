@@ -41,9 +41,9 @@ OperationObserver = Callable[[str, str, float], None]
 DEFAULT_POOL_SIZE = 10  # asyncpg's own default
 
 # Writes the maintenance task repeats every few seconds for every running turn. Their
-# db_op lines are debug: at info they flooded the log (a no-op reaper pass every 2 s was
-# most of it). What they did is logged by their callers (e.g. "marked 2 turns
-# interrupted"), and a failed pass as one line by the maintenance loop.
+# db_op lines are debug, so a quiet server's log is not a reaper pass every 2 s. What
+# they did is logged by their callers (e.g. "marked 2 turns interrupted"), and a
+# failed pass as one line by the maintenance loop.
 ROUTINE_OPS = frozenset({"checkpoint", "renew_leases", "recover_expired_turns"})
 
 
@@ -62,7 +62,8 @@ def _iso(value: Any) -> str:
     return str(value)
 
 
-def _utcnow_text() -> str:
+def utcnow_text() -> str:
+    """Now, as the store writes timestamps on SQLite (fixed-width ISO-8601 UTC)."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -80,9 +81,9 @@ def _dump_json(value: Any) -> str:
 
 
 class _TunedSQLiteConnection(sqlite3.Connection):
-    """WAL with ``synchronous=NORMAL``: a commit no longer waits for fsync (1.8 ms
-    each here). A killed process loses nothing; only an OS crash or power loss can
-    drop the last commits, never corrupt the file."""
+    """WAL with ``synchronous=NORMAL``: a commit does not wait for fsync (1.8 ms
+    each on this machine). A killed process loses nothing; only an OS crash or power
+    loss can drop the last commits, never corrupt the file."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -255,7 +255,7 @@ class SqliteWriter:
                 con.execute("SAVEPOINT op")
                 try:
                     job.result = _complete(job.fn(conn))
-                except Exception as exc:
+                except Exception as exc:  # re-raised in the caller's task by ``run``
                     job.error = exc
                     con.execute("ROLLBACK TO op")
                 finally:

@@ -7,7 +7,7 @@ import json
 import uuid
 from typing import Any
 
-from persistence._base import _iso, _load_json, _StoreBase, _utcnow_text
+from persistence._base import _iso, _load_json, _StoreBase, utcnow_text
 from persistence._sql import Conn
 from persistence.rows import MessageRow, ThreadRow, TurnRows, UsageRow
 from turngate.exceptions import PersistenceError
@@ -98,7 +98,7 @@ class _ThreadsMixin(_StoreBase):
             thread_id = str(uuid.uuid4())
         if not thread_id or len(thread_id) > _MAX_THREAD_ID:
             raise ValueError(f"thread id must be 1..{_MAX_THREAD_ID} characters")
-        now = self._ts_param(_utcnow_text())
+        now = self._ts_param(utcnow_text())
         tid = thread_id
 
         async def op(conn: Conn) -> tuple[tuple[ThreadRow | None, bool], str]:
@@ -142,7 +142,7 @@ class _ThreadsMixin(_StoreBase):
         self, thread_id: str, owner_id: int, title: str | None
     ) -> ThreadRow | None:
         """Set the title of the owner's thread (``updated_at`` too); None if not theirs."""
-        now = self._ts_param(_utcnow_text())
+        now = self._ts_param(utcnow_text())
 
         async def op(conn: Conn) -> tuple[ThreadRow | None, str]:
             row = await conn.fetch_one(

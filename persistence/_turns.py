@@ -1,8 +1,9 @@
-"""The turn writers: open, append (legacy route), checkpoint, finalize, recover.
+"""Opening a turn and regenerating one; the other turn writers are in ``_writers``.
 
-PostgreSQL runs each writer as one statement (``_pg_sql``). SQLite runs a few
-statements inside ``BEGIN IMMEDIATE`` on one connection: that takes the write
-lock up front, so writers are serialised and the checks cannot race.
+PostgreSQL runs ``open_turn`` as one statement (``_pg_sql``). SQLite runs a few
+statements on the store's writer (``persistence._sqlite_writer``), inside its
+``BEGIN IMMEDIATE`` batch: the write lock is held from the start and writers run
+one after another, so the checks cannot race.
 
 Log outcomes of ``open_turn``: ``inserted`` (a row was written), ``race_recovered``
 (both rows existed: a repeat or a lost race), ``row_missing`` (thread not found /
@@ -25,7 +26,7 @@ from persistence._base import (
     _load_json,
     _parse_iso,
     _StoreBase,
-    _utcnow_text,
+    utcnow_text,
 )
 from persistence._sql import Conn
 from persistence._threads import _MESSAGE_COLUMNS, _message_row
@@ -302,7 +303,7 @@ class _TurnsMixin(_StoreBase):
         history_limit: int | None,
         key: tuple[str, str] | None = None,
     ) -> TurnOpened:
-        now = _utcnow_text()
+        now = utcnow_text()
         ids = {"thread_id": thread_id, "turn_id": turn_id}
         history: list[MessageRow] | None = None
         if key is not None and await conn.fetch_val(
@@ -467,7 +468,7 @@ class _RegenerateMixin(_StoreBase):
             )
         if current is not None and current["status"] == "streaming":
             return TurnOpened(status="busy", busy_turn_id=turn_id)
-        now = _utcnow_text()
+        now = utcnow_text()
         if current is not None:
             await conn.execute(
                 "UPDATE messages SET status = 'superseded', updated_at = :now WHERE id = :id",

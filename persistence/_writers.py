@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from persistence import _pg_sql
-from persistence._base import _dump_json, _StoreBase, _utcnow_text
+from persistence._base import _dump_json, _StoreBase, utcnow_text
 from persistence._sql import Conn
 from persistence._turns import (
     _SQLITE_USAGE_INSERT,
@@ -19,6 +19,7 @@ from persistence._turns import (
 )
 from persistence.content import NO_TEXT_MARKER, is_empty_assistant_content
 from persistence.rows import AppendOutcome, AppendResult, FinalizeItem, UsageRecord
+from turngate.exceptions import PersistenceError
 
 logger = logging.getLogger("turngate.persistence")
 
@@ -78,7 +79,7 @@ class _WritersMixin(_StoreBase):
         )
 
     async def _append_sqlite(self, conn: Conn, values: dict[str, Any]) -> tuple[Any, Any, bool]:
-        now = _utcnow_text()
+        now = utcnow_text()
         found = await conn.fetch_val(
             "SELECT 1 FROM threads WHERE id = :thread_id AND owner_id = :owner_id",
             {"thread_id": values["thread_id"], "owner_id": values["owner_id"]},
@@ -184,7 +185,7 @@ class _WritersMixin(_StoreBase):
                     {
                         "ids": _dump_json(ids),
                         "lease_owner": lease_owner,
-                        "expires": _plus_seconds(_utcnow_text(), lease_seconds),
+                        "expires": _plus_seconds(utcnow_text(), lease_seconds),
                     },
                 )
             renewed = {int(r["id"]) for r in rows}
@@ -230,7 +231,7 @@ class _WritersMixin(_StoreBase):
                 assert row is not None
                 updated = bool(row["updated"])
             else:
-                now = _utcnow_text()
+                now = utcnow_text()
                 updated = await _finalize_sqlite_row(conn, values, now)
             outcome = "ok" if updated else "row_missing"
             return outcome, outcome
@@ -251,7 +252,7 @@ class _WritersMixin(_StoreBase):
         other row no longer streaming is not overwritten, ``row_missing``; at most
         one usage row per message), as if the items ran one after another: a message
         that appears twice is finalized by its first item. PostgreSQL: one statement
-        for the whole batch; SQLite: one ``BEGIN IMMEDIATE`` transaction. An item with
+        for the whole batch; SQLite: one operation on the writer (all or nothing). An item with
         a status that is not final is ``failed`` without touching the others; if the
         batch itself fails every other item is ``failed`` (nothing was written, or
         all of it), for the caller to retry one by one. One log line per batch (items
@@ -270,7 +271,7 @@ class _WritersMixin(_StoreBase):
                 hit = {int(r["idx"]) for r in found}
                 updated = [n in hit for n in range(len(records))]
             else:
-                now = _utcnow_text()
+                now = utcnow_text()
                 updated = []
                 for rec in records:
                     updated.append(await _finalize_sqlite_row(conn, _dumped(rec), now))
@@ -331,7 +332,7 @@ class _WritersMixin(_StoreBase):
         return ids
 
     async def _recover_sqlite(self, conn: Conn) -> list[int]:
-        now = _utcnow_text()
+        now = utcnow_text()
         rows = await conn.fetch_all(
             "SELECT m.id, m.thread_id, m.content, t.owner_id FROM messages m "
             "JOIN threads t ON t.id = m.thread_id "
@@ -346,7 +347,8 @@ class _WritersMixin(_StoreBase):
         """True if the database answers ``SELECT 1`` in time; never raises."""
         try:
             return bool(await self._run(lambda c: c.fetch_val("SELECT 1")) == 1)
-        except Exception:
+        except PersistenceError as exc:
+            logger.warning("ping failed: %s", exc)
             return False
 
 
@@ -406,7 +408,7 @@ _SQLITE_USAGE_UPSERT = _SQLITE_USAGE_INSERT.replace(
 
 async def _checkpoint_sqlite(conn: Conn, params: dict[str, Any], reclaim: bool) -> bool:
     """``checkpoint`` on SQLite, inside the caller's write transaction (see _pg_sql)."""
-    now = _utcnow_text()
+    now = utcnow_text()
     values = {k: params[k] for k in ("message_id", "content", "lease_owner", "event_map")} | {
         "now": now, "expires": _plus_seconds(now, params["lease_seconds"]),
     }

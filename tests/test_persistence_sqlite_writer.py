@@ -18,7 +18,6 @@ import anyio.lowlevel
 import pytest
 
 from persistence import Store, migrate
-from persistence._sql import Conn
 from turngate.exceptions import DatabaseUnavailable
 
 pytestmark = pytest.mark.anyio
@@ -44,7 +43,7 @@ class Held:
         self.entered = threading.Event()
         self.released = threading.Event()
 
-    async def op(self, conn: Conn) -> str:
+    async def op(self, conn: Any) -> str:
         self.entered.set()
         self.released.wait(30)
         return "held"
@@ -57,7 +56,7 @@ class Held:
 
 
 def insert_user(name: str, then: Callable[[], Any] | None = None) -> Any:
-    async def op(conn: Conn) -> str:
+    async def op(conn: Any) -> str:
         await conn.execute(
             "INSERT INTO users (name, created_at) VALUES (:name, '2026-01-01T00:00:00.000000Z')",
             {"name": name},
@@ -116,7 +115,7 @@ async def test_writes_queued_together_commit_in_one_batch_and_a_failing_one_alon
 async def test_an_operation_that_awaits_anything_but_its_connection_is_refused_and_rolled_back(
     store: Store,
 ) -> None:
-    async def suspends(conn: Conn) -> None:
+    async def suspends(conn: Any) -> None:
         await insert_user("x")(conn)
         await asyncio.sleep(0)  # a real suspension, as any awaited I/O would be
 
@@ -161,7 +160,7 @@ async def test_a_full_queue_refuses_at_once(store: Store) -> None:
 async def test_an_operation_past_its_deadline_is_interrupted_alone(sqlite_url: str) -> None:
     # statement_timeout 0.1 s: the per-operation deadline is 2 × 0.1 + 1 = 1.2 s.
     async with Store(sqlite_url, statement_timeout=0.1) as store:
-        async def endless(conn: Conn) -> None:
+        async def endless(conn: Any) -> None:
             await insert_user("spinner")(conn)
             await conn.fetch_val(
                 "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) "
