@@ -18,9 +18,10 @@ Loopback only; every wait is bounded. Usage::
     .venv/bin/python bench/sqlite_burst.py --dbs sqlite --bursts 100:2000:2
 
 A burst is ``N:TOKENS:DELAY_MS`` (``scripted:tokens=TOKENS,delay_ms=DELAY_MS``). The
-defaults: 100 turns of 2,000 tokens 2 ms apart (the shape of the burst that lost
-streams on SQLite), and 1,000 turns of 40 tokens 100 ms apart (4 s each, so every
-turn also checkpoints). PostgreSQL runs in the database ``turngate_burst`` (dropped
+defaults: 100 turns of 2,000 tokens 2 ms apart; 1,000 turns of 40 tokens 100 ms
+apart (4 s each, so every turn also checkpoints); and 1,000 turns of 200 tokens
+20 ms apart, which asks for more events per second than two cores can stream, so
+the database writes compete with a saturated event loop. PostgreSQL runs in the database ``turngate_burst`` (dropped
 and made again); SQLite in a file in a temporary directory.
 """
 
@@ -176,7 +177,7 @@ def _fmt(v: float | None) -> str:
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--dbs", default="sqlite,postgresql")
-    ap.add_argument("--bursts", default="100:2000:2,1000:40:100",
+    ap.add_argument("--bursts", default="100:2000:2,1000:40:100,1000:200:20",
                     help="comma-separated N:TOKENS:DELAY_MS")
     args = ap.parse_args()
     raise_nofile()
