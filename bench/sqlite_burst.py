@@ -21,8 +21,9 @@ A burst is ``N:TOKENS:DELAY_MS`` (``scripted:tokens=TOKENS,delay_ms=DELAY_MS``).
 defaults: 100 turns of 2,000 tokens 2 ms apart; 1,000 turns of 40 tokens 100 ms
 apart (4 s each, so every turn also checkpoints); and 1,000 turns of 200 tokens
 20 ms apart, which asks for more events per second than two cores can stream, so
-the database writes compete with a saturated event loop. PostgreSQL runs in the database ``turngate_burst`` (dropped
-and made again); SQLite in a file in a temporary directory.
+the database writes compete with a saturated event loop. PostgreSQL runs in the
+database ``turngate_burst`` (dropped and made again); SQLite in a file in a
+temporary directory.
 """
 
 from __future__ import annotations

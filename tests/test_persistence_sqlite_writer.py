@@ -139,7 +139,8 @@ async def test_a_write_not_started_within_acquire_timeout_is_dropped_unwritten(
                 await store._run(insert_user("late"), write=True)
             held.release()
         assert await user_names(store) == set()
-        assert store.health.recent(60).count == 1
+        recent = store.health.recent(60)
+        assert (recent.count, recent.reason) == (1, "timeout")
 
 
 async def test_a_full_queue_refuses_at_once(store: Store) -> None:
@@ -153,6 +154,7 @@ async def test_a_full_queue_refuses_at_once(store: Store) -> None:
         await queued(store, 1)
         with pytest.raises(DatabaseUnavailable, match="write queue is full"):
             await store._run(insert_user("refused"), write=True)
+        assert store.health.recent(60).reason == "pool_exhausted"
         held.release()
     assert await user_names(store) == {"queued"}
 
