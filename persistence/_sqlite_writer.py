@@ -143,6 +143,8 @@ class SqliteWriter:
         loop = asyncio.get_running_loop()
         opened: asyncio.Future[None] = loop.create_future()
         self._ended = loop.create_future()
+        with self._cond:
+            self._closing = False  # a store may connect again after a disconnect
         self._thread = threading.Thread(
             target=self._serve, args=(loop, opened), name="turngate-sqlite-writer", daemon=True
         )

@@ -201,6 +201,21 @@ async def test_a_cancelled_caller_s_queued_write_still_lands_and_the_cancel_is_d
     assert await user_names(store) == {"carol"}
 
 
+async def test_a_store_connected_again_after_disconnect_writes_again(sqlite_url: str) -> None:
+    store = Store(sqlite_url)
+    await store.connect()
+    await store._run(insert_user("first"), write=True)
+    await store.disconnect()
+    with pytest.raises(DatabaseUnavailable, match="not connected"):
+        await store._run(insert_user("while away"), write=True)
+    await store.connect()
+    try:
+        await store._run(insert_user("second"), write=True)
+        assert await user_names(store) == {"first", "second"}
+    finally:
+        await store.disconnect()
+
+
 async def test_disconnect_writes_what_is_queued(sqlite_url: str) -> None:
     store = Store(sqlite_url)
     await store.connect()
