@@ -10,7 +10,9 @@ read to ``[DONE]``. Per burst it prints and stores:
 - ``lost``: streams that answered ``200`` but ended without ``[DONE]``;
 - time to first token (request written → first ``text-delta`` read), median and p99;
 - the rows afterwards: assistant rows not ``complete``, and assistant rows without
-  exactly one ``token_usage`` row.
+  exactly one ``token_usage`` row;
+- from the server's log, how often the database was unavailable for which cause
+  (``log_pool_wait``, ``log_timed_out``, ``log_writer_wait``; in the stored JSON).
 
 Loopback only; every wait is bounded. Usage::
 
@@ -153,6 +155,7 @@ async def burst(db: str, n: int, tokens: int, delay_ms: int, workdir: Path) -> d
         cpu = server.cpu() - cpu0
     finally:
         server.stop()
+    log = server.log.read_text(errors="replace")
     statuses: dict[str, int] = {}
     for r in results:
         statuses[str(r.status or r.error)] = statuses.get(str(r.status or r.error), 0) + 1
@@ -165,6 +168,10 @@ async def burst(db: str, n: int, tokens: int, delay_ms: int, workdir: Path) -> d
         "statuses": statuses,
         "ttft_median_ms": median(ttft), "ttft_p99_ms": pct(ttft, 0.99),
         "wall_s": wall, "gateway_cpu_s": cpu,
+        # Why the database was unavailable, from the server's log.
+        "log_pool_wait": log.count("no pooled database connection free"),
+        "log_timed_out": log.count("database operation timed out"),
+        "log_writer_wait": log.count("the SQLite writer did not take this write"),
         **await _row_checks(db, sqlite_file),
     }
     print(json.dumps(out), flush=True)
