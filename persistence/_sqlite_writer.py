@@ -7,12 +7,12 @@ transaction, runs each operation inside its own ``SAVEPOINT`` (a failing operati
 is rolled back alone and gets its own error) and commits the batch once. The
 caller's event loop is only woken once per operation, when its outcome is in.
 
-Why a thread and not the event loop: with a connection per operation on
-aiosqlite, every statement is a hop between the loop and a worker thread; under a
-burst the loop is busy streaming, each hop waits for a loop iteration, and the
-writers, one at a time behind the write lock, stretched the time to first token to
-seconds and past the statement deadline (``503``). Here the operations run back to
-back in the thread with no hop at all.
+Why a thread of its own: on aiosqlite every statement is a hop between the event
+loop and aiosqlite's thread, and under a burst the loop is busy streaming, so each
+hop waits for a loop iteration; writers taking turns that way hold the write lock
+for many iterations each, and a burst's queue outlasts the statement deadline
+(``503``; measured in BENCHMARKS.md, "Turns started at once"). Here the operations
+run back to back in the thread with no hop at all.
 
 The operations run in the thread by driving their coroutine with ``send(None)``:
 ``_ThreadConn``'s methods finish without suspending, so an operation completes in
@@ -248,7 +248,6 @@ class SqliteWriter:
 
     def _write(self, con: sqlite3.Connection, conn: _ThreadConn, batch: list[_Job]) -> None:
         """One transaction for ``batch``, each job in its savepoint; every job settled."""
-        done: list[_Job] = []  # ran without error; written only if COMMIT succeeds
         self.batches += 1
         try:
             con.execute("BEGIN IMMEDIATE")
@@ -263,8 +262,6 @@ class SqliteWriter:
                 finally:
                     self._job_deadline = float("inf")
                 con.execute("RELEASE op")
-                if job.error is None:
-                    done.append(job)
             con.execute("COMMIT")
         except Exception as exc:
             # BEGIN (a lock held elsewhere), a savepoint or COMMIT failed: nothing of
