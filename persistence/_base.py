@@ -242,17 +242,22 @@ class _StoreBase:
         ``acquire_timeout`` (PostgreSQL), the work by the store's deadline, which starts
         once the connection is in hand. SQLite writes (``write``): the store's writer
         (``persistence._sqlite_writer``); the wait for it is bounded by
-        ``acquire_timeout``, the work by the same deadline. ``conn`` runs statements
-        compiled once to the driver's native form (``persistence._sql``). Any driver or
-        connection failure, and a pool or writer that stays busy, becomes
-        ``DatabaseUnavailable``.
+        ``acquire_timeout`` + ``statement_timeout``, the work by the same deadline.
+        ``conn`` runs statements compiled once to the driver's native form
+        (``persistence._sql``). Any driver or connection failure, and a pool or writer
+        that stays busy, becomes ``DatabaseUnavailable``.
         """
         if not self._db.is_connected:
             raise DatabaseUnavailable("the store is not connected")
         try:
             with anyio.CancelScope(shield=True):
                 if write and self._writer is not None:
-                    result: T = await self._writer.run(fn, queue_timeout=self.acquire_timeout)
+                    # The writer may itself wait up to the busy timeout for a lock held
+                    # by another process before it takes the next batch; a write queued
+                    # behind that gets its turn and fails with that cause ("locked").
+                    result: T = await self._writer.run(
+                        fn, queue_timeout=self.acquire_timeout + self.statement_timeout
+                    )
                     return result
                 async with AsyncExitStack() as stack:
                     connection = self._db.connection()

@@ -27,8 +27,10 @@ class Store(
       and every write goes through the store's one writer connection, queued and
       committed in batches (``persistence._sqlite_writer``).
     - ``acquire_timeout``: how long an operation waits for a free pooled
-      connection on PostgreSQL, or a write for the SQLite writer to take it
-      (default ``statement_timeout``), before it fails as ``DatabaseUnavailable``
+      connection on PostgreSQL (default ``statement_timeout``), or a write for the
+      SQLite writer to take it (``acquire_timeout + statement_timeout``: the writer
+      may be waiting out the busy timeout first), before it fails as
+      ``DatabaseUnavailable``
       (``open_turn`` → ``unavailable``, ``finalize_turn`` → ``failed``); on
       PostgreSQL with a warning naming the pool size.
     ``store.dialect`` is ``"postgresql"`` or ``"sqlite"``. Set

@@ -127,15 +127,16 @@ async def test_an_operation_that_awaits_anything_but_its_connection_is_refused_a
     assert await user_names(store) == {"after"}
 
 
-async def test_a_write_not_started_within_acquire_timeout_is_dropped_unwritten(
+async def test_a_write_not_started_within_acquire_and_busy_timeout_is_dropped_unwritten(
     sqlite_url: str,
 ) -> None:
-    async with Store(sqlite_url, acquire_timeout=0.2) as store:
+    # The bound on the wait for the writer: acquire_timeout + statement_timeout = 0.3 s.
+    async with Store(sqlite_url, statement_timeout=0.1, acquire_timeout=0.2) as store:
         held = Held()
         async with anyio.create_task_group() as tg:
             tg.start_soon(partial(store._run, held.op, write=True))
             await held.wait_entered()
-            with pytest.raises(DatabaseUnavailable, match="did not take this write within"):
+            with pytest.raises(DatabaseUnavailable, match="did not take this write within 0.3s"):
                 await store._run(insert_user("late"), write=True)
             held.release()
         assert await user_names(store) == set()
