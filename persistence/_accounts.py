@@ -7,12 +7,12 @@ import hmac
 import secrets
 import string
 
-from persistence._base import _StoreBase, _utcnow_text
+from persistence._base import _StoreBase, utcnow_text
 from persistence._sql import Conn
 
 KEY_PREFIX = "tg_"
 KEY_PREFIX_LEN = 8
-_SECRET_LEN = 43  # len(secrets.token_urlsafe(32))
+KEY_SECRET_LEN = 43  # len(secrets.token_urlsafe(32))
 _PREFIX_ALPHABET = string.ascii_letters + string.digits
 _URLSAFE = frozenset(string.ascii_letters + string.digits + "-_")
 
@@ -24,7 +24,7 @@ def _hash_secret(secret: str) -> str:
 def split_key(key: str) -> tuple[str, str] | None:
     """``(prefix, secret)`` of a ``tg_<prefix>_<secret>`` key, by position (a prefix
     made before they were letters and digits may contain ``_``); None if malformed."""
-    if len(key) != len(KEY_PREFIX) + KEY_PREFIX_LEN + 1 + _SECRET_LEN:
+    if len(key) != len(KEY_PREFIX) + KEY_PREFIX_LEN + 1 + KEY_SECRET_LEN:
         return None
     if not key.startswith(KEY_PREFIX) or key[len(KEY_PREFIX) + KEY_PREFIX_LEN] != "_":
         return None
@@ -40,7 +40,7 @@ class _AccountsMixin(_StoreBase):
         """Return the id of user ``name``, creating the user if needed (idempotent)."""
         if not name or not name.strip():
             raise ValueError("a user name must not be empty")
-        now = _utcnow_text()
+        now = utcnow_text()
 
         async def op(conn: Conn) -> tuple[int, str]:
             new_id = await conn.fetch_val(
@@ -53,7 +53,7 @@ class _AccountsMixin(_StoreBase):
             found = await conn.fetch_val("SELECT id FROM users WHERE name = :name", {"name": name})
             return int(found), "race_recovered"
 
-        return await self._shielded("create_user", op, user_name=name)
+        return await self._write("create_user", op, user_name=name)
 
     async def count_users(self) -> int:
         """How many users exist (the CLI creates a local user on an empty database)."""
@@ -62,7 +62,7 @@ class _AccountsMixin(_StoreBase):
     async def create_api_key(self, user_id: int) -> str:
         """Make a new key for ``user_id``; the plaintext is returned once, only its hash kept."""
         secret = secrets.token_urlsafe(32)
-        now = _utcnow_text()
+        now = utcnow_text()
 
         async def op(conn: Conn) -> tuple[str, str]:
             # 62**8 (about 2**47) prefixes: a collision is practically impossible,
@@ -85,11 +85,11 @@ class _AccountsMixin(_StoreBase):
                     return f"{KEY_PREFIX}{prefix}_{secret}", "inserted"
             raise RuntimeError("could not find a free key prefix")
 
-        return await self._shielded("create_api_key", op, user_id=user_id)
+        return await self._write("create_api_key", op, user_id=user_id)
 
     async def revoke_api_key(self, prefix: str) -> bool:
         """Revoke the key with this prefix; False if there is no such active key."""
-        now = _utcnow_text()
+        now = utcnow_text()
 
         async def op(conn: Conn) -> tuple[bool, str]:
             revoked = await conn.fetch_val(
@@ -99,7 +99,7 @@ class _AccountsMixin(_StoreBase):
             )
             return revoked is not None, "ok" if revoked is not None else "row_missing"
 
-        return await self._shielded("revoke_api_key", op, key_prefix=prefix)
+        return await self._write("revoke_api_key", op, key_prefix=prefix)
 
     async def authenticate(self, key: str) -> int | None:
         """The user id of a valid, unrevoked key, else None.

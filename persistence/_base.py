@@ -1,12 +1,13 @@
-"""The connection life cycle of the store and the one shielded-operation helper.
+"""The connection life cycle of the store and the one way to run its database work.
 
 Every public coroutine of the store runs its database work through
-``_StoreBase._shielded``: inside ``anyio.CancelScope(shield=True)`` with a
-deadline, so a cancelled caller (a browser that left, sse-starlette's cancel
-scope, server shutdown) can never interrupt a statement half way, which would
-leak an ``idle in transaction`` connection on PostgreSQL or hold the write lock
-on SQLite (DESIGN "Known traps"). A pending cancellation is not swallowed:
-anyio delivers it at the caller's next checkpoint, after the result is in hand.
+``_StoreBase._run`` (writers through ``_StoreBase._write``, which adds their log
+line): inside ``anyio.CancelScope(shield=True)`` with a deadline, so a cancelled
+caller (a browser that left, the stream's cancel scope, server shutdown) can never
+interrupt a statement half way, which would leak an ``idle in transaction``
+connection on PostgreSQL or hold the write lock on SQLite. A pending cancellation
+is not swallowed: anyio delivers it at the caller's next checkpoint, after the
+result is in hand.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from databases import Database
 from persistence._errors import check_sqlite_location, unavailable
 from persistence._health import DbHealth
 from persistence._sql import SQLITE_ROW_FACTORY, Conn
-from persistence._urls import Dialect, _parse_url
+from persistence._sqlite_writer import SqliteWriter
+from persistence._urls import Dialect, _parse_url, sqlite_database
 from turngate.exceptions import DatabaseUnavailable, PersistenceError
 
 logger = logging.getLogger("turngate.persistence")
@@ -36,15 +38,12 @@ T = TypeVar("T")
 DbFn = Callable[[Conn], Awaitable[T]]
 OperationObserver = Callable[[str, str, float], None]
 
-# Outcomes a writer reports (the structured log line and the observer).
-DEFAULT_POOL_SIZE = 10  # asyncpg's own default, kept
-
-OUTCOMES = ("inserted", "race_recovered", "conflict_no_match", "ok", "row_missing", "failed")
+DEFAULT_POOL_SIZE = 10  # asyncpg's own default
 
 # Writes the maintenance task repeats every few seconds for every running turn. Their
-# db_op lines are debug: at info they flooded the log (a no-op reaper pass every 2 s was
-# most of it). What they did is logged by their callers (e.g. "marked 2 turns
-# interrupted"), and a failed pass as one line by the maintenance loop.
+# db_op lines are debug, so a quiet server's log is not a reaper pass every 2 s. What
+# they did is logged by their callers (e.g. "marked 2 turns interrupted"), and a
+# failed pass as one line by the maintenance loop.
 ROUTINE_OPS = frozenset({"checkpoint", "renew_leases", "recover_expired_turns"})
 
 
@@ -63,7 +62,8 @@ def _iso(value: Any) -> str:
     return str(value)
 
 
-def _utcnow_text() -> str:
+def utcnow_text() -> str:
+    """Now, as the store writes timestamps on SQLite (fixed-width ISO-8601 UTC)."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -81,9 +81,9 @@ def _dump_json(value: Any) -> str:
 
 
 class _TunedSQLiteConnection(sqlite3.Connection):
-    """WAL with ``synchronous=NORMAL``: a commit no longer waits for fsync (1.8 ms
-    each here). A killed process loses nothing; only an OS crash or power loss can
-    drop the last commits, never corrupt the file."""
+    """WAL with ``synchronous=NORMAL``: a commit does not wait for fsync (1.8 ms
+    each on this machine). A killed process loses nothing; only an OS crash or power
+    loss can drop the last commits, never corrupt the file."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -104,7 +104,8 @@ async def _begun(conn: Conn, begin: str) -> AsyncIterator[None]:
 
 
 class _StoreBase:
-    """Connection handling, timestamps and ``_shielded``; the mixins add the operations."""
+    """Connection handling, timestamps, ``_run`` and ``_write``; the mixins add the
+    operations."""
 
     def __init__(
         self,
@@ -146,10 +147,14 @@ class _StoreBase:
             # so per-connection pragmas go in the connection class.
             options = {"timeout": statement_timeout, "factory": _TunedSQLiteConnection}
         self._db = Database(self.url, **options)
-        # SQLite has one writer at a time. Queueing our own writers here is far cheaper
-        # than letting them meet SQLite's busy handler, which sleeps in growing steps
-        # (50 racing opens took 3-4 s that way); other processes still get busy_timeout.
-        self._write_lock = anyio.Lock()
+        # SQLite: every write goes through one connection in one thread, queued and
+        # committed in batches (``persistence._sqlite_writer``); reads use ``_db``.
+        self._writer: SqliteWriter | None = None
+        if self.dialect == "sqlite":
+            self._writer = SqliteWriter(
+                sqlite_database(self.url), busy_timeout=statement_timeout,
+                deadline=self._deadline, factory=_TunedSQLiteConnection,
+            )
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -162,22 +167,27 @@ class _StoreBase:
         try:
             with anyio.fail_after(self._deadline, shield=True):
                 await self._db.connect()
-                if self.dialect == "sqlite":
-                    # WAL lets readers run beside the writer; it persists in the file.
-                    async with self._db.connection() as conn:
-                        mode = await Conn(conn.raw_connection, is_pg=False).fetch_val(
-                            "PRAGMA journal_mode=WAL"
+                if self._writer is not None:
+                    # The writer opens its connection with WAL, which lets readers run
+                    # beside it; the mode persists in the file.
+                    await self._writer.start()
+                    if str(self._writer.journal_mode).lower() != "wal":
+                        logger.warning(
+                            "SQLite journal_mode is %s, not wal", self._writer.journal_mode
                         )
-                    if str(mode).lower() != "wal":
-                        logger.warning("SQLite journal_mode is %s, not wal", mode)
         except Exception as exc:
-            if self._db.is_connected:
-                await self._db.disconnect()
+            with anyio.fail_after(self._deadline, shield=True):
+                if self._writer is not None:
+                    await self._writer.stop()
+                if self._db.is_connected:
+                    await self._db.disconnect()
             raise unavailable(exc, self.url, "cannot connect to the database") from exc
 
     async def disconnect(self) -> None:
-        """Close the pool (idempotent)."""
+        """Write what is queued, then close the writer and the pool (idempotent)."""
         with anyio.fail_after(self._deadline, shield=True):
+            if self._writer is not None:
+                await self._writer.stop()
             await self._db.disconnect()
 
     async def __aenter__(self) -> Self:
@@ -199,53 +209,56 @@ class _StoreBase:
         return self.dialect == "postgresql"
 
     @asynccontextmanager
-    async def _sqlite_writer(self, conn: Conn) -> AsyncIterator[Conn]:
-        """``conn`` (SQLite) inside BEGIN IMMEDIATE … COMMIT (rolled back on error).
-
-        IMMEDIATE takes the write lock up front, so the checks and writes of one
-        operation cannot interleave with another writer's. Only call it inside ``_run``.
-        """
-        async with self._write_lock, _begun(conn, "BEGIN IMMEDIATE"):
-            yield conn
-
-    @asynccontextmanager
     async def _transaction(self, conn: Conn) -> AsyncIterator[Conn]:
-        """``conn`` inside one transaction (SQLite: ``_sqlite_writer``); only inside ``_run``."""
+        """``conn`` inside one transaction; only inside a write operation.
+
+        PostgreSQL: BEGIN … COMMIT. SQLite: the operation already runs in its own
+        savepoint of the writer's ``BEGIN IMMEDIATE`` batch, so nothing to add.
+        """
         if self._is_pg:
             async with _begun(conn, "BEGIN"):
                 yield conn
         else:
-            async with self._sqlite_writer(conn):
-                yield conn
+            yield conn
 
     def _ts_param(self, value: str) -> Any:
         """A timestamp string as the driver wants it (asyncpg needs a datetime)."""
         return _parse_iso(value) if self._is_pg else value
 
-    async def _run(self, fn: DbFn[T], *, quiet: bool = False) -> T:
+    async def _run(self, fn: DbFn[T], *, quiet: bool = False, write: bool = False) -> T:
         """``_run_statement``, its outcome told to ``self.health``."""
         try:
-            result = await self._run_statement(fn, quiet=quiet)
+            result = await self._run_statement(fn, quiet=quiet, write=write)
         except DatabaseUnavailable as exc:
             self.health.failed(exc)
             raise
         self.health.succeeded()
         return result
 
-    async def _run_statement(self, fn: DbFn[T], *, quiet: bool = False) -> T:
-        """Run ``fn(conn)`` on one pooled connection, shielded from outside cancellation.
+    async def _run_statement(self, fn: DbFn[T], *, quiet: bool = False, write: bool) -> T:
+        """Run ``fn(conn)`` on one connection, shielded from outside cancellation.
 
-        The wait for a pooled connection is bounded by ``acquire_timeout`` (PostgreSQL);
-        the work itself by the store's deadline, which starts once the connection is in
-        hand. ``conn`` runs statements compiled once to the driver's native form on the
-        connection ``databases`` acquired (``persistence._sql``). Any driver or
-        connection failure, and a pool that stays exhausted, becomes
-        ``DatabaseUnavailable``.
+        PostgreSQL, and SQLite reads: a pooled connection; the wait for it is bounded by
+        ``acquire_timeout`` (PostgreSQL), the work by the store's deadline, which starts
+        once the connection is in hand. SQLite writes (``write``): the store's writer
+        (``persistence._sqlite_writer``); the wait for it is bounded by
+        ``acquire_timeout`` + ``statement_timeout``, the work by the same deadline.
+        ``conn`` runs statements compiled once to the driver's native form
+        (``persistence._sql``). Any driver or connection failure, and a pool or writer
+        that stays busy, becomes ``DatabaseUnavailable``.
         """
         if not self._db.is_connected:
             raise DatabaseUnavailable("the store is not connected")
         try:
             with anyio.CancelScope(shield=True):
+                if write and self._writer is not None:
+                    # The writer may itself wait up to the busy timeout for a lock held
+                    # by another process before it takes the next batch; a write queued
+                    # behind that gets its turn and fails with that cause ("locked").
+                    result: T = await self._writer.run(
+                        fn, queue_timeout=self.acquire_timeout + self.statement_timeout
+                    )
+                    return result
                 async with AsyncExitStack() as stack:
                     connection = self._db.connection()
                     if self._is_pg:
@@ -280,15 +293,16 @@ class _StoreBase:
             raise DatabaseUnavailable(f"database error: {type(exc).__name__}: {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover  (mypy: the shield returns)
 
-    async def _shielded(self, op: str, fn: DbFn[tuple[T, str]], **ids: Any) -> T:
-        """Run a writer through ``_run``, then log its one line and tell the observer.
+    async def _write(self, op: str, fn: DbFn[tuple[T, str]], **ids: Any) -> T:
+        """Run the write operation ``fn`` through ``_run``, then log its one line and
+        tell the observer.
 
         ``fn`` returns ``(result, outcome)``; a failure is reported as ``failed`` and
         re-raised (as ``DatabaseUnavailable``) for the caller to turn into a status.
         """
         started = time.perf_counter()
         try:
-            result, outcome = await self._run(fn, quiet=True)
+            result, outcome = await self._run(fn, quiet=True, write=True)
         except BaseException as exc:
             self._report(op, "failed", started, error=str(exc) or type(exc).__name__, **ids)
             raise

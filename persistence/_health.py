@@ -22,13 +22,17 @@ _KEPT_FAILURES = 1000
 def failure_reason(exc: BaseException) -> str | None:
     """Why a statement failed, in readiness terms; None if the request's data was at fault.
 
-    ``pool_exhausted``, ``timeout``, ``locked`` (SQLite's write lock), ``unreachable``
-    or ``error``. A constraint or data error (SQLSTATE classes 22 and 23, sqlite3's
-    IntegrityError/DataError) says nothing about the database's health.
+    ``pool_exhausted`` (no pooled connection free in time; SQLite: the write queue
+    full), ``timeout`` (SQLite: also a write the writer did not take in time),
+    ``locked`` (SQLite's write lock), ``unreachable`` or ``error``. A constraint or
+    data error (SQLSTATE classes 22 and 23, sqlite3's IntegrityError/DataError) says
+    nothing about the database's health.
     """
     message = str(exc)
-    if message.startswith("no pooled database connection"):
+    if message.startswith(("no pooled database connection", "the SQLite write queue is full")):
         return "pool_exhausted"
+    if message.startswith("the SQLite writer did not take this write"):
+        return "timeout"
     if message == "the store is not connected":
         return "unreachable"
     cause = exc.__cause__

@@ -10,8 +10,8 @@ Notes that apply to all of them:
   race with one extra lookup.
 - Sub-statements of one WITH run in an unspecified order; where order matters a
   CTE references the one that must run first (``(SELECT count(*) FROM x) >= 0``).
-- No literal percent sign anywhere: it broke the SQLite backend of `databases`.
-  Our statements no longer go through its compiler, but one habit for both.
+- No literal percent sign anywhere: `databases`' SQLite backend reads one as a
+  parameter marker, and one habit for both dialects is simpler to keep.
 """
 
 from __future__ import annotations
@@ -138,8 +138,8 @@ _HISTORY = """,
 OPEN_TURN_WITH_HISTORY = OPEN_TURN.rstrip().removesuffix("AS bumped") + "AS bumped" + _HISTORY
 
 # ``open_turn(key_prefix=..., key_hash=...)``: the same statements, gated on the caller's
-# API key still being valid (issue 9: a cached key skips the authenticate round trip, so
-# the open itself re-checks revocation). ``th`` is empty for a revoked or unknown key,
+# API key still being valid (a cached key skips the authenticate round trip, so the
+# open itself re-checks revocation). ``th`` is empty for a revoked or unknown key,
 # so nothing is written; ``key_ok`` tells that apart from a missing thread.
 _KEY_OK = """WITH key_ok AS (
     SELECT EXISTS (

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from persistence._base import _StoreBase
 from persistence._health import failure_reason
 from persistence._sql import Conn
+
+logger = logging.getLogger("turngate.persistence")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +46,9 @@ class _HealthMixin(_StoreBase):
         try:
             return await self._run(op)
         except Exception as exc:
-            return ProbeResult(failure_reason(exc) or "error")
+            status = failure_reason(exc) or "error"
+            logger.warning("readiness probe failed (%s): %s", status, exc)
+            return ProbeResult(status)
 
 
 __all__ = ["ProbeResult"]

@@ -4,20 +4,22 @@
 every call (bind-parameter regex, the SQL compiler, the ``%`` mapping): about
 0.8 ms of CPU per statement for our larger CTEs, measured by cProfile of the
 gateway (docs/DECISIONS.md, "Persistence performance"). Our statements are fixed
-strings with ``:name`` parameters, so we compile each one once (cached by its
-text) to asyncpg's ``$1..$n`` or SQLite's ``?`` with a fixed parameter order and
-run it on the pooled connection that ``databases`` acquired for us
-(``Connection.raw_connection``). ``databases`` still owns the pool and the
-connections; nothing outside this package sees the difference.
+strings with ``:name`` parameters, so each is compiled once (``statement``, cached
+by its text) to asyncpg's ``$1..$n`` or SQLite's ``?`` with a fixed parameter
+order, and ``Conn`` runs it on the connection ``databases`` acquired from its pool
+(``Connection.raw_connection``), or on the SQLite writer's own connection
+(``persistence._sqlite_writer``). ``databases`` owns the pool and its connections;
+nothing outside this package sees the difference.
 
-Values are passed to the driver exactly as ``databases`` passed them (a
-``TextClause`` without typed binds has no bind processors), and rows come back
-as the drivers make them (asyncpg ``Record``, ``sqlite3.Row``: both index by
-name and position; asyncpg hands json/jsonb back as ``str``), as before.
+Values go to the driver as ``databases`` would pass them (a ``TextClause`` without
+typed binds has no bind processors), and rows come back as the drivers make them
+(asyncpg ``Record``, ``sqlite3.Row``: both index by name and position; asyncpg
+hands json/jsonb back as ``str``).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import sqlite3
 from collections.abc import Mapping, Sequence
@@ -65,18 +67,14 @@ class Statement:
         self.sqlite_names = tuple(sqlite_names)
 
 
-_CACHE: dict[str, Statement] = {}
-_CACHE_MAX = 512  # a few dynamic WHERE variants at most; a bound all the same
-
-
+# A pure function of the SQL text: the cache holds only strings derived from the
+# project's own statement texts, nothing of any app, connection or database, so one
+# cache per process is correct for every store in it. 512 is well above the number
+# of distinct texts (fixed statements plus a few dynamic WHERE variants).
+@functools.lru_cache(maxsize=512)
 def statement(text: str) -> Statement:
     """The compiled form of ``text``, compiled on first use and cached."""
-    compiled = _CACHE.get(text)
-    if compiled is None:
-        if len(_CACHE) >= _CACHE_MAX:
-            _CACHE.clear()
-        compiled = _CACHE[text] = Statement(text)
-    return compiled
+    return Statement(text)
 
 
 def _args(names: Sequence[str], values: Mapping[str, Any] | None) -> list[Any]:

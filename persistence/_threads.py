@@ -7,7 +7,7 @@ import json
 import uuid
 from typing import Any
 
-from persistence._base import _iso, _load_json, _StoreBase, _utcnow_text
+from persistence._base import _iso, _load_json, _StoreBase, utcnow_text
 from persistence._sql import Conn
 from persistence.rows import MessageRow, ThreadRow, TurnRows, UsageRow
 from turngate.exceptions import PersistenceError
@@ -98,7 +98,7 @@ class _ThreadsMixin(_StoreBase):
             thread_id = str(uuid.uuid4())
         if not thread_id or len(thread_id) > _MAX_THREAD_ID:
             raise ValueError(f"thread id must be 1..{_MAX_THREAD_ID} characters")
-        now = self._ts_param(_utcnow_text())
+        now = self._ts_param(utcnow_text())
         tid = thread_id
 
         async def op(conn: Conn) -> tuple[tuple[ThreadRow | None, bool], str]:
@@ -120,7 +120,7 @@ class _ThreadsMixin(_StoreBase):
                 return (existing, False), "conflict_no_match"
             return (existing, False), "race_recovered"
 
-        result, created = await self._shielded(
+        result, created = await self._write(
             "create_thread", op, thread_id=tid, owner_id=owner_id
         )
         if result is None or result.owner_id != owner_id:
@@ -142,7 +142,7 @@ class _ThreadsMixin(_StoreBase):
         self, thread_id: str, owner_id: int, title: str | None
     ) -> ThreadRow | None:
         """Set the title of the owner's thread (``updated_at`` too); None if not theirs."""
-        now = self._ts_param(_utcnow_text())
+        now = self._ts_param(utcnow_text())
 
         async def op(conn: Conn) -> tuple[ThreadRow | None, str]:
             row = await conn.fetch_one(
@@ -153,7 +153,7 @@ class _ThreadsMixin(_StoreBase):
             )
             return (None, "not_found") if row is None else (_thread_row(row), "updated")
 
-        return await self._shielded("rename_thread", op, thread_id=thread_id, owner_id=owner_id)
+        return await self._write("rename_thread", op, thread_id=thread_id, owner_id=owner_id)
 
     async def delete_thread(self, thread_id: str, owner_id: int) -> int | None:
         """Delete the owner's thread and its messages; the number of messages, None if
@@ -175,7 +175,7 @@ class _ThreadsMixin(_StoreBase):
                 await conn.execute("DELETE FROM threads WHERE id = :id", {"id": thread_id})
             return int(count), "deleted"
 
-        return await self._shielded("delete_thread", op, thread_id=thread_id, owner_id=owner_id)
+        return await self._write("delete_thread", op, thread_id=thread_id, owner_id=owner_id)
 
     async def list_threads(
         self, owner_id: int, *, limit: int = 50, before: str | None = None

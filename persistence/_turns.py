@@ -1,8 +1,9 @@
-"""The turn writers: open, append (legacy route), checkpoint, finalize, recover.
+"""Opening a turn and regenerating one; the other turn writers are in ``_writers``.
 
-PostgreSQL runs each writer as one statement (``_pg_sql``). SQLite runs a few
-statements inside ``BEGIN IMMEDIATE`` on one connection: that takes the write
-lock up front, so writers are serialised and the checks cannot race.
+PostgreSQL runs ``open_turn`` as one statement (``_pg_sql``). SQLite runs a few
+statements on the store's writer (``persistence._sqlite_writer``), inside its
+``BEGIN IMMEDIATE`` batch: the write lock is held from the start and writers run
+one after another, so the checks cannot race.
 
 Log outcomes of ``open_turn``: ``inserted`` (a row was written), ``race_recovered``
 (both rows existed: a repeat or a lost race), ``row_missing`` (thread not found /
@@ -25,7 +26,7 @@ from persistence._base import (
     _load_json,
     _parse_iso,
     _StoreBase,
-    _utcnow_text,
+    utcnow_text,
 )
 from persistence._sql import Conn
 from persistence._threads import _MESSAGE_COLUMNS, _message_row
@@ -209,7 +210,7 @@ class _TurnsMixin(_StoreBase):
             return opened, _open_outcome(opened)
 
         try:
-            return await self._shielded(
+            return await self._write(
                 "open_turn", op, thread_id=thread_id, turn_id=turn_id, owner_id=owner_id
             )
         except DatabaseUnavailable:
@@ -302,76 +303,75 @@ class _TurnsMixin(_StoreBase):
         history_limit: int | None,
         key: tuple[str, str] | None = None,
     ) -> TurnOpened:
-        now = _utcnow_text()
+        now = utcnow_text()
         ids = {"thread_id": thread_id, "turn_id": turn_id}
         history: list[MessageRow] | None = None
-        async with self._sqlite_writer(conn):
-            if key is not None and await conn.fetch_val(
-                "SELECT 1 FROM api_keys WHERE prefix = :prefix AND secret_hash = :hash "
-                "AND revoked_at IS NULL AND user_id = :owner_id",
-                {"prefix": key[0], "hash": key[1], "owner_id": owner_id},
-            ) is None:
-                return TurnOpened(status="unauthorized")
-            found = await conn.fetch_val(
-                "SELECT 1 FROM threads WHERE id = :thread_id AND owner_id = :owner_id",
-                {"thread_id": thread_id, "owner_id": owner_id},
+        if key is not None and await conn.fetch_val(
+            "SELECT 1 FROM api_keys WHERE prefix = :prefix AND secret_hash = :hash "
+            "AND revoked_at IS NULL AND user_id = :owner_id",
+            {"prefix": key[0], "hash": key[1], "owner_id": owner_id},
+        ) is None:
+            return TurnOpened(status="unauthorized")
+        found = await conn.fetch_val(
+            "SELECT 1 FROM threads WHERE id = :thread_id AND owner_id = :owner_id",
+            {"thread_id": thread_id, "owner_id": owner_id},
+        )
+        if found is None:
+            return TurnOpened(status="thread_not_found")
+        mine = {
+            r["role"]: r
+            for r in await conn.fetch_all(
+                "SELECT id, role, status FROM messages WHERE thread_id = :thread_id "
+                "AND turn_id = :turn_id AND status <> 'superseded'",
+                ids,
             )
-            if found is None:
-                return TurnOpened(status="thread_not_found")
-            mine = {
-                r["role"]: r
-                for r in await conn.fetch_all(
-                    "SELECT id, role, status FROM messages WHERE thread_id = :thread_id "
-                    "AND turn_id = :turn_id AND status <> 'superseded'",
-                    ids,
-                )
-            }
-            if "assistant" not in mine:
-                holder = await conn.fetch_one(
-                    "SELECT id, thread_id, turn_id, content, lease_expires_at FROM messages "
-                    "WHERE thread_id = :thread_id AND status = 'streaming'",
-                    {"thread_id": thread_id},
-                )
-                if holder is not None:
-                    expires = holder["lease_expires_at"]
-                    if expires is None or expires >= now:
-                        return TurnOpened(status="busy", busy_turn_id=holder["turn_id"])
-                    await _sqlite_interrupt(conn, holder, owner_id, now)
-            user_new = await conn.fetch_val(
-                "INSERT INTO messages (thread_id, role, content, status, author_id, turn_id, "
-                "created_at, updated_at) VALUES (:thread_id, 'user', :content, 'complete', "
-                ":owner_id, :turn_id, :now, :now) "
-                + _pg_sql.ON_TURN_CONFLICT + " "
-                "RETURNING id",
-                {**ids, "content": content, "owner_id": owner_id, "now": now},
+        }
+        if "assistant" not in mine:
+            holder = await conn.fetch_one(
+                "SELECT id, thread_id, turn_id, content, lease_expires_at FROM messages "
+                "WHERE thread_id = :thread_id AND status = 'streaming'",
+                {"thread_id": thread_id},
             )
-            assistant_new = await conn.fetch_val(
-                "INSERT INTO messages (thread_id, role, content, status, turn_id, lease_owner, "
-                "lease_expires_at, created_at, updated_at) VALUES (:thread_id, 'assistant', "
-                ":shell, 'streaming', :turn_id, :lease_owner, :expires, :now, :now) "
-                + _pg_sql.ON_TURN_CONFLICT + " "
-                "RETURNING id",
-                {
-                    **ids,
-                    "shell": _SHELL_JSON,
-                    "lease_owner": lease_owner,
-                    "expires": _plus_seconds(now, lease_seconds),
-                    "now": now,
-                },
+            if holder is not None:
+                expires = holder["lease_expires_at"]
+                if expires is None or expires >= now:
+                    return TurnOpened(status="busy", busy_turn_id=holder["turn_id"])
+                await _sqlite_interrupt(conn, holder, owner_id, now)
+        user_new = await conn.fetch_val(
+            "INSERT INTO messages (thread_id, role, content, status, author_id, turn_id, "
+            "created_at, updated_at) VALUES (:thread_id, 'user', :content, 'complete', "
+            ":owner_id, :turn_id, :now, :now) "
+            + _pg_sql.ON_TURN_CONFLICT + " "
+            "RETURNING id",
+            {**ids, "content": content, "owner_id": owner_id, "now": now},
+        )
+        assistant_new = await conn.fetch_val(
+            "INSERT INTO messages (thread_id, role, content, status, turn_id, lease_owner, "
+            "lease_expires_at, created_at, updated_at) VALUES (:thread_id, 'assistant', "
+            ":shell, 'streaming', :turn_id, :lease_owner, :expires, :now, :now) "
+            + _pg_sql.ON_TURN_CONFLICT + " "
+            "RETURNING id",
+            {
+                **ids,
+                "shell": _SHELL_JSON,
+                "lease_owner": lease_owner,
+                "expires": _plus_seconds(now, lease_seconds),
+                "now": now,
+            },
+        )
+        if user_new is not None or assistant_new is not None:
+            await conn.execute(
+                "UPDATE threads SET updated_at = :now WHERE id = :thread_id",
+                {"thread_id": thread_id, "now": now},
             )
-            if user_new is not None or assistant_new is not None:
-                await conn.execute(
-                    "UPDATE threads SET updated_at = :now WHERE id = :thread_id",
-                    {"thread_id": thread_id, "now": now},
-                )
-            if history_limit is not None and assistant_new is not None:
-                rows = await conn.fetch_all(
-                    f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE thread_id = :thread_id "
-                    "AND (turn_id IS NULL OR turn_id <> :turn_id) AND status <> 'superseded' "
-                    "ORDER BY id DESC LIMIT :limit",
-                    {**ids, "limit": history_limit},
-                )
-                history = [_message_row(r) for r in reversed(rows)]
+        if history_limit is not None and assistant_new is not None:
+            rows = await conn.fetch_all(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE thread_id = :thread_id "
+                "AND (turn_id IS NULL OR turn_id <> :turn_id) AND status <> 'superseded' "
+                "ORDER BY id DESC LIMIT :limit",
+                {**ids, "limit": history_limit},
+            )
+            history = [_message_row(r) for r in reversed(rows)]
         return TurnOpened(
             status="opened",
             user_message_id=int(user_new if user_new is not None else mine["user"]["id"]),
@@ -420,7 +420,7 @@ class _RegenerateMixin(_StoreBase):
             return opened, _open_outcome(opened)
 
         try:
-            return await self._shielded(
+            return await self._write(
                 "regenerate_turn", op, thread_id=thread_id, turn_id=turn_id,
                 owner_id=owner_id,
             )
@@ -468,7 +468,7 @@ class _RegenerateMixin(_StoreBase):
             )
         if current is not None and current["status"] == "streaming":
             return TurnOpened(status="busy", busy_turn_id=turn_id)
-        now = _utcnow_text()
+        now = utcnow_text()
         if current is not None:
             await conn.execute(
                 "UPDATE messages SET status = 'superseded', updated_at = :now WHERE id = :id",

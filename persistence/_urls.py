@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlencode
+
+from databases import DatabaseURL
 
 DEFAULT_URL = "sqlite:///./turngate.db"
 
@@ -42,6 +45,16 @@ def sqlite_path(url: str | None) -> str | None:
     path = rest[1:] if rest.startswith("/") else rest
     path = path.partition("?")[0]
     return path if path and path != ":memory:" else None
+
+
+def sqlite_database(url: str) -> str:
+    """What a SQLite URL opens, as ``databases``' SQLite backend passes it to ``sqlite3``:
+    the path (or ``:memory:``) with the URL's query options appended."""
+    parsed = DatabaseURL(_parse_url(url).databases_url)
+    database = parsed.database
+    if parsed.options:
+        database += "?" + urlencode(parsed.options)
+    return database
 
 
 def display_url(url: str | None) -> str:

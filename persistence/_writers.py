@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from persistence import _pg_sql
-from persistence._base import _dump_json, _StoreBase, _utcnow_text
+from persistence._base import _dump_json, _StoreBase, utcnow_text
 from persistence._sql import Conn
 from persistence._turns import (
     _SQLITE_USAGE_INSERT,
@@ -19,6 +19,7 @@ from persistence._turns import (
 )
 from persistence.content import NO_TEXT_MARKER, is_empty_assistant_content
 from persistence.rows import AppendOutcome, AppendResult, FinalizeItem, UsageRecord
+from turngate.exceptions import PersistenceError
 
 logger = logging.getLogger("turngate.persistence")
 
@@ -73,39 +74,38 @@ class _WritersMixin(_StoreBase):
                     return None, "row_missing"
             return _append_result(new_id, old_id)
 
-        return await self._shielded(
+        return await self._write(
             "append_message", op, thread_id=thread_id, turn_id=turn_id, role=role
         )
 
     async def _append_sqlite(self, conn: Conn, values: dict[str, Any]) -> tuple[Any, Any, bool]:
-        now = _utcnow_text()
-        async with self._sqlite_writer(conn):
-            found = await conn.fetch_val(
-                "SELECT 1 FROM threads WHERE id = :thread_id AND owner_id = :owner_id",
-                {"thread_id": values["thread_id"], "owner_id": values["owner_id"]},
+        now = utcnow_text()
+        found = await conn.fetch_val(
+            "SELECT 1 FROM threads WHERE id = :thread_id AND owner_id = :owner_id",
+            {"thread_id": values["thread_id"], "owner_id": values["owner_id"]},
+        )
+        if found is None:
+            return None, None, False
+        new_id = await conn.fetch_val(
+            "INSERT INTO messages (thread_id, role, content, status, author_id, turn_id, "
+            "created_at, updated_at) VALUES (:thread_id, :role, :content, 'complete', "
+            ":author_id, :turn_id, :now, :now) "
+            + _pg_sql.ON_TURN_CONFLICT + " "
+            "RETURNING id",
+            {k: v for k, v in values.items() if k != "owner_id"} | {"now": now},
+        )
+        if new_id is not None:
+            await conn.execute(
+                "UPDATE threads SET updated_at = :now WHERE id = :thread_id",
+                {"thread_id": values["thread_id"], "now": now},
             )
-            if found is None:
-                return None, None, False
-            new_id = await conn.fetch_val(
-                "INSERT INTO messages (thread_id, role, content, status, author_id, turn_id, "
-                "created_at, updated_at) VALUES (:thread_id, :role, :content, 'complete', "
-                ":author_id, :turn_id, :now, :now) "
-                + _pg_sql.ON_TURN_CONFLICT + " "
-                "RETURNING id",
-                {k: v for k, v in values.items() if k != "owner_id"} | {"now": now},
-            )
-            if new_id is not None:
-                await conn.execute(
-                    "UPDATE threads SET updated_at = :now WHERE id = :thread_id",
-                    {"thread_id": values["thread_id"], "now": now},
-                )
-                return new_id, None, True
-            old_id = await conn.fetch_val(
-                "SELECT id FROM messages WHERE thread_id = :thread_id "
-                "AND turn_id = :turn_id AND role = :role AND status <> 'superseded'",
-                {k: values[k] for k in ("thread_id", "turn_id", "role")},
-            )
-            return None, old_id, True
+            return new_id, None, True
+        old_id = await conn.fetch_val(
+            "SELECT id FROM messages WHERE thread_id = :thread_id "
+            "AND turn_id = :turn_id AND role = :role AND status <> 'superseded'",
+            {k: values[k] for k in ("thread_id", "turn_id", "role")},
+        )
+        return None, old_id, True
 
     async def checkpoint(
         self,
@@ -144,11 +144,10 @@ class _WritersMixin(_StoreBase):
             elif self._is_pg:
                 done = await conn.fetch_val(_pg_sql.CHECKPOINT, params) is not None
             else:
-                async with self._sqlite_writer(conn):
-                    done = await _checkpoint_sqlite(conn, params, reclaim)
+                done = await _checkpoint_sqlite(conn, params, reclaim)
             return done, "ok" if done else "row_missing"
 
-        return await self._shielded(
+        return await self._write(
             "reclaim" if reclaim else "checkpoint", op, message_id=message_id
         )
 
@@ -179,22 +178,20 @@ class _WritersMixin(_StoreBase):
                      "lease_seconds": float(lease_seconds)},
                 )
             else:
-                # One autocommit statement: the write lock only queues our own writers.
-                async with self._write_lock:
-                    rows = await conn.fetch_all(
-                        "UPDATE messages SET lease_expires_at = :expires "
-                        "WHERE id IN (SELECT value FROM json_each(:ids)) "
-                        "AND lease_owner = :lease_owner AND status = 'streaming' RETURNING id",
-                        {
-                            "ids": _dump_json(ids),
-                            "lease_owner": lease_owner,
-                            "expires": _plus_seconds(_utcnow_text(), lease_seconds),
-                        },
-                    )
+                rows = await conn.fetch_all(
+                    "UPDATE messages SET lease_expires_at = :expires "
+                    "WHERE id IN (SELECT value FROM json_each(:ids)) "
+                    "AND lease_owner = :lease_owner AND status = 'streaming' RETURNING id",
+                    {
+                        "ids": _dump_json(ids),
+                        "lease_owner": lease_owner,
+                        "expires": _plus_seconds(utcnow_text(), lease_seconds),
+                    },
+                )
             renewed = {int(r["id"]) for r in rows}
             return renewed, "ok" if len(renewed) == len(ids) else "row_missing"
 
-        return await self._shielded(
+        return await self._write(
             "renew_leases", op, lease_owner=lease_owner, count=len(ids)
         )
 
@@ -234,14 +231,13 @@ class _WritersMixin(_StoreBase):
                 assert row is not None
                 updated = bool(row["updated"])
             else:
-                now = _utcnow_text()
-                async with self._sqlite_writer(conn):
-                    updated = await _finalize_sqlite_row(conn, values, now)
+                now = utcnow_text()
+                updated = await _finalize_sqlite_row(conn, values, now)
             outcome = "ok" if updated else "row_missing"
             return outcome, outcome
 
         try:
-            return await self._shielded(
+            return await self._write(
                 "finalize_turn", op, message_id=message_id, thread_id=thread_id, status=status
             )
         except Exception:
@@ -256,7 +252,7 @@ class _WritersMixin(_StoreBase):
         other row no longer streaming is not overwritten, ``row_missing``; at most
         one usage row per message), as if the items ran one after another: a message
         that appears twice is finalized by its first item. PostgreSQL: one statement
-        for the whole batch; SQLite: one ``BEGIN IMMEDIATE`` transaction. An item with
+        for the whole batch; SQLite: one operation on the writer (all or nothing). An item with
         a status that is not final is ``failed`` without touching the others; if the
         batch itself fails every other item is ``failed`` (nothing was written, or
         all of it), for the caller to retry one by one. One log line per batch (items
@@ -275,16 +271,15 @@ class _WritersMixin(_StoreBase):
                 hit = {int(r["idx"]) for r in found}
                 updated = [n in hit for n in range(len(records))]
             else:
-                now = _utcnow_text()
+                now = utcnow_text()
                 updated = []
-                async with self._sqlite_writer(conn):
-                    for rec in records:
-                        updated.append(await _finalize_sqlite_row(conn, _dumped(rec), now))
+                for rec in records:
+                    updated.append(await _finalize_sqlite_row(conn, _dumped(rec), now))
             return updated, "ok" if all(updated) else "row_missing"
 
         started = time.perf_counter()
         try:
-            updated, _ = await self._run(op)
+            updated, _ = await self._run(op, write=True)
         except Exception:
             logger.exception("finalize_turns failed for a batch of %d", len(items))
             updated = None
@@ -327,7 +322,7 @@ class _WritersMixin(_StoreBase):
                 ids = await self._recover_sqlite(conn)
             return ids, "ok" if ids else "row_missing"
 
-        ids = await self._shielded("recover_expired_turns", op)
+        ids = await self._write("recover_expired_turns", op)
         if ids:
             logger.info(
                 "recovered_turns: marked %d turn%s interrupted (lease expired), message_ids=%s",
@@ -337,23 +332,23 @@ class _WritersMixin(_StoreBase):
         return ids
 
     async def _recover_sqlite(self, conn: Conn) -> list[int]:
-        now = _utcnow_text()
-        async with self._sqlite_writer(conn):
-            rows = await conn.fetch_all(
-                "SELECT m.id, m.thread_id, m.content, t.owner_id FROM messages m "
-                "JOIN threads t ON t.id = m.thread_id "
-                "WHERE m.status = 'streaming' AND m.lease_expires_at < :now ORDER BY m.id",
-                {"now": now},
-            )
-            for row in rows:
-                await _sqlite_interrupt(conn, row, int(row["owner_id"]), now)
+        now = utcnow_text()
+        rows = await conn.fetch_all(
+            "SELECT m.id, m.thread_id, m.content, t.owner_id FROM messages m "
+            "JOIN threads t ON t.id = m.thread_id "
+            "WHERE m.status = 'streaming' AND m.lease_expires_at < :now ORDER BY m.id",
+            {"now": now},
+        )
+        for row in rows:
+            await _sqlite_interrupt(conn, row, int(row["owner_id"]), now)
         return [int(r["id"]) for r in rows]
 
     async def ping(self) -> bool:
         """True if the database answers ``SELECT 1`` in time; never raises."""
         try:
             return bool(await self._run(lambda c: c.fetch_val("SELECT 1")) == 1)
-        except Exception:
+        except PersistenceError as exc:
+            logger.warning("ping failed: %s", exc)
             return False
 
 
@@ -413,7 +408,7 @@ _SQLITE_USAGE_UPSERT = _SQLITE_USAGE_INSERT.replace(
 
 async def _checkpoint_sqlite(conn: Conn, params: dict[str, Any], reclaim: bool) -> bool:
     """``checkpoint`` on SQLite, inside the caller's write transaction (see _pg_sql)."""
-    now = _utcnow_text()
+    now = utcnow_text()
     values = {k: params[k] for k in ("message_id", "content", "lease_owner", "event_map")} | {
         "now": now, "expires": _plus_seconds(now, params["lease_seconds"]),
     }

@@ -12,6 +12,7 @@ from typing import Literal
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -138,5 +139,5 @@ def classify_revision(current: str | None) -> SchemaStatus:
 def _is_known(revision: str) -> bool:
     try:
         return ScriptDirectory.from_config(_alembic_config()).get_revision(revision) is not None
-    except Exception:  # alembic raises for revisions it has never heard of
+    except CommandError:  # alembic's answer for a revision it has never heard of
         return False

@@ -20,13 +20,19 @@ class Store(
 
     - ``statement_timeout``: asyncpg's ``command_timeout`` (and connect timeout) and
       SQLite's busy timeout; the store's own backstop deadline per operation is
-      ``2 × statement_timeout + 1`` s, counted from when a connection is in hand.
+      ``2 × statement_timeout + 1`` s, counted from when a connection is in hand
+      (on SQLite's writer: from when the operation starts).
     - ``pool_size``: the asyncpg pool's min and max size (default 10, asyncpg's
-      own default). Ignored on SQLite, which opens a connection per operation.
+      own default). Ignored on SQLite, where a read opens a connection of its own
+      and every write goes through the store's one writer connection, queued and
+      committed in batches (``persistence._sqlite_writer``).
     - ``acquire_timeout``: how long an operation waits for a free pooled
-      connection on PostgreSQL (default ``statement_timeout``) before it fails as
-      ``DatabaseUnavailable`` (``open_turn`` → ``unavailable``, ``finalize_turn`` →
-      ``failed``), with a warning naming the pool size.
+      connection on PostgreSQL (default ``statement_timeout``), or a write for the
+      SQLite writer to take it (``acquire_timeout + statement_timeout``: the writer
+      may be waiting out the busy timeout first), before it fails as
+      ``DatabaseUnavailable``
+      (``open_turn`` → ``unavailable``, ``finalize_turn`` → ``failed``); on
+      PostgreSQL with a warning naming the pool size.
     ``store.dialect`` is ``"postgresql"`` or ``"sqlite"``. Set
     ``store.on_operation = fn(op, outcome, seconds)`` to observe every writer.
     ``store.health`` records recent failures of every operation; ``store.probe()``

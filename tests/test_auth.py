@@ -14,7 +14,7 @@ import pytest
 
 from gateway.ops.cli import main as cli_main
 from gateway.ops.logs import JsonFormatter
-from persistence._base import _utcnow_text
+from persistence import utcnow_text
 from tests.fixtures_server import GatewayServer, run_gateway
 from tests.sse_client import stream_request, validate_ui_stream
 from tests.test_bad_input import assert_json_error, assert_no_leak, client_for, snapshot
@@ -70,7 +70,7 @@ async def test_key_prefixes_are_letters_and_digits_and_old_ones_still_revoke(
             "INSERT INTO api_keys (user_id, prefix, secret_hash, created_at) "
             "VALUES (:u, :p, :h, :now)",
             {"u": gateway.user_id, "p": prefix, "h": hashlib.sha256(secret.encode()).hexdigest(),
-             "now": gateway.store._ts_param(_utcnow_text())},
+             "now": gateway.store._ts_param(utcnow_text())},
         )
         old_key = f"tg_{prefix}_{secret}"
         async with client_for(gateway, old_key) as old:

@@ -184,7 +184,9 @@ def _metric(gw: GatewayServer, name: str, **labels: str) -> float:
 
 async def test_database_down_across_the_end_of_20_turns(outage: Outage) -> None:
     n, tokens = 20, 60
-    async with run_gateway(outage.gateway_url, **_env()) as gw, gw.client() as client:
+    # All n generate at once: above the default per-user stream quota (16).
+    env = _env(TURNGATE_MAX_STREAMS_PER_USER=str(n))
+    async with run_gateway(outage.gateway_url, **env) as gw, gw.client() as client:
         threads = [await gw.new_thread(client) for _ in range(n)]
         watched = [Watched() for _ in range(n)]
         halfway = [w.when(lambda w=w: w.deltas >= tokens // 2) for w in watched]  # type: ignore[misc]

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from gateway.ops.logs import THIRD_PARTY_LEVELS, JsonFormatter, configure_logging, quiet_third_party
-from persistence._accounts import _SECRET_LEN
+from persistence import KEY_SECRET_LEN
 from tests.fixtures_server import run_gateway
 
 SECRET_TEXT = "purple-elephant-42"
@@ -73,7 +73,7 @@ async def test_json_lines_persistence_and_turns(database_url: str,
     assert "cost_micros" in end and end["duration_ms"] > 0
 
     text = json_log.getvalue()
-    assert key not in text and key[-_SECRET_LEN:] not in text
+    assert key not in text and key[-KEY_SECRET_LEN:] not in text
     assert SECRET_TEXT not in text  # no message content by default
 
 

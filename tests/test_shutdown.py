@@ -26,7 +26,7 @@ import asyncpg
 import httpx
 import pytest
 
-from persistence._accounts import _SECRET_LEN
+from persistence import KEY_SECRET_LEN
 from tests.fixtures_db import _admin, pg_url_for, run_sync
 from tests.waiting import until_sync
 
@@ -242,7 +242,7 @@ def test_sigterm_with_50_open_streams(fresh_database: str, tmp_path: Path) -> No
 
     # The log: one JSON object per line, each turn's start and end, no secrets.
     text = log_path.read_text()
-    assert key not in text and key[-_SECRET_LEN:] not in text
+    assert key not in text and key[-KEY_SECRET_LEN:] not in text
     events = [json.loads(line) for line in text.splitlines() if line.strip()]
     names = [e.get("event") for e in events]
     assert names.count("turn_start") == STREAMS

@@ -72,7 +72,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _sqlite_file(settings: Settings) -> Path | None:
-    from persistence._urls import sqlite_path
+    from persistence import sqlite_path
 
     path = sqlite_path(settings.database_url)
     return Path(os.path.abspath(path)) if path is not None else None
@@ -85,8 +85,7 @@ async def _prepare_for_serve(settings: Settings) -> str | None:
     one-time key. Raises ``DatabaseUnavailable``/``SchemaOutdated`` with a one-line cause.
     """
     from gateway.app import prepare_database
-    from persistence import Store
-    from persistence._urls import display_url
+    from persistence import Store, display_url
 
     shown = display_url(settings.database_url)
     if not settings.database_url.startswith("sqlite"):
@@ -226,8 +225,7 @@ class _DrainingServer(uvicorn.Server):
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from persistence import migrate
-    from persistence._urls import display_url
+    from persistence import display_url, migrate
 
     settings = _settings()
     shown = display_url(settings.database_url)
@@ -250,8 +248,7 @@ async def _open_existing(settings: Settings, *, create: bool) -> None:
     an existing file is migrated if it is old. PostgreSQL: its schema must be current
     (``turngate migrate`` is the release step).
     """
-    from persistence import migrate, schema_status
-    from persistence._urls import display_url
+    from persistence import display_url, migrate, schema_status
 
     shown = display_url(settings.database_url)
     file = _sqlite_file(settings)
@@ -295,7 +292,7 @@ async def _keys_revoke(settings: Settings, prefix: str) -> bool:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from persistence._urls import display_url
+    from persistence import display_url
 
     settings = _settings()
     shown = display_url(settings.database_url)
