@@ -1,7 +1,7 @@
 """The end of a turn on the happy path: last ``text-delta`` → ``[DONE]``, and round trips.
 
-Issue 15 made the final write durable (retried until it lands, ``finish`` only
-after it). On the happy path that must add no database round trip and no
+The final write is durable (retried until it lands, ``finish`` only after
+it). On the happy path that must add no database round trip and no
 latency beyond the finalize write itself. This measures both on one
 ``turngate serve`` whose ``DATABASE_URL`` goes through the counting proxy
 (checkpoint interval 60 s, so periodic upkeep stays out of the window):

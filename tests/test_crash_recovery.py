@@ -1,4 +1,4 @@
-"""A hard kill mid-stream: the restarted server marks the turn interrupted (issue 6)."""
+"""A hard kill mid-stream: the restarted server marks the turn interrupted."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A faltering database loses no reply (issue 15, items 1-3).
+"""A faltering database loses no reply.
 
 The faults are the test's own: a cuttable TCP proxy between the gateway and
 PostgreSQL (``RoundTripProxy``), or an exclusive lock on the SQLite file held

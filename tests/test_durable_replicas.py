@@ -1,5 +1,5 @@
 """A table lock longer than the lease, with two replicas: no live turn ends
-interrupted, every row ends with its full text (issue 15, items 1-3).
+interrupted, every row ends with its full text.
 
 The lock is taken in this session's own test database (``pg_url``), never on
 another database of the server. Lease and lock are shortened (lease 3 s,

@@ -1,8 +1,9 @@
 """A lean ASGI response for turn streams (pre-encoded SSE bytes).
 
 Why not sse-starlette's ``EventSourceResponse``: it runs four tasks per stream
-(stream, ping, disconnect listener, shutdown watcher) and cost 44-45 KiB per
-idle stream in bench/ (a plain StreamingResponse: 27-28 KiB). Turn streams are
+(stream, ping, disconnect listener, shutdown watcher), which costs more memory per
+idle stream and fewer events/s (bench/ measures both; the figures are in
+docs/DECISIONS.md). Turn streams are
 already encoded (gateway/turn/chunks.py), so this response only has to write bytes,
 and does it with two tasks per stream:
 

@@ -1,5 +1,5 @@
 """messages.event_map: how a reply's stream was numbered, so a replay from the row
-resumes at any ``Last-Event-ID`` of the live stream (issue 15).
+resumes at any ``Last-Event-ID`` of the live stream.
 
 A JSON array with one entry per content part: the lengths (in characters) of the
 deltas the part was streamed in. Written with the content by checkpoints and the
