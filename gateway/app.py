@@ -18,11 +18,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from gateway.api import aisdk as routes_aisdk
-from gateway.api import models as routes_models
-from gateway.api import ops as routes_ops
-from gateway.api import threads as routes_threads
-from gateway.api import turns as routes_turns
+from gateway.api import aisdk, models, ops, threads, turns
 from gateway.api.errors import EXCEPTION_HANDLERS
 from gateway.api.header_limits import HeaderLimits
 from gateway.context import AppContext
@@ -51,26 +47,26 @@ async def _favicon(request: Request) -> Response:
 
 def _routes() -> list[BaseRoute]:
     routes: list[BaseRoute] = [
-        Route("/healthz", routes_ops.healthz, methods=["GET"]),
-        Route("/readyz", routes_ops.readyz, methods=["GET"]),
-        Route("/metrics", routes_ops.metrics, methods=["GET"]),
-        Route("/v1/threads", routes_threads.create_thread, methods=["POST"]),
-        Route("/v1/threads", routes_threads.list_threads, methods=["GET"]),
-        Route("/v1/threads/{thread_id}", routes_threads.rename_thread, methods=["PATCH"]),
-        Route("/v1/threads/{thread_id}", routes_threads.delete_thread, methods=["DELETE"]),
-        Route("/v1/models", routes_models.list_models, methods=["GET"]),
-        Route("/v1/threads/{thread_id}/messages", routes_threads.list_messages, methods=["GET"]),
-        Route("/v1/threads/{thread_id}/messages", routes_threads.append_message, methods=["POST"]),
-        Route("/v1/threads/{thread_id}/turns", routes_turns.start_turn, methods=["POST"]),
-        Route("/v1/threads/{thread_id}/turns/{turn_id}/stream", routes_turns.resume_turn,
+        Route("/healthz", ops.healthz, methods=["GET"]),
+        Route("/readyz", ops.readyz, methods=["GET"]),
+        Route("/metrics", ops.metrics, methods=["GET"]),
+        Route("/v1/threads", threads.create_thread, methods=["POST"]),
+        Route("/v1/threads", threads.list_threads, methods=["GET"]),
+        Route("/v1/threads/{thread_id}", threads.rename_thread, methods=["PATCH"]),
+        Route("/v1/threads/{thread_id}", threads.delete_thread, methods=["DELETE"]),
+        Route("/v1/models", models.list_models, methods=["GET"]),
+        Route("/v1/threads/{thread_id}/messages", threads.list_messages, methods=["GET"]),
+        Route("/v1/threads/{thread_id}/messages", threads.append_message, methods=["POST"]),
+        Route("/v1/threads/{thread_id}/turns", turns.start_turn, methods=["POST"]),
+        Route("/v1/threads/{thread_id}/turns/{turn_id}/stream", turns.resume_turn,
               methods=["GET"]),
-        Route("/v1/threads/{thread_id}/turns/{turn_id}/regenerate", routes_turns.regenerate_turn,
+        Route("/v1/threads/{thread_id}/turns/{turn_id}/regenerate", turns.regenerate_turn,
               methods=["POST"]),
-        Route("/v1/threads/{thread_id}/turns/{turn_id}/cancel", routes_turns.cancel_turn,
+        Route("/v1/threads/{thread_id}/turns/{turn_id}/cancel", turns.cancel_turn,
               methods=["POST"]),
-        Route("/v1/usage", routes_threads.list_usage, methods=["GET"]),
+        Route("/v1/usage", threads.list_usage, methods=["GET"]),
     ]
-    routes.extend(routes_aisdk.ROUTES)
+    routes.extend(aisdk.ROUTES)
     if os.path.isdir(STATIC_DIR):
         # Browsers ask for /favicon.ico whatever the page links; the icon is an SVG.
         routes.append(Route("/favicon.ico", _favicon, methods=["GET", "HEAD"]))

@@ -19,6 +19,7 @@ from gateway.api.auth import KeyMap
 if TYPE_CHECKING:
     import anyio
 
+    from gateway.api.models import ModelsCache
     from gateway.api.ops import DatabaseProbe
     from gateway.ops.metrics import Metrics
     from gateway.ops.settings import Settings
@@ -50,6 +51,7 @@ class AppContext:
     rate_windows: dict[int, deque[float]] = field(default_factory=dict)
     keys: KeyMap = field(default_factory=KeyMap)  # API keys that authenticated here
     db_probe: DatabaseProbe | None = None  # /readyz's, made by its first probe
+    models_cache: ModelsCache | None = None  # /v1/models', made by its first request
 
     @property
     def shared(self) -> SharedRelay | None:

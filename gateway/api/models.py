@@ -99,11 +99,10 @@ async def _upstream(ctx: AppContext, cache: ModelsCache, adapter: str) -> _Entry
         return entry
 
 
-def _cache(request: Request) -> ModelsCache:
-    cache: ModelsCache | None = getattr(request.app.state, "models_cache", None)
-    if cache is None:
-        cache = request.app.state.models_cache = ModelsCache()
-    return cache
+def _cache(ctx: AppContext) -> ModelsCache:
+    if ctx.models_cache is None:
+        ctx.models_cache = ModelsCache()
+    return ctx.models_cache
 
 
 async def list_models(request: Request) -> Response:
@@ -111,7 +110,7 @@ async def list_models(request: Request) -> Response:
     "adapters": [{name, status, error?}], "limits"}``."""
     ctx = context(request)
     await authenticate(request, ctx.store, ctx.keys)
-    cache = _cache(request)
+    cache = _cache(ctx)
     models: list[dict[str, Any]] = []
     adapters: list[dict[str, Any]] = []
 

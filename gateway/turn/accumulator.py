@@ -26,7 +26,6 @@ from llm_adapters.events import (
     ToolResult,
     Usage,
 )
-from persistence.content import NO_TEXT_MARKER
 
 
 def parse_tool_args(text: str) -> Any:
@@ -150,10 +149,6 @@ class ContentBuilder:
         if self._open_kind is not None:
             out[-1] = [len(f) for f in self._fragments]
         return out
-
-    def final(self) -> list[dict[str, Any]]:
-        """The parts to store at the end: the status marker if nothing came."""
-        return [dict(NO_TEXT_MARKER[0])] if self.is_empty() else self.snapshot()
 
     def text_length(self) -> int:
         """Characters of text, reasoning and tool arguments (for usage estimates)."""

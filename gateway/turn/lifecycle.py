@@ -480,11 +480,11 @@ class TurnRunner:
                 call_details=usage.call_details(),
                 estimated=usage.estimated,
             )
-            parts, event_map = content.final(), content.event_map()
+            # Empty content is stored as the no-text marker by the store itself.
+            parts, event_map = content.snapshot(), content.event_map()
             if status == "error" and error_text:
                 # The reason is stored with the reply: a reload shows why it failed. The
                 # event map keeps one entry per part (the error part streams no delta).
-                parts = [p for p in parts if p.get("type") != "status"]
                 parts.append({"type": "error", "errorText": error_text})
                 if event_map:
                     event_map = [*event_map, None]
@@ -498,7 +498,7 @@ class TurnRunner:
                 sent = ContentBuilder()
                 for event in events_of_chunks(sent_chunks):
                     sent.feed(event)
-                parts, event_map = sent.final(), sent.event_map()
+                parts, event_map = sent.snapshot(), sent.event_map()
             t0 = time.monotonic()
             outcome, attempts = await write_final(self, live, parts, event_map, status, record)
             self.metrics.finalize_duration.observe(time.monotonic() - t0)
