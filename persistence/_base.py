@@ -207,6 +207,9 @@ class _StoreBase:
         with anyio.fail_after(self._deadline, shield=True):
             if self._writer is not None:
                 await self._writer.stop()
+            if self._gate is not None and self._db.is_connected:
+                for con in self._gate.take_spares():
+                    await self._pg_pool.release(con)
             await self._db.disconnect()
 
     async def __aenter__(self) -> Self:
@@ -283,18 +286,7 @@ class _StoreBase:
                     return result
                 if self._gate is None:
                     return await self._on_connection(fn)
-                await self._gate.acquire()
-                answered = False
-                try:
-                    result = await self._on_connection(fn)
-                    answered = True
-                    return result
-                except BaseException as exc:
-                    answered = _answered(exc)
-                    raise
-                finally:
-                    # After the pooled connection went back, so the next waiter finds it.
-                    self._gate.release(answered=answered)
+                return await self._on_gated_connection(self._gate, fn)
         except PersistenceError:
             raise
         except TimeoutError as exc:
@@ -311,15 +303,37 @@ class _StoreBase:
         raise AssertionError("unreachable")  # pragma: no cover  (mypy: the shield returns)
 
     async def _on_connection(self, fn: DbFn[T]) -> T:
-        """``fn`` on a pooled connection (PostgreSQL: one the gate let this operation
-        take; the wait for it is still bounded by ``acquire_timeout``, as a connection
-        taken outside the store's operations may hold it)."""
+        """``fn`` on a connection of SQLite's pool (a new one per operation)."""
         async with AsyncExitStack() as stack:
             connection = self._db.connection()
-            if self._is_pg:
+            with anyio.fail_after(self._deadline):
+                await stack.enter_async_context(connection)
+            conn = Conn(connection.raw_connection, is_pg=False)
+            with anyio.fail_after(self._deadline):
+                return await fn(conn)
+
+    @property
+    def _pg_pool(self) -> Any:
+        """The asyncpg pool under ``databases`` (PostgreSQL), which the gate's
+        operations take connections from and hand on directly."""
+        return self._db._backend._pool
+
+    async def _on_gated_connection(self, gate: PoolGate, fn: DbFn[T]) -> T:
+        """``fn`` on a pooled PostgreSQL connection, taken in turn through ``gate``.
+
+        The connection comes with the permit (handed on by the operation before) or
+        from the pool; that wait is still bounded by ``acquire_timeout``, as a
+        connection taken outside the store's operations may hold it. Afterwards a
+        healthy, idle connection goes straight to the next waiter, any other back
+        to the pool (which resets or replaces it).
+        """
+        con = await gate.acquire()
+        answered = False
+        try:
+            if con is None:
                 try:
                     with anyio.fail_after(self.acquire_timeout):
-                        await stack.enter_async_context(connection)
+                        con = await self._pg_pool.acquire()
                 except TimeoutError:
                     message = (
                         "no pooled database connection free within "
@@ -327,12 +341,24 @@ class _StoreBase:
                     )
                     logger.warning("database unavailable: %s", message)
                     raise DatabaseUnavailable(message) from None
-            else:
-                with anyio.fail_after(self._deadline):
-                    await stack.enter_async_context(connection)
-            conn = Conn(connection.raw_connection, is_pg=self._is_pg)
             with anyio.fail_after(self._deadline):
-                return await fn(conn)
+                result = await fn(Conn(con, is_pg=True))
+            answered = True
+            return result
+        except BaseException as exc:
+            answered = _answered(exc)
+            raise
+        finally:
+            reusable = (
+                answered and con is not None
+                and not con.is_closed() and not con.is_in_transaction()
+            )
+            if not (reusable and gate.hand_over(con)):
+                try:
+                    if con is not None:
+                        await self._pg_pool.release(con)
+                finally:
+                    gate.release(answered=answered)
 
     async def _write(self, op: str, fn: DbFn[tuple[T, str]], **ids: Any) -> T:
         """Run the write operation ``fn`` through ``_run``, then log its one line and

@@ -8,7 +8,11 @@ connection was doing useful work.
 
 So each operation of the store first takes one of ``permits`` (one per pooled
 connection) here, in arrival order, then its connection from the pool (at once:
-every permit holder finds one free). A waiter gives up (``DatabaseUnavailable``)
+every permit holder finds one free). An operation that ends with a healthy
+connection while others wait hands that connection straight to the longest waiter
+(``hand_over``) instead of returning it to the pool for the waiter to take again:
+on a busy event loop each return and take costs loop iterations, and the turns of
+a burst wait for them one after the other. A waiter gives up (``DatabaseUnavailable``)
 only once ``stall_timeout`` seconds have passed both since it arrived and since an
 operation last got the database's answer (``release(answered=True)``). While
 operations keep finishing, the queue moves and every waiter gets its turn, however
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from typing import Any
 
 import anyio
 
@@ -33,6 +38,15 @@ logger = logging.getLogger("turngate.persistence")
 
 #: Operations that may wait for a pooled connection; one more is refused at once.
 MAX_WAITING = 10_000
+
+
+class _Waiter:
+    __slots__ = ("connection", "handed")
+
+    def __init__(self) -> None:
+        # Set when a permit is handed to this waiter, with a connection or None.
+        self.handed = anyio.Event()
+        self.connection: Any = None
 
 
 class PoolGate:
@@ -46,9 +60,13 @@ class PoolGate:
         self.permits = permits
         self.stall_timeout = stall_timeout
         self.max_waiting = max_waiting
+        #: Connections handed straight from one operation to the next.
+        self.handed_over = 0
         self._free = permits
-        # Each waiter's event is set when a released permit is handed to it.
-        self._waiters: deque[anyio.Event] = deque()
+        self._waiters: deque[_Waiter] = deque()
+        # Connections handed to a waiter that had already left: the next to take a
+        # permit uses one; the store returns the rest to the pool when it closes.
+        self._spare: list[Any] = []
         self._last_answer = float("-inf")
 
     @property
@@ -61,47 +79,72 @@ class PoolGate:
         logger.warning("database unavailable: %s", message)
         return DatabaseUnavailable(message)
 
-    async def acquire(self) -> None:
-        """Wait for a permit; ``DatabaseUnavailable`` when the queue is full or the
+    async def acquire(self) -> Any:
+        """Wait for a permit; the connection handed over with it, or None (take one
+        from the pool). ``DatabaseUnavailable`` when the queue is full or the
         database gave no answer for ``stall_timeout`` seconds of the wait."""
         if self._free and not self._waiters:
             self._free -= 1
-            return
+            return self._spare.pop() if self._spare else None
         if len(self._waiters) >= self.max_waiting:
             raise self._refuse(f"and {len(self._waiters)} operations already waiting")
-        handed = anyio.Event()
-        self._waiters.append(handed)
+        waiter = _Waiter()
+        self._waiters.append(waiter)
         arrived = anyio.current_time()
         try:
             while True:
                 deadline = max(arrived, self._last_answer) + self.stall_timeout
                 if anyio.current_time() >= deadline:
-                    self._waiters.remove(handed)
+                    self._waiters.remove(waiter)
                     raise self._refuse(
                         f"within {self.stall_timeout:g}s without a database answer "
                         f"({len(self._waiters)} other operations waiting)"
                     )
                 with anyio.move_on_at(deadline):
-                    await handed.wait()
-                if handed.is_set():
-                    return
+                    await waiter.handed.wait()
+                if waiter.handed.is_set():
+                    return waiter.connection
         except BaseException:
-            if handed.is_set():
-                self.release(answered=False)  # handed over as we left: pass it on
-            elif handed in self._waiters:
-                self._waiters.remove(handed)
+            if waiter.handed.is_set():
+                self._pass_on(waiter.connection)  # handed over as we left: pass it on
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
             raise
 
+    def hand_over(self, connection: Any) -> bool:
+        """Give the permit and ``connection`` (healthy, idle, its operation answered)
+        to the longest waiter; False if none waits (return it to the pool, then
+        ``release``)."""
+        if not self._waiters:
+            return False
+        self._last_answer = anyio.current_time()
+        self.handed_over += 1
+        self._pass_on(connection)
+        return True
+
     def release(self, *, answered: bool) -> None:
-        """Give the permit back (to the longest waiter, if any); ``answered``: the
-        operation that held it got the database's answer (a result, or an error the
-        server sent about the request itself)."""
+        """Give the permit back (to the longest waiter, if any), its connection
+        returned to the pool; ``answered``: the operation that held it got the
+        database's answer (a result, or an error the server sent about the request
+        itself)."""
         if answered:
             self._last_answer = anyio.current_time()
+        self._pass_on(None)
+
+    def take_spares(self) -> list[Any]:
+        """The connections handed to waiters that had left, for the pool."""
+        spares, self._spare = self._spare, []
+        return spares
+
+    def _pass_on(self, connection: Any) -> None:
         if self._waiters:
-            self._waiters.popleft().set()
-        else:
-            self._free += 1
+            waiter = self._waiters.popleft()
+            waiter.connection = connection
+            waiter.handed.set()
+            return
+        self._free += 1
+        if connection is not None:
+            self._spare.append(connection)
 
 
 __all__ = ["MAX_WAITING", "PoolGate"]

@@ -18,6 +18,7 @@ import pytest
 
 from persistence import Store
 from persistence._health import failure_reason
+from persistence._pool_gate import MAX_WAITING
 from persistence._sql import Conn
 from tests.fault_proxy import FaultProxy
 from turngate.exceptions import DatabaseUnavailable
@@ -37,7 +38,8 @@ async def _read_messages(conn: Conn) -> None:
 async def test_a_queue_longer_than_acquire_timeout_runs_whole_in_arrival_order(
     pg_url: str,
 ) -> None:
-    # One connection, 40 operations of 20 ms or more: the last waits well past 0.3 s.
+    # One connection, 60 operations of 20 ms or more: the last waits 1.2 s or more,
+    # four times the bound.
     async with Store(pg_url, pool_size=1, acquire_timeout=0.3) as store:
         finished: list[int] = []
 
@@ -47,11 +49,13 @@ async def test_a_queue_longer_than_acquire_timeout_runs_whole_in_arrival_order(
 
         started = time.perf_counter()
         async with anyio.create_task_group() as tg:
-            for i in range(40):
+            for i in range(60):
                 tg.start_soon(op, i)
         elapsed = time.perf_counter() - started
-    assert elapsed > 3 * 0.3, elapsed  # the queue outlasted the bound many times over
-    assert finished == list(range(40))
+        # Each operation but the last handed its connection straight to the next.
+        assert store._gate is not None and store._gate.handed_over == 59
+    assert elapsed >= 60 * 0.02, elapsed
+    assert finished == list(range(60))
 
 
 async def _lock_messages(url: str) -> asyncpg.Connection:
@@ -109,7 +113,7 @@ async def test_waiters_behind_a_stuck_pool_are_refused_after_acquire_timeout(
 
 async def test_one_more_than_max_waiting_is_refused_at_once(pg_url: str) -> None:
     async with Store(pg_url, pool_size=1, statement_timeout=5.0, acquire_timeout=3.0) as store:
-        assert store._gate is not None
+        assert store._gate is not None and store._gate.max_waiting == MAX_WAITING == 10_000
         store._gate.max_waiting = 3
         locker = await _lock_messages(pg_url)
         try:
