@@ -18,6 +18,7 @@ Loopback only; every wait is bounded. Usage::
 
     .venv/bin/python bench/sqlite_burst.py                  # 100 and 1,000, both databases
     .venv/bin/python bench/sqlite_burst.py --dbs sqlite --bursts 100:2000:2
+    .venv/bin/python bench/sqlite_burst.py --dbs postgresql --load 3   # a busy machine
 
 A burst is ``N:TOKENS:DELAY_MS`` (``scripted:tokens=TOKENS,delay_ms=DELAY_MS``). The
 defaults: 100 turns of 2,000 tokens 2 ms apart; 1,000 turns of 40 tokens 100 ms
@@ -26,6 +27,10 @@ apart (4 s each, so every turn also checkpoints); and 1,000 turns of 200 tokens
 the database writes compete with a saturated event loop. PostgreSQL runs in the
 database ``turngate_burst`` (dropped and made again); SQLite in a file in a
 temporary directory.
+
+``--load N`` keeps N other processes spinning on the CPU while each burst runs (they
+are ended when it ends), as on a machine shared with other work; ``--pool-size``
+sets ``TURNGATE_DB_POOL_SIZE``.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +142,26 @@ async def _row_checks(db: str, sqlite_file: Path | None) -> dict[str, int]:
         await conn.close()
 
 
-async def burst(db: str, n: int, tokens: int, delay_ms: int, workdir: Path) -> dict[str, Any]:
+_SPIN = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass"
+
+
+@contextmanager
+def cpu_load(processes: int, seconds: float = 600.0) -> Iterator[None]:
+    """``processes`` other processes spinning on the CPU (each ends by itself after
+    ``seconds`` at most), ended when the block ends."""
+    procs = [subprocess.Popen([sys.executable, "-c", _SPIN.format(seconds=seconds)])
+             for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait(timeout=10)
+
+
+async def burst(db: str, n: int, tokens: int, delay_ms: int, workdir: Path, *,
+                load: int = 0, pool_size: int | None = None) -> dict[str, Any]:
     sqlite_file: Path | None = None
     if db == "sqlite":
         sqlite_file = workdir / f"burst-{n}.db"
@@ -144,15 +170,19 @@ async def burst(db: str, n: int, tokens: int, delay_ms: int, workdir: Path) -> d
         await _fresh_pg()
         url = PG_URL
     key = _migrate_and_key(url)
-    server = start_server(f"turngate-{db}-{n}", workdir, db_url=url)
+    extra = {} if pool_size is None else {"TURNGATE_DB_POOL_SIZE": str(pool_size)}
+    server = start_server(f"turngate-{db}-{n}", workdir, db_url=url, **extra)
     try:
         threads = await _make_threads(server.port, key, n)
         model = f"scripted:tokens={tokens},delay_ms={delay_ms}"
-        cpu0, t0 = server.cpu(), time.perf_counter()
-        results: list[TurnResult] = list(await asyncio.gather(
-            *(run_turn(server.port, t, key, model, timeout=300.0) for t in threads)))
-        wall = time.perf_counter() - t0
-        cpu = server.cpu() - cpu0
+        with cpu_load(load):
+            load_avg0 = os.getloadavg()[0]
+            cpu0, t0 = server.cpu(), time.perf_counter()
+            results: list[TurnResult] = list(await asyncio.gather(
+                *(run_turn(server.port, t, key, model, timeout=300.0) for t in threads)))
+            wall = time.perf_counter() - t0
+            cpu = server.cpu() - cpu0
+            load_avg = os.getloadavg()[0]
     finally:
         server.stop()
     log = server.log.read_text(errors="replace")
@@ -161,7 +191,8 @@ async def burst(db: str, n: int, tokens: int, delay_ms: int, workdir: Path) -> d
         statuses[str(r.status or r.error)] = statuses.get(str(r.status or r.error), 0) + 1
     ttft = [(r.t_first_delta - r.t_send) * 1000 for r in results if r.t_first_delta is not None]
     out: dict[str, Any] = {
-        "db": db, "turns": n, "model": model,
+        "db": db, "turns": n, "model": model, "load_processes": load,
+        "pool_size": pool_size or 10, "load_avg_1min": [load_avg0, load_avg],
         "status_503": sum(1 for r in results if r.status == 503),
         "non_200": sum(1 for r in results if r.status != 200),
         "lost": sum(1 for r in results if r.status == 200 and r.t_done is None),
@@ -187,6 +218,9 @@ async def main() -> None:
     ap.add_argument("--dbs", default="sqlite,postgresql")
     ap.add_argument("--bursts", default="100:2000:2,1000:40:100,1000:200:20",
                     help="comma-separated N:TOKENS:DELAY_MS")
+    ap.add_argument("--load", type=int, default=0,
+                    help="processes spinning on the CPU during each burst")
+    ap.add_argument("--pool-size", type=int, default=None, help="TURNGATE_DB_POOL_SIZE")
     args = ap.parse_args()
     raise_nofile()
     rows = []
@@ -195,15 +229,17 @@ async def main() -> None:
         for spec in args.bursts.split(","):
             n, tokens, delay = (int(x) for x in spec.split(":"))
             for db in args.dbs.split(","):
-                rows.append(await burst(db, n, tokens, delay, Path(tmp)))
+                rows.append(await burst(db, n, tokens, delay, Path(tmp), load=args.load,
+                                        pool_size=args.pool_size))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = ROOT / "bench" / "results" / f"sqlite-burst-{stamp}.json"
     path.write_text(json.dumps({"command": " ".join(sys.argv), "runs": rows}, indent=1))
-    print("\n| database | turns at once | model | 503 | other non-200 | lost streams | "
+    print("\n| database | turns at once | model | spinning | 503 | other non-200 | lost streams | "
           "TTFT median / p99 (ms) | not complete | usage rows ≠ 1 | wall (s) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['db']} | {r['turns']:,} | `{r['model']}` | {r['status_503']} | "
+        print(f"| {r['db']} | {r['turns']:,} | `{r['model']}` | {r['load_processes']} | "
+              f"{r['status_503']} | "
               f"{r['non_200'] - r['status_503']} | {r['lost']} | "
               f"{_fmt(r['ttft_median_ms'])} / {_fmt(r['ttft_p99_ms'])} | "
               f"{r['not_complete']} | {r['usage_not_one']} | {r['wall_s']:.1f} |")

@@ -27,6 +27,7 @@ from databases import Database
 
 from persistence._errors import check_sqlite_location, unavailable
 from persistence._health import DbHealth
+from persistence._pool_gate import PoolGate
 from persistence._sql import SQLITE_ROW_FACTORY, Conn
 from persistence._sqlite_writer import SqliteWriter
 from persistence._urls import Dialect, _parse_url, sqlite_database
@@ -78,6 +79,19 @@ def _load_json(value: Any) -> Any:
 
 def _dump_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _answered(exc: BaseException) -> bool:
+    """Whether an operation that raised ``exc`` got the database's answer: an error of
+    the store's own (not ``DatabaseUnavailable``), or one the server sent about the
+    request itself. Not a timeout, a lost connection, a lock wait given up, or a
+    server shutting down."""
+    if isinstance(exc, PersistenceError):
+        return not isinstance(exc, DatabaseUnavailable)
+    sqlstate = getattr(exc, "sqlstate", None)
+    if not isinstance(sqlstate, str):
+        return False
+    return sqlstate[:2] not in ("08", "57") and sqlstate != "55P03"
 
 
 class _TunedSQLiteConnection(sqlite3.Connection):
@@ -147,6 +161,11 @@ class _StoreBase:
             # so per-connection pragmas go in the connection class.
             options = {"timeout": statement_timeout, "factory": _TunedSQLiteConnection}
         self._db = Database(self.url, **options)
+        # PostgreSQL: operations take the pool's connections in arrival order, and the
+        # wait gives up only while the database gives no answer (``_pool_gate``).
+        self._gate: PoolGate | None = None
+        if self.dialect == "postgresql":
+            self._gate = PoolGate(self.pool_size, stall_timeout=self.acquire_timeout)
         # SQLite: every write goes through one connection in one thread, queued and
         # committed in batches (``persistence._sqlite_writer``); reads use ``_db``.
         self._writer: SqliteWriter | None = None
@@ -188,6 +207,9 @@ class _StoreBase:
         with anyio.fail_after(self._deadline, shield=True):
             if self._writer is not None:
                 await self._writer.stop()
+            if self._gate is not None and self._db.is_connected:
+                for con in self._gate.take_spares():
+                    await self._pg_pool.release(con)
             await self._db.disconnect()
 
     async def __aenter__(self) -> Self:
@@ -238,11 +260,14 @@ class _StoreBase:
     async def _run_statement(self, fn: DbFn[T], *, quiet: bool = False, write: bool) -> T:
         """Run ``fn(conn)`` on one connection, shielded from outside cancellation.
 
-        PostgreSQL, and SQLite reads: a pooled connection; the wait for it is bounded by
-        ``acquire_timeout`` (PostgreSQL), the work by the store's deadline, which starts
-        once the connection is in hand. SQLite writes (``write``): the store's writer
-        (``persistence._sqlite_writer``); the wait for it is bounded by
-        ``acquire_timeout`` + ``statement_timeout``, the work by the same deadline.
+        PostgreSQL, and SQLite reads: a pooled connection, the work bounded by the
+        store's deadline, which starts once the connection is in hand. On PostgreSQL
+        operations take the connections in arrival order (``persistence._pool_gate``):
+        the wait gives up after ``acquire_timeout`` seconds only without any answer
+        from the database, so a burst queues and a stuck or stalled database fails.
+        SQLite writes (``write``): the store's writer (``persistence._sqlite_writer``);
+        the wait for it is bounded by ``acquire_timeout`` + ``statement_timeout``, the
+        work by the same deadline.
         ``conn`` runs statements compiled once to the driver's native form
         (``persistence._sql``). Any driver or connection failure, and a pool or writer
         that stays busy, becomes ``DatabaseUnavailable``.
@@ -259,25 +284,9 @@ class _StoreBase:
                         fn, queue_timeout=self.acquire_timeout + self.statement_timeout
                     )
                     return result
-                async with AsyncExitStack() as stack:
-                    connection = self._db.connection()
-                    if self._is_pg:
-                        try:
-                            with anyio.fail_after(self.acquire_timeout):
-                                await stack.enter_async_context(connection)
-                        except TimeoutError:
-                            message = (
-                                "no pooled database connection free within "
-                                f"{self.acquire_timeout:g}s (pool_size={self.pool_size})"
-                            )
-                            logger.warning("database unavailable: %s", message)
-                            raise DatabaseUnavailable(message) from None
-                    else:
-                        with anyio.fail_after(self._deadline):
-                            await stack.enter_async_context(connection)
-                    conn = Conn(connection.raw_connection, is_pg=self._is_pg)
-                    with anyio.fail_after(self._deadline):
-                        return await fn(conn)
+                if self._gate is None:
+                    return await self._on_connection(fn)
+                return await self._on_gated_connection(self._gate, fn)
         except PersistenceError:
             raise
         except TimeoutError as exc:
@@ -292,6 +301,64 @@ class _StoreBase:
                 logger.warning("database error: %r", exc)
             raise DatabaseUnavailable(f"database error: {type(exc).__name__}: {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover  (mypy: the shield returns)
+
+    async def _on_connection(self, fn: DbFn[T]) -> T:
+        """``fn`` on a connection of SQLite's pool (a new one per operation)."""
+        async with AsyncExitStack() as stack:
+            connection = self._db.connection()
+            with anyio.fail_after(self._deadline):
+                await stack.enter_async_context(connection)
+            conn = Conn(connection.raw_connection, is_pg=False)
+            with anyio.fail_after(self._deadline):
+                return await fn(conn)
+
+    @property
+    def _pg_pool(self) -> Any:
+        """The asyncpg pool under ``databases`` (PostgreSQL), which the gate's
+        operations take connections from and hand on directly."""
+        return self._db._backend._pool
+
+    async def _on_gated_connection(self, gate: PoolGate, fn: DbFn[T]) -> T:
+        """``fn`` on a pooled PostgreSQL connection, taken in turn through ``gate``.
+
+        The connection comes with the permit (handed on by the operation before) or
+        from the pool; that wait is still bounded by ``acquire_timeout``, as a
+        connection taken outside the store's operations may hold it. Afterwards a
+        healthy, idle connection goes straight to the next waiter, any other back
+        to the pool (which resets or replaces it).
+        """
+        con = await gate.acquire()
+        answered = False
+        try:
+            if con is None:
+                try:
+                    with anyio.fail_after(self.acquire_timeout):
+                        con = await self._pg_pool.acquire()
+                except TimeoutError:
+                    message = (
+                        "no pooled database connection free within "
+                        f"{self.acquire_timeout:g}s (pool_size={self.pool_size})"
+                    )
+                    logger.warning("database unavailable: %s", message)
+                    raise DatabaseUnavailable(message) from None
+            with anyio.fail_after(self._deadline):
+                result = await fn(Conn(con, is_pg=True))
+            answered = True
+            return result
+        except BaseException as exc:
+            answered = _answered(exc)
+            raise
+        finally:
+            reusable = (
+                answered and con is not None
+                and not con.is_closed() and not con.is_in_transaction()
+            )
+            if not (reusable and gate.hand_over(con)):
+                try:
+                    if con is not None:
+                        await self._pg_pool.release(con)
+                finally:
+                    gate.release(answered=answered)
 
     async def _write(self, op: str, fn: DbFn[tuple[T, str]], **ids: Any) -> T:
         """Run the write operation ``fn`` through ``_run``, then log its one line and

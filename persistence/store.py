@@ -26,11 +26,13 @@ class Store(
       own default). Ignored on SQLite, where a read opens a connection of its own
       and every write goes through the store's one writer connection, queued and
       committed in batches (``persistence._sqlite_writer``).
-    - ``acquire_timeout``: how long an operation waits for a free pooled
-      connection on PostgreSQL (default ``statement_timeout``), or a write for the
-      SQLite writer to take it (``acquire_timeout + statement_timeout``: the writer
-      may be waiting out the busy timeout first), before it fails as
-      ``DatabaseUnavailable``
+    - ``acquire_timeout``: on PostgreSQL, how long an operation waits for a pooled
+      connection while the database gives no answer (default ``statement_timeout``):
+      operations take the connections in arrival order and a queue that keeps moving
+      is never cut short (``persistence._pool_gate``; at most 10,000 wait). On
+      SQLite, how long a write waits for the writer to take it
+      (``acquire_timeout + statement_timeout``: the writer may be waiting out the
+      busy timeout first). Past it the operation fails as ``DatabaseUnavailable``
       (``open_turn`` → ``unavailable``, ``finalize_turn`` → ``failed``); on
       PostgreSQL with a warning naming the pool size.
     ``store.dialect`` is ``"postgresql"`` or ``"sqlite"``. Set

@@ -215,7 +215,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TURNGATE_HISTORY_MESSAGES", "history_messages", "200", _positive_int,
             "Most recent earlier messages of a thread sent to the model with a new turn."),
     Setting("TURNGATE_DB_POOL_SIZE", "db_pool_size", "10", _positive_int,
-            "PostgreSQL connections per process (asyncpg pool size)."),
+            "PostgreSQL connections per process (asyncpg pool size); operations "
+            "beyond it queue in arrival order."),
     Setting("TURNGATE_MAX_TEXT_CHARS", "max_text_chars", "100000", _positive_int,
             "Longest accepted user text, in characters."),
     Setting("TURNGATE_MAX_ID_CHARS", "max_id_chars", "128", _positive_int,
