@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -33,12 +32,13 @@ from starlette.responses import Response
 from gateway.replicas.follow import attach_shared, supersede_shared
 from gateway.streaming.relay import LiveTurn, LocalRelay, SharedRelay
 from gateway.streaming.responses import follow_live, sse_response
-from gateway.turn.accumulator import ContentBuilder, TurnUsage, estimate_tokens
+from gateway.turn.accumulator import ContentBuilder, TurnUsage
 from gateway.turn.chunks import ChunkEncoder, events_of_chunks
 from gateway.turn.finalize import FinalizeBatcher, write_final
 from gateway.turn.replay import from_list, replay_chunks, stored_usage
+from gateway.turn.tools import Answers, Toolbox, TurnSteps
 from llm_adapters.base import Adapter, AdapterRequest, ChatMessage
-from llm_adapters.events import FinishReason, Usage
+from llm_adapters.events import FinishReason
 from persistence import Store, UsageRecord
 from turngate.exceptions import UpstreamError
 
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from gateway.ops.metrics import Metrics
     from gateway.ops.settings import Settings
     from gateway.replicas.limits import SharedLimits
+    from gateway.tools.servers import ToolHub
     from llm_adapters.pricing import PriceTable
 
 logger = logging.getLogger("turngate.turns")
@@ -332,6 +333,8 @@ class TurnRunner:
         # generated here are mirrored to, and the stream slots across replicas.
         self.shared: SharedRelay | None = None
         self.limits: SharedLimits | None = None
+        # The MCP servers' tools (TURNGATE_MCP_CONFIG), started by the lifespan.
+        self.tools: ToolHub | None = None
         self.draining = False
         self._idle = anyio.Event()
         # Set when a drain's grace is over: final writes stop retrying (the process exits).
@@ -348,11 +351,25 @@ class TurnRunner:
         user_message_id: int,
         model_string: str,
         started: float,
+        toolbox: Toolbox | None = None,
+        content: ContentBuilder | None = None,
+        usage: TurnUsage | None = None,
+        answers: Answers | None = None,
     ) -> None:
-        """Publish the opening chunks and start generating in the app's task group."""
+        """Publish the opening chunks and start generating in the app's task group.
+
+        ``content``, ``usage`` and ``answers``: a paused turn continuing (its parts
+        and calls so far, and what the client answered)."""
         if self.task_group is None:
             raise RuntimeError("the turn runner is not started (no lifespan)")
         encoder = ChunkEncoder()
+        steps = TurnSteps(
+            live, adapter, request, encoder, model_string=model_string,
+            toolbox=toolbox or Toolbox(self.tools), max_steps=self.settings.max_steps,
+            cost=self.prices.cost_micros, content=content, usage=usage,
+            on_first_event=lambda: self.metrics.time_to_first_token.observe(
+                time.monotonic() - started),
+        )
         live.publish(
             encoder.start(
                 live.message_id,
@@ -379,57 +396,42 @@ class TurnRunner:
                                 "text": request.messages[-1].text})
         self.metrics.generations_started.inc()
         self.metrics.active_generations.inc()
-        self.task_group.start_soon(
-            self._generate, live, adapter, request, encoder, model_string, started
-        )
+        self.task_group.start_soon(self._generate, live, steps, answers, model_string, started)
 
     # -- generating -------------------------------------------------------
 
     async def _generate(
         self,
         live: LiveTurn,
-        adapter: Adapter,
-        request: AdapterRequest,
-        encoder: ChunkEncoder,
+        steps: TurnSteps,
+        answers: Answers | None,
         model_string: str,
         started: float,
     ) -> None:
-        content = ContentBuilder()
-        usage = TurnUsage(self.prices.cost_micros)
         status = "interrupted"  # what an escaping cancellation (shutdown) means
         error_text: str | None = None
-        first_token = True
-        live.content = content
+        live.content = steps.content
         try:
             with anyio.CancelScope() as scope:
                 live.cancel_scope = scope
                 if live.cancel_reason is not None:  # cancelled before it began
                     scope.cancel()
-                async with aclosing(adapter.stream(request)) as events:
-                    async for event in events:
-                        if type(event) is Usage:
-                            usage.add(event)
-                            continue
-                        if first_token:
-                            first_token = False
-                            self.metrics.time_to_first_token.observe(time.monotonic() - started)
-                        content.feed(event)
-                        live.publish(encoder.feed(event))
-                status = "complete"
+                # The model calls and tool calls (gateway.turn.tools).
+                status, error_text = await steps.run(answers)
             if scope.cancelled_caught:
                 status = live.cancel_reason or "cancelled"
         except UpstreamError as exc:
             status, error_text = "error", exc.safe_message
-            usage.failed(exc)  # a request that never reached the provider costs nothing
-            self.metrics.upstream_errors.labels(adapter.name).inc()
+            steps.usage.failed(exc)  # a request that never reached the provider costs nothing
+            self.metrics.upstream_errors.labels(steps.adapter.name).inc()
             # Our own words when nothing was sent ("OPENAI_API_KEY is not set"); never
             # the provider's error details.
             detail = "" if exc.reached_provider else f" ({exc})"
             logger.warning(
                 "upstream_error turn_id=%s message_id=%s adapter=%s error=%s%s",
-                live.turn_id, live.message_id, adapter.name, type(exc).__name__, detail,
+                live.turn_id, live.message_id, steps.adapter.name, type(exc).__name__, detail,
                 extra={"event": "upstream_error", "turn_id": live.turn_id,
-                       "message_id": live.message_id, "adapter": adapter.name,
+                       "message_id": live.message_id, "adapter": steps.adapter.name,
                        "error": type(exc).__name__},
             )
         except Exception:
@@ -446,30 +448,24 @@ class TurnRunner:
             self.metrics.active_generations.dec()
             self.metrics.finalizing.inc()
             with anyio.CancelScope(shield=True):
-                await self._finish(
-                    live, request, content, usage, encoder, status, error_text, model_string,
-                    started,
-                )
+                await self._finish(live, steps, status, error_text, model_string, started)
 
     async def _finish(
         self,
         live: LiveTurn,
-        request: AdapterRequest,
-        content: ContentBuilder,
-        usage: TurnUsage,
-        encoder: ChunkEncoder,
+        steps: TurnSteps,
         status: str,
         error_text: str | None,
         model_string: str,
         started: float,
     ) -> None:
         """Finalize the row and the usage, then end every reader's stream. Never raises."""
+        content, usage, encoder = steps.content, steps.usage, steps.encoder
         try:
+            # Tools still running when the turn stopped: their calls say so.
+            stopped = steps.stop_running()
             # Whatever the provider never reported (disconnect, error, shutdown) is estimated.
-            prompt_chars = sum(len(m.text) for m in request.messages)
-            usage.settle(
-                model_string, estimate_tokens(prompt_chars), estimate_tokens(content.text_length())
-            )
+            usage.settle(model_string, *steps.estimates())
             record = UsageRecord(
                 usage_type="chat",
                 prompt_tokens=usage.prompt_tokens,
@@ -496,7 +492,7 @@ class TurnRunner:
                 # it was streamed), though the usage above counts every token generated.
                 # (Past the relay's memory bound those chunks are gone: all is stored.)
                 sent = ContentBuilder()
-                for event in events_of_chunks(sent_chunks):
+                for event in [*events_of_chunks(sent_chunks), *stopped]:
                     sent.feed(event)
                 parts, event_map = sent.final(), sent.event_map()
             t0 = time.monotonic()
@@ -533,6 +529,8 @@ class TurnRunner:
                 finish_reason = "error"  # lost lease / not saved: the client is told
             elif status == "complete":
                 finish_reason = encoder.finish_reason or "stop"
+            elif status == "requires_action":
+                finish_reason = "tool-calls"  # the client answers, then the turn continues
             elif status == "error":
                 finish_reason = "error"
             else:
