@@ -68,6 +68,8 @@ def _routes() -> list[BaseRoute]:
               methods=["POST"]),
         Route("/v1/threads/{thread_id}/turns/{turn_id}/cancel", routes_turns.cancel_turn,
               methods=["POST"]),
+        Route("/v1/threads/{thread_id}/turns/{turn_id}/continue", routes_turns.continue_turn,
+              methods=["POST"]),
         Route("/v1/usage", routes_threads.list_usage, methods=["GET"]),
     ]
     routes.extend(routes_aisdk.ROUTES)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -35,9 +36,17 @@ from gateway.streaming.responses import follow_live, sse_response
 from gateway.turn.accumulator import ContentBuilder, TurnUsage
 from gateway.turn.chunks import ChunkEncoder, events_of_chunks
 from gateway.turn.finalize import FinalizeBatcher, write_final
-from gateway.turn.replay import from_list, replay_chunks, stored_usage
-from gateway.turn.tools import Answers, Toolbox, TurnSteps
-from llm_adapters.base import Adapter, AdapterRequest, ChatMessage
+from gateway.turn.replay import from_list, replay_chunks, stored_events, stored_usage
+from gateway.turn.tools import (
+    Answers,
+    Toolbox,
+    TurnSteps,
+    check_answers,
+    client_tools_json,
+    client_tools_of,
+    keep_pending,
+)
+from llm_adapters.base import Adapter, AdapterRequest, ChatMessage, ToolSpec
 from llm_adapters.events import FinishReason
 from persistence import Store, UsageRecord
 from turngate.exceptions import UpstreamError
@@ -108,11 +117,13 @@ async def open_turn(
     ctx: AppContext, user_id: int, thread_id: str, turn_id: str,
     content: list[dict[str, Any]], adapter: Adapter, model: str, model_string: str,
     started: float, *, key_prefix: str | None = None, key_hash: str | None = None,
+    client_tools: Mapping[str, ToolSpec] | None = None,
 ) -> tuple[Response, bool]:
     """Open the turn; start its generation, or attach to or replay it if it exists.
 
     The flag says whether a generation started here (it then owns the stream slot).
     ``key_prefix``/``key_hash``: a cached key, checked by the open statement itself.
+    ``client_tools``: tools the turn declares, which the client runs.
     """
     opened = await ctx.store.open_turn(
         thread_id, user_id, turn_id, content,
@@ -152,7 +163,8 @@ async def open_turn(
     history.append(ChatMessage("user", content))
     live = LiveTurn(thread_id, turn_id, user_id, opened.assistant_message_id)
     return _launch(ctx, live, adapter, AdapterRequest(model=model, messages=history),
-                   opened.user_message_id, model_string, started), True
+                   opened.user_message_id, model_string, started,
+                   Toolbox(ctx.runner.tools, client_tools or {})), True
 
 
 async def attach_to_regenerate(
@@ -221,14 +233,78 @@ async def open_regenerate(
 
 def _launch(
     ctx: AppContext, live: LiveTurn, adapter: Adapter, request: AdapterRequest,
-    user_message_id: int, model_string: str, started: float,
+    user_message_id: int, model_string: str, started: float, toolbox: Toolbox | None = None,
 ) -> Response:
     """Start generating the opened turn; the response follows it from its first chunk."""
     ctx.runner.launch(
         live, adapter, request,
         user_message_id=user_message_id, model_string=model_string, started=started,
+        toolbox=toolbox,
     )
     return sse_response(ctx, follow_live(ctx, live))
+
+
+async def continue_turn(
+    ctx: AppContext, user_id: int, thread_id: str, turn_id: str, answers: Answers,
+    resolve: Callable[[str], tuple[Adapter, str]], started: float, *, lenient: bool = False,
+) -> Response:
+    """Continue a paused reply (``requires_action``) with ``answers``: the same
+    assistant message, streamed from where it paused.
+
+    ``lenient``: answers the reply does not wait for are dropped, not refused (a
+    ``useChat`` resubmit carries every tool part of the message).
+
+    The answers are checked against the stored reply first (``invalid_answer``, nothing
+    written), the model resolved (``resolve`` may raise the route's error); then the
+    row is claimed by one conditional UPDATE, so that a second answer, here or on
+    another replica, is refused with ``not_paused`` instead of continuing twice.
+    """
+    if ctx.runner.draining:
+        raise Refused("shutting_down", "the server is shutting down")
+    store, settings = ctx.store, ctx.settings
+    peek = await store.continue_turn(
+        thread_id, user_id, turn_id, lease_owner=ctx.instance_id,
+        lease_seconds=settings.lease_seconds, claim=False,
+    )
+    _refuse_continuation(peek.status, peek.assistant_status)
+    if lenient:
+        answers = keep_pending(peek.content, answers)
+    problem = check_answers(peek.content, answers)
+    if problem is not None:
+        raise Refused("invalid_answer", problem)
+    model_string = str(peek.resume_with.get("model") or settings.default_model)
+    adapter, model = resolve(model_string)
+    claimed = await store.continue_turn(
+        thread_id, user_id, turn_id, lease_owner=ctx.instance_id,
+        lease_seconds=settings.lease_seconds, history_limit=settings.history_messages,
+    )
+    _refuse_continuation(claimed.status, claimed.assistant_status)
+    assert claimed.assistant_message_id is not None and claimed.user_message_id is not None
+    history = history_messages(claimed.history, turn_id)
+    history.append(ChatMessage("user", claimed.user_content))
+    content = ContentBuilder()
+    for event in stored_events(claimed.content, claimed.event_map):
+        content.feed(event)
+    live = LiveTurn(thread_id, turn_id, user_id, claimed.assistant_message_id)
+    ctx.runner.launch(
+        live, adapter, AdapterRequest(model=model, messages=history),
+        user_message_id=claimed.user_message_id, model_string=model_string, started=started,
+        toolbox=Toolbox(ctx.runner.tools, client_tools_of(claimed.resume_with.get("clientTools"))),
+        content=content, usage=TurnUsage.resumed(ctx.prices.cost_micros, claimed.call_details),
+        answers=answers,
+    )
+    return sse_response(ctx, follow_live(ctx, live))
+
+
+def _refuse_continuation(status: str, reply_status: str | None) -> None:
+    if status in ("continued", "paused"):
+        return
+    if status == "not_paused":
+        raise Refused("not_paused", f"the reply is not waiting for an answer (it is "
+                                    f"{reply_status}); it was answered already or never paused")
+    if status == "busy":
+        raise Refused("thread_busy", _THREAD_BUSY)
+    raise Refused(status)
 
 
 async def stream_turn(
@@ -495,6 +571,8 @@ class TurnRunner:
                 for event in [*events_of_chunks(sent_chunks), *stopped]:
                     sent.feed(event)
                 parts, event_map = sent.final(), sent.event_map()
+            if status == "requires_action":
+                await self._keep_for_continuation(live, steps, model_string)
             t0 = time.monotonic()
             outcome, attempts = await write_final(self, live, parts, event_map, status, record)
             self.metrics.finalize_duration.observe(time.monotonic() - t0)
@@ -552,6 +630,20 @@ class TurnRunner:
             self.metrics.finalizing.dec()
             if self.draining and not self.relay.running():
                 self._idle.set()
+
+    async def _keep_for_continuation(
+        self, live: LiveTurn, steps: TurnSteps, model_string: str
+    ) -> None:
+        """A paused turn keeps what its continuation needs: the model and client tools."""
+        resume_with = {"model": model_string,
+                       "clientTools": client_tools_json(steps.toolbox.client)}
+        try:
+            with anyio.fail_after(self.settings.finalize_timeout):
+                await self.store.pause_turn(live.message_id, resume_with)
+        except Exception as exc:  # the continuation then uses the default model
+            logger.warning("pause_write_failed message_id=%s: %s", live.message_id,
+                           str(exc) or type(exc).__name__,
+                           extra={"event": "pause_write_failed", "message_id": live.message_id})
 
     # -- readers leaving (TURNGATE_ON_DISCONNECT) ---------------------------
 
@@ -630,6 +722,6 @@ class TurnRunner:
 
 __all__ = [
     "GENERIC_ERROR", "LEASE_LOST_ERROR", "NOT_SAVED_ERROR", "Refused", "TurnRunner",
-    "attach_running", "attach_to_regenerate", "history_messages", "open_regenerate",
-    "open_turn", "stream_turn",
+    "attach_running", "attach_to_regenerate", "continue_turn", "history_messages",
+    "open_regenerate", "open_turn", "stream_turn",
 ]

@@ -153,7 +153,9 @@ def _outcome(call_id: str, part: dict[str, Any]) -> TurnEvent | None:
     return None
 
 
-_STATUS_REASON: dict[str, FinishReason] = {"complete": "stop", "error": "error"}
+_STATUS_REASON: dict[str, FinishReason] = {
+    "complete": "stop", "error": "error", "requires_action": "tool-calls",
+}
 
 
 def replay_chunks(

@@ -107,6 +107,59 @@ class Answers:
     outputs: Mapping[str, ToolOutput | ToolFailed] = field(default_factory=dict)
 
 
+def check_answers(parts: list[dict[str, Any]], answers: Answers) -> str | None:
+    """Why ``answers`` cannot continue the paused reply ``parts`` (an unknown or
+    answered ``approvalId`` or ``toolCallId``, nothing answered), or None."""
+    waiting = [p for p in parts if p.get("type") == "tool-call"
+               and "result" not in p and "errorText" not in p]
+    approvals = {str(p["approval"]["id"]) for p in waiting
+                 if isinstance(p.get("approval"), dict)}
+    calls = {str(p.get("toolCallId")) for p in waiting if not isinstance(p.get("approval"), dict)}
+    if not answers.approvals and not answers.outputs:
+        return "nothing to continue with: give approvals or toolOutputs"
+    for approval_id in answers.approvals:
+        if approval_id not in approvals:
+            return (f"approvalId {approval_id[:80]!r} is not waiting for an answer; "
+                    f"waiting: {sorted(approvals) or 'none'}")
+    for call_id in answers.outputs:
+        if call_id not in calls:
+            return (f"toolCallId {call_id[:80]!r} does not wait for a client output; "
+                    f"waiting: {sorted(calls) or 'none'}")
+    return None
+
+
+def keep_pending(parts: list[dict[str, Any]], answers: Answers) -> Answers:
+    """Only the answers the paused reply ``parts`` waits for (a client's copy of the
+    message also carries the answers of earlier steps)."""
+    waiting = [p for p in parts if p.get("type") == "tool-call"
+               and "result" not in p and "errorText" not in p]
+    approvals = {str(p["approval"]["id"]) for p in waiting
+                 if isinstance(p.get("approval"), dict)}
+    calls = {str(p.get("toolCallId")) for p in waiting if not isinstance(p.get("approval"), dict)}
+    return Answers(
+        {k: v for k, v in answers.approvals.items() if k in approvals},
+        {k: v for k, v in answers.outputs.items() if k in calls},
+    )
+
+
+def client_tools_json(tools: Mapping[str, ToolSpec]) -> list[dict[str, Any]]:
+    """Client-side tools as the turn body declares them (and ``resume_with`` keeps them)."""
+    return [{"name": t.name, "description": t.description, "inputSchema": dict(t.input_schema)}
+            for t in tools.values()]
+
+
+def client_tools_of(raw: Any) -> dict[str, ToolSpec]:
+    """``client_tools_json``'s inverse (entries that do not fit are skipped)."""
+    out: dict[str, ToolSpec] = {}
+    for item in raw if isinstance(raw, list) else []:
+        if isinstance(item, dict) and isinstance(item.get("name"), str):
+            schema = item.get("inputSchema")
+            out[item["name"]] = ToolSpec(
+                item["name"], str(item.get("description") or ""),
+                schema if isinstance(schema, dict) else {"type": "object", "properties": {}})
+    return out
+
+
 class TurnSteps:
     """One turn's model calls and tool calls, feeding ``content``, ``usage`` and the stream.
 
@@ -264,5 +317,6 @@ class TurnSteps:
 
 __all__ = [
     "MAX_OUTPUT_CHARS", "STOPPED_TEXT", "Answers", "Decision", "Toolbox", "TurnSteps",
-    "cap_output", "max_steps_text",
+    "cap_output", "check_answers", "client_tools_json", "client_tools_of", "keep_pending",
+    "max_steps_text",
 ]
