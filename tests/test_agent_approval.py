@@ -203,3 +203,57 @@ async def test_usechat_resubmit_continues_the_same_message(database_url: str) ->
         # The same resubmit again continues nothing.
         again = await client.post("/api/chat", json=body)
         assert again.status_code == 409
+
+
+async def test_history_as_ui_messages_lets_a_reload_answer(database_url: str) -> None:
+    """``?format=ui`` gives a paused call as ``approval-requested`` with its approval
+    id (what ``addToolApprovalResponse`` needs after a reload), and a finished turn
+    one ``step-start`` per model call."""
+    async with run_gateway(database_url, **ENV) as gw, gw.client() as client:
+        thread, first = await paused_turn(gw, client)
+        [request] = first.of_type("tool-approval-request")
+
+        async def ui_reply() -> dict[str, Any]:
+            r = await client.get(f"/v1/threads/{thread}/messages", params={"format": "ui"})
+            return dict(r.json()["messages"][-1])
+
+        paused = await ui_reply()
+        assert paused["metadata"]["status"] == "requires_action"
+        assert paused["parts"] == [
+            {"type": "step-start"},
+            {"type": "tool-t__echo", "toolCallId": request["toolCallId"],
+             "input": {"text": "hi"}, "approval": {"id": request["approvalId"]},
+             "state": "approval-requested"}]
+        await answer(client, thread, {"approvals": [
+            {"approvalId": request["approvalId"], "approved": True}]})
+        done = await ui_reply()
+        assert [p["type"] for p in done["parts"]] == [
+            "step-start", "tool-t__echo", "step-start", "text"]
+        assert done["parts"][1]["state"] == "output-available"
+        assert done["parts"][1]["approval"] == {"id": request["approvalId"], "approved": True}
+
+
+async def test_a_continuation_may_pause_again(database_url: str) -> None:
+    """Two rounds of calls, each approved: the message pauses twice, continues twice,
+    and its one usage row counts each of the three model calls once."""
+    async with run_gateway(database_url, **ENV) as gw, gw.client() as client:
+        thread, first = await paused_turn(gw, client, MODEL + ",rounds=2")
+        [request] = first.of_type("tool-approval-request")
+        second = await answer(client, thread, {"approvals": [
+            {"approvalId": request["approvalId"], "approved": True}]})
+        validate_ui_stream(second, continues=frozenset({request["toolCallId"]}))
+        [again] = second.of_type("tool-approval-request")
+        assert again["toolCallId"] != request["toolCallId"]
+        assert second.of_type("finish")[0]["finishReason"] == "tool-calls"
+        assert (await reply(client, thread))["status"] == "requires_action"
+        assert len((await usage(client, thread))[0]["call_details"]) == 2
+        third = await answer(client, thread, {"approvals": [
+            {"approvalId": again["approvalId"], "approved": True}]})
+        validate_ui_stream(third, continues=frozenset({again["toolCallId"]}))
+        assert third.chunks[0]["messageId"] == first.chunks[0]["messageId"]
+        row = await reply(client, thread)
+        assert row["status"] == "complete"
+        assert [p.get("step", 0) for p in row["content"]] == [0, 1, 2]
+        [used] = await usage(client, thread)
+        assert len(used["call_details"]) == 3
+        assert used["total_tokens"] == sum(c["total_tokens"] for c in used["call_details"])

@@ -80,7 +80,6 @@ chat = new NodeChat({
   onToolCall: ({ toolCall }) => {
     events.toolCalls.push(toolCall.toolName);
     if (scenario === 'client' && toolCall.toolName === 'get_location') {
-      // Not awaited: awaiting addToolOutput inside onToolCall would deadlock the chat.
       chat.addToolOutput({ tool: 'get_location', toolCallId: toolCall.toolCallId,
                            output: { city: 'Paris' } });
     }
