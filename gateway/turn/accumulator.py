@@ -123,7 +123,11 @@ class ContentBuilder:
         elif isinstance(event, ToolResult):
             tool = self._tools.get(event.id)
             if tool is not None:
+                # A result from the adapter was produced by the provider itself
+                # (e.g. Anthropic's server tools): the provider keeps it, so the
+                # history sent back leaves the call out (assistant_steps).
                 tool["result"] = event.result
+                tool["providerExecuted"] = True
         elif isinstance(event, StepBoundary):
             self._seal()
             self._step = event.step
@@ -165,6 +169,11 @@ class ContentBuilder:
             if p["type"] == "tool-call" and p.get("step", 0) == self._step
             and "result" not in p and "errorText" not in p
         ]
+
+    def provider_run(self) -> frozenset[str]:
+        """The ids of the tool calls the provider ran itself (``providerExecuted``)."""
+        return frozenset(p["toolCallId"] for p in self._parts
+                         if p["type"] == "tool-call" and p.get("providerExecuted"))
 
     def running(self) -> list[str]:
         """The ids of the tool calls being run now."""

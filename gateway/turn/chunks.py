@@ -192,17 +192,17 @@ def _outcome_chunk(event: ToolOutput | ToolFailed | ToolDenied | ApprovalRequest
             "toolCallId": event.id}
 
 
-def events_of_chunks(chunks: list[bytes]) -> list[TurnEvent]:
-    """The adapter events that ``ChunkEncoder`` turned into ``chunks`` (their content).
+def events_of_chunks(
+    chunks: list[bytes], provider_run: frozenset[str] = frozenset()
+) -> list[TurnEvent]:
+    """The events that ``ChunkEncoder`` turned into ``chunks`` (their content).
 
     The inverse of ``feed`` for what a reader was sent: used when a turn is stored as
     it was delivered rather than as it was generated. Chunks without content (start,
-    ends, metadata, [DONE]) give nothing.
+    ends, metadata, [DONE]) give nothing. ``provider_run``: the calls whose output
+    came from the adapter (the provider ran the tool); other outputs are the gateway's.
     """
     events: list[TurnEvent] = []
-    # An output right after its call's input came inline from the adapter (provider-run);
-    # any later one from the gateway. (Where the two look alike they replay alike.)
-    just_ended: str | None = None
     steps = 0
     for data in chunks:
         _, _, body = data.partition(b"\ndata: ")
@@ -210,7 +210,6 @@ def events_of_chunks(chunks: list[bytes]) -> list[TurnEvent]:
             continue
         chunk = json.loads(body)
         kind = chunk.get("type")
-        ended, just_ended = just_ended, None
         if kind == "text-delta":
             events.append(TextDelta(chunk["delta"]))
         elif kind == "reasoning-delta":
@@ -221,9 +220,8 @@ def events_of_chunks(chunks: list[bytes]) -> list[TurnEvent]:
             events.append(ToolCallDelta(chunk["toolCallId"], chunk["inputTextDelta"]))
         elif kind == "tool-input-available":
             events.append(ToolCallEnd(chunk["toolCallId"]))
-            just_ended = chunk["toolCallId"]
         elif kind == "tool-output-available":
-            if chunk["toolCallId"] == ended:
+            if chunk["toolCallId"] in provider_run:
                 events.append(ToolResult(chunk["toolCallId"], chunk["output"]))
             else:
                 events.append(ToolOutput(chunk["toolCallId"], chunk["output"]))

@@ -568,7 +568,8 @@ class TurnRunner:
                 # it was streamed), though the usage above counts every token generated.
                 # (Past the relay's memory bound those chunks are gone: all is stored.)
                 sent = ContentBuilder()
-                for event in [*events_of_chunks(sent_chunks), *stopped]:
+                for event in [*events_of_chunks(sent_chunks, content.provider_run()),
+                              *stopped]:
                     sent.feed(event)
                 parts, event_map = sent.final(), sent.event_map()
             if status == "requires_action":

@@ -131,10 +131,13 @@ def stored_events(
             outcome = _outcome(call_id, part)
             if outcome is None:
                 continue
-            if "out" in tool or not isinstance(outcome, ToolOutput):
-                outcomes.append((_order(tool, "out", len(outcomes)), outcome))
-            else:  # an output the adapter streamed with the call (provider-run)
+            # An output the adapter streamed with the call (the provider ran the tool;
+            # rows from before the gateway ran tools mapped no "out" for it) is inline.
+            inline = part.get("providerExecuted") is True or (bool(tool) and "out" not in tool)
+            if isinstance(outcome, ToolOutput) and inline:
                 events.append(ToolResult(call_id, outcome.output))
+            else:
+                outcomes.append((_order(tool, "out", len(outcomes)), outcome))
     flush()
     return events
 
