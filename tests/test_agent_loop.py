@@ -138,6 +138,14 @@ async def usage_rows(gw: GatewayServer, thread: str) -> list[Any]:
     return list(rows)
 
 
+def same_events(a: Stream, b: Stream) -> bool:
+    """The same events with the same ids (JSON compared as values: PostgreSQL's jsonb
+    stores an object's keys in its own order)."""
+    def parsed(s: Stream) -> list[tuple[str | None, Any]]:
+        return [(e.id, e.data if e.data == "[DONE]" else json.loads(e.data)) for e in s.events]
+    return parsed(a) == parsed(b)
+
+
 def kinds(stream: Stream) -> list[str]:
     return [c["type"] for c in stream.chunks]
 
@@ -147,7 +155,8 @@ def kinds(stream: Stream) -> list[str]:
 
 async def test_scripted_turn_runs_a_stdio_tool_and_answers(database_url: str) -> None:
     model = "scripted:call=time__get_current_time,arg.timezone=Asia/Tokyo"
-    async with run_gateway(database_url, **mcp_env({"time": TIME})) as gw, gw.client() as client:
+    env = mcp_env({"time": TIME}, TURNGATE_RELAY_RETENTION_SECONDS="0")  # replays: the row
+    async with run_gateway(database_url, **env) as gw, gw.client() as client:
         thread, _, stream = await run_turn(gw, client, model)
         validate_ui_stream(stream)
         assert kinds(stream).count("start-step") == 2
@@ -182,7 +191,7 @@ async def test_scripted_turn_runs_a_stdio_tool_and_answers(database_url: str) ->
         # The stored turn replays as it streamed (same chunks, same ids).
         r = await stream_request(client, "GET",
                                  f"/v1/threads/{thread}/turns/{row['turn_id']}/stream")
-        assert [(e.id, e.data) for e in r.events] == [(e.id, e.data) for e in stream.events]
+        assert same_events(r, stream)
 
 
 async def test_parallel_calls_run_concurrently_and_errors_reach_the_model(
@@ -338,3 +347,19 @@ async def test_anthropic_upstream_gets_the_real_tool_result_over_http_mcp(
             assert [(c["prompt_tokens"], c["completion_tokens"]) for c in usage.call_details] \
                 == [(300, 20), (350, 6)]
             assert usage.total_tokens == 676
+
+
+async def test_parallel_outputs_replay_as_they_streamed(database_url: str) -> None:
+    """Outputs of one step stream as the tools finish; the stored turn replays the
+    same chunks with the same ids (the event map keeps their order)."""
+    env = mcp_env({"t": TEST_SERVER}, TURNGATE_RELAY_RETENTION_SECONDS="0")  # replays: the row
+    async with run_gateway(database_url, **env) as gw, gw.client() as client:
+        thread, turn_id, stream = await run_turn(
+            gw, client, "scripted:call=t__echo,arg.text=hi,parallel=3,rounds=2")
+        validate_ui_stream(stream)
+        assert kinds(stream).count("start-step") == 3
+        assert len(stream.of_type("tool-output-available")) == 6
+        r = await stream_request(client, "GET", f"/v1/threads/{thread}/turns/{turn_id}/stream")
+        assert same_events(r, stream)
+        row = await assistant(client, thread)
+        assert [p.get("step", 0) for p in row["content"]] == [0, 0, 0, 1, 1, 1, 2]

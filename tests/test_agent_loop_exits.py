@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from gateway.turn.tools import STOPPED_TEXT
+from llm_adapters.base import assistant_steps
 from tests.fixtures_server import ServerProcess, run_gateway
 from tests.sse_client import stream_request, validate_ui_stream
 from tests.waiting import eventually
@@ -222,3 +223,61 @@ async def test_a_server_that_hangs_is_cut_at_its_timeout(database_url: str) -> N
         assert row["content"][1]["text"] == f"t__hang answered: Error: {error['errorText']}"
         [used] = await usage(client, thread)
         assert len(used["call_details"]) == 2
+
+
+async def test_sigterm_during_a_tool_call(database_url: str) -> None:
+    server = ServerProcess(
+        database_url, TURNGATE_SHUTDOWN_GRACE_SECONDS="0.5", TURNGATE_CHECKPOINT_SECONDS="0.2",
+        **mcp_env({"t": {**TEST_SERVER, "timeoutSeconds": 60}}),
+    )
+    key = (await server.cli("keys", "create", "termy")).splitlines()[-1]
+    headers = {"authorization": f"Bearer {key}"}
+    try:
+        await server.start()
+        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=20) as client:
+            thread = (await client.post("/v1/threads", json={})).json()["id"]
+            streams: list[Any] = []
+
+            async def reader() -> None:
+                streams.append(await stream_request(
+                    client, "POST", f"/v1/threads/{thread}/turns",
+                    json={"turn_id": "t1", "text": "x", "model": HANG}))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(reader)
+                await eventually(
+                    lambda: rows(client, thread),
+                    lambda ms: len(ms) == 2 and any(p.get("state") == "running"
+                                                    for p in ms[-1]["content"]),
+                    within=10, what="a checkpoint with the running call")
+                server.kill(signal.SIGTERM)
+            assert await server.wait(15) is not None
+            [stream] = streams
+            validate_ui_stream(stream)
+            assert stream.of_type("tool-output-error")[0]["errorText"] == STOPPED_TEXT
+            await server.start()
+            row = (await rows(client, thread))[-1]
+            assert row["status"] == "interrupted"
+            stopped_call(row)
+            assert len(await usage(client, thread)) == 1
+            await thread_still_usable(client, thread)
+    finally:
+        await server.stop()
+
+
+async def test_disconnect_after_an_output_keeps_it_as_the_gateways(database_url: str) -> None:
+    """Stored as it was delivered (a reader that left, ``cancel``): a tool output the
+    gateway streamed stays a gateway call, sent back to the model in the next turn."""
+    env = mcp_env({"t": TEST_SERVER}, TURNGATE_ON_DISCONNECT="cancel")
+    async with run_gateway(database_url, **env) as gw, gw.client() as client:
+        thread = await gw.new_thread(client)
+        model = "scripted:call=t__echo,arg.text=hi,delay_ms=200"
+        stream = await stream_request(
+            client, "POST", f"/v1/threads/{thread}/turns",
+            json={"turn_id": "t1", "text": "go", "model": model}, limit=8)
+        assert [c["type"] for c in stream.chunks][-3:] == [
+            "tool-output-available", "finish-step", "start-step"]
+        row = await final_row(client, thread, "cancelled")
+        [call] = row["content"]
+        assert call["result"] == {"result": "hi"} and "providerExecuted" not in call
+        assert assistant_steps(row["content"]) == [("", [call])]  # sent back to the model
