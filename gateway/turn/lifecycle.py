@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -456,7 +457,10 @@ class TurnRunner:
         live.on_unread = self.on_unread
         self.relay.add(live)
         if self.shared is not None:
-            self.task_group.start_soon(self.shared.mirror, live)
+            # A continuation's stream replaces the paused one's copy there.
+            self.task_group.start_soon(
+                partial(self.shared.mirror, live, replace=content is not None)
+            )
         logger.info(
             "turn_start thread_id=%s turn_id=%s message_id=%s user_message_id=%s model=%s",
             live.thread_id, live.turn_id, live.message_id, user_message_id, model_string,
