@@ -7,7 +7,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
 from starlette.applications import Starlette
@@ -63,6 +63,8 @@ def _routes() -> list[BaseRoute]:
         Route("/v1/threads/{thread_id}/turns/{turn_id}/regenerate", turns.regenerate_turn,
               methods=["POST"]),
         Route("/v1/threads/{thread_id}/turns/{turn_id}/cancel", turns.cancel_turn,
+              methods=["POST"]),
+        Route("/v1/threads/{thread_id}/turns/{turn_id}/continue", turns.continue_turn,
               methods=["POST"]),
         Route("/v1/usage", threads.list_usage, methods=["GET"]),
     ]
@@ -152,30 +154,39 @@ def create_app(
             runner.shared = shared
             if shared is not None:
                 runner.limits = SharedLimits(shared, hold_seconds=settings.lease_seconds)
-            async with anyio.create_task_group() as tg:
-                runner.task_group = tg
-                tg.start_soon(runner.batcher.run)
-                if shared is not None:
-                    tg.start_soon(shared.run, relay)
-                await store.recover_expired_turns()
-                tg.start_soon(maintain, runner)
-                tg.start_soon(_drain_on_signal, ctx.shutdown_event)
-                # Streams still open after the drain's deadline are ended before uvicorn's.
-                tg.start_soon(
-                    end_streams_at_shutdown, ctx.shutdown_event, ctx.streams,
-                    settings.shutdown_grace_seconds + settings.finalize_timeout + 1,
-                )
-                ctx.ready = True
-                logger.info("started instance=%s", instance_id,
-                            extra={"event": "started", "instance": instance_id})
-                try:
-                    yield
-                finally:
-                    ctx.ready = False
-                    ctx.shutdown_event.set()
-                    with anyio.CancelScope(shield=True):
-                        await runner.drain(settings.shutdown_grace_seconds)
-                    tg.cancel_scope.cancel()
+            async with AsyncExitStack() as tools:
+                if settings.mcp_config is not None and settings.mcp_config.servers:
+                    # The MCP servers start with the gateway; one that does not start
+                    # stops start-up (ToolServerStartError names it).
+                    from gateway.tools.servers import ToolHub
+
+                    runner.tools = await tools.enter_async_context(
+                        ToolHub(settings.mcp_config)
+                    )
+                async with anyio.create_task_group() as tg:
+                    runner.task_group = tg
+                    tg.start_soon(runner.batcher.run)
+                    if shared is not None:
+                        tg.start_soon(shared.run, relay)
+                    await store.recover_expired_turns()
+                    tg.start_soon(maintain, runner)
+                    tg.start_soon(_drain_on_signal, ctx.shutdown_event)
+                    # Streams still open after the drain's deadline are ended before uvicorn's.
+                    tg.start_soon(
+                        end_streams_at_shutdown, ctx.shutdown_event, ctx.streams,
+                        settings.shutdown_grace_seconds + settings.finalize_timeout + 1,
+                    )
+                    ctx.ready = True
+                    logger.info("started instance=%s", instance_id,
+                                extra={"event": "started", "instance": instance_id})
+                    try:
+                        yield
+                    finally:
+                        ctx.ready = False
+                        ctx.shutdown_event.set()
+                        with anyio.CancelScope(shield=True):
+                            await runner.drain(settings.shutdown_grace_seconds)
+                        tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 if shared is not None:

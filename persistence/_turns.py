@@ -39,7 +39,9 @@ from turngate.exceptions import DatabaseUnavailable
 
 logger = logging.getLogger("turngate.persistence")
 
-FINAL_STATUSES = frozenset({"complete", "cancelled", "error", "interrupted"})
+FINAL_STATUSES = frozenset(
+    {"complete", "cancelled", "error", "interrupted", "requires_action"}
+)
 _ROLES = frozenset({"user", "assistant"})
 _BUSY_INDEX = "uq_messages_thread_streaming"
 # Fresh-snapshot attempts of an open that collided on the busy index; one is enough

@@ -13,6 +13,24 @@ AppendOutcome = Literal["inserted", "race_recovered", "conflict_no_match"]
 
 
 @dataclass(frozen=True, slots=True)
+class TurnContinued:
+    """What ``Store.continue_turn`` did (see there); the fields beyond ``status`` are
+    set when ``status == "continued"``."""
+
+    status: Literal["continued", "paused", "thread_not_found", "turn_not_found", "not_paused",
+                    "busy", "unavailable"]
+    user_message_id: int | None = None
+    assistant_message_id: int | None = None
+    assistant_status: str | None = None
+    content: list[dict[str, Any]] = field(default_factory=list)
+    event_map: list[Any] | None = None
+    resume_with: dict[str, Any] = field(default_factory=dict)
+    call_details: list[dict[str, Any]] = field(default_factory=list)
+    user_content: list[dict[str, Any]] = field(default_factory=list)
+    history: list[MessageRow] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
 class ThreadRow:
     id: str
     owner_id: int

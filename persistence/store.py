@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from persistence._accounts import _AccountsMixin
+from persistence._continue import _ContinueMixin
 from persistence._probe import _HealthMixin
 from persistence._threads import _ThreadsMixin
 from persistence._turns import _RegenerateMixin, _TurnsMixin
@@ -10,7 +11,8 @@ from persistence._writers import _WritersMixin
 
 
 class Store(
-    _AccountsMixin, _ThreadsMixin, _TurnsMixin, _RegenerateMixin, _WritersMixin, _HealthMixin
+    _AccountsMixin, _ThreadsMixin, _TurnsMixin, _RegenerateMixin, _ContinueMixin,
+    _WritersMixin, _HealthMixin,
 ):
     """Async access to turngate's database (PostgreSQL via asyncpg, or SQLite).
 

@@ -7,7 +7,11 @@
   the last user message's id is the turn id, its text parts joined are the
   text and its image file parts (data URLs) are the images. ``trigger:
   "regenerate-message"`` answers that user message again (``messageId``: the
-  reply it replaces, which is kept as ``superseded``). The server keeps
+  reply it replaces, which is kept as ``superseded``). Messages ending with the
+  assistant's reply (``useChat`` resubmitting after ``addToolApprovalResponse`` or
+  ``addToolOutput``) continue that paused reply with the approvals and outputs in
+  its tool parts (``POST .../turns/{turn_id}/continue``). ``tools``: client-side
+  tools of the turn, as in the turn body. The server keeps
   the history itself, so earlier messages in the body are ignored. The reply
   is the turn stream of ``POST /v1/threads/{id}/turns``, byte for byte.
 - ``GET /api/chat/{id}/stream``: the ``useChat({resume: true})`` endpoint. 204
@@ -33,16 +37,18 @@ from starlette.routing import Route
 from gateway.api.auth import authenticate
 from gateway.api.errors import ApiError, not_found
 from gateway.api.limits import check_rate
-from gateway.api.turns import regenerate, start, stream
+from gateway.api.turns import continue_paused, regenerate, start, stream
 from gateway.api.validation import (
     check_id,
     check_model_field,
     check_thread_path_id,
+    parse_answers,
     parse_turn_request,
     read_json,
     require_object,
 )
 from gateway.context import context
+from gateway.turn.tools import Answers
 from persistence import ThreadIdTaken
 
 _TITLE_CHARS = 80
@@ -62,6 +68,39 @@ def _last_user_message(body: dict[str, Any]) -> dict[str, Any]:
         if isinstance(message, dict) and message.get("role") == "user":
             return message
     raise ApiError(400, "missing_user_message", "messages has no user message to answer")
+
+
+def _last_message(body: dict[str, Any]) -> dict[str, Any]:
+    messages = body.get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else body.get("message")
+    return last if isinstance(last, dict) else {}
+
+
+def _answers_of(message: dict[str, Any]) -> Answers:
+    """The answers in a UI assistant message's tool parts: approvals a person gave
+    (``approval-responded``) and outputs the client produced (``output-available`` /
+    ``output-error``). Those the reply does not wait for are dropped later."""
+    approvals: list[dict[str, Any]] = []
+    outputs: list[dict[str, Any]] = []
+    parts = message.get("parts")
+    for part in parts if isinstance(parts, list) else []:
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type")
+        if not isinstance(kind, str) or not (kind.startswith("tool-") or kind == "dynamic-tool"):
+            continue
+        state, approval = part.get("state"), part.get("approval")
+        if state == "approval-responded" and isinstance(approval, dict):
+            answer = {"approvalId": approval.get("id"), "approved": approval.get("approved")}
+            if approval.get("reason") is not None:
+                answer["reason"] = approval["reason"]
+            approvals.append(answer)
+        elif state == "output-available" and "output" in part:
+            outputs.append({"toolCallId": part.get("toolCallId"), "output": part["output"]})
+        elif state == "output-error" and isinstance(part.get("errorText"), str):
+            outputs.append({"toolCallId": part.get("toolCallId"),
+                            "errorText": part["errorText"]})
+    return parse_answers({"approvals": approvals, "toolOutputs": outputs})
 
 
 def _text_and_images(message: dict[str, Any]) -> tuple[str, list[Any]]:
@@ -106,6 +145,13 @@ async def chat(request: Request) -> Response:
     message = _last_user_message(body)
     if "id" not in message:
         raise ApiError(400, "missing_message_id", "the user message must have an id")
+    last = _last_message(body)
+    if last.get("role") == "assistant" and body.get("trigger") != "regenerate-message":
+        # useChat resubmits the paused reply once the person approved or the client ran
+        # its tool (sendAutomaticallyWhen): the turn of the user message before it goes on.
+        turn_id = check_id(message["id"], "message id", ctx.settings)
+        return await continue_paused(ctx, user_id, thread_id, turn_id, _answers_of(last),
+                                     started, lenient=True)
     if body.get("trigger") == "regenerate-message":
         # messages end with the user message; messageId is the reply it replaces (the
         # id our start chunk gave it), absent when the client has none.
@@ -117,7 +163,8 @@ async def chat(request: Request) -> Response:
         )
     text, images = _text_and_images(message)
     turn = parse_turn_request(
-        {"turn_id": message["id"], "text": text, "images": images, "model": body.get("model")},
+        {"turn_id": message["id"], "text": text, "images": images, "model": body.get("model"),
+         "tools": body.get("tools")},
         ctx.settings,
     )
     if await ctx.store.get_thread(thread_id, user_id) is None:

@@ -21,6 +21,7 @@ from gateway.api.validation import (
     check_id,
     check_model_field,
     check_thread_path_id,
+    parse_answers,
     parse_turn_request,
     read_json,
     require_object,
@@ -29,6 +30,7 @@ from gateway.context import AppContext, context
 from gateway.replicas.follow import cancel_shared, check_relay
 from gateway.turn import lifecycle
 from gateway.turn.lifecycle import Refused
+from gateway.turn.tools import Answers
 from llm_adapters.base import Adapter
 from llm_adapters.registry import parse_model
 from persistence import build_user_content
@@ -51,6 +53,8 @@ def _refusal(exc: Refused) -> ApiError:
         return _unauthorized()
     if exc.kind == "shutting_down":
         return ApiError(503, exc.kind, exc.message, {"Retry-After": "5"})
+    if exc.kind == "invalid_answer":
+        return ApiError(400, exc.kind, exc.message)
     if exc.kind in ("thread_busy", "turn_in_progress"):
         return ApiError(409, exc.kind, exc.message, {"Retry-After": _BUSY_RETRY_AFTER})
     return ApiError(409, exc.kind, exc.message)
@@ -107,6 +111,15 @@ async def start_turn(request: Request) -> Response:
     return await start(ctx, user_id, thread_id, body, started, key=key)
 
 
+def _check_client_tools(ctx: AppContext, body: TurnRequest) -> None:
+    """A client-side tool may not take the name of one of the gateway's tools."""
+    hub = ctx.runner.tools
+    for name in body.tools:
+        if hub is not None and hub.get(name) is not None:
+            raise ApiError(400, "invalid_tools", f"tool name {name!r} is taken by a tool of "
+                           "this gateway's MCP servers; choose another name")
+
+
 async def _confirm_key(ctx: AppContext, key: CachedKey | None) -> None:
     """Authenticate a cached key for real (401 if it is no longer valid)."""
     if key is not None:
@@ -133,6 +146,7 @@ async def start(
     try:
         try:
             adapter, model = _resolve_adapter(ctx, model_string)
+            _check_client_tools(ctx, body)
             attached = await lifecycle.attach_running(ctx, user_id, thread_id, body.turn_id)
             if attached is not None:
                 await _confirm_key(ctx, key)  # a revoked key never attaches
@@ -151,6 +165,7 @@ async def start(
             adapter, model, model_string, started,
             key_prefix=key.prefix if key is not None else None,
             key_hash=key.secret_hash if key is not None else None,
+            client_tools=body.tools,
         )
         return response
     except Refused as exc:
@@ -210,6 +225,42 @@ async def regenerate(
                 ctx, user_id, thread_id, turn_id, replaces, adapter, model_name,
                 model_string, started,
             )
+            return response
+        finally:
+            if held and not started_generation:
+                await release_stream(ctx, user_id, thread_id, turn_id)
+    except Refused as exc:
+        raise _refusal(exc) from None
+
+
+async def continue_turn(request: Request) -> Response:
+    """``POST /v1/threads/{id}/turns/{turn_id}/continue``: answer a paused reply (its
+    approvals, its client-side tools' outputs) and stream the rest of it."""
+    ctx = context(request)
+    started = time.monotonic()
+    thread_id = check_thread_path_id(request.path_params["thread_id"], ctx.settings)
+    user_id = await authenticate(request, ctx.store, ctx.keys)
+    await check_rate(ctx, user_id)
+    turn_id = check_id(request.path_params["turn_id"], "turn_id", ctx.settings)
+    answers = parse_answers(await read_json(request, ctx.settings.max_body_bytes))
+    return await continue_paused(ctx, user_id, thread_id, turn_id, answers, started)
+
+
+async def continue_paused(
+    ctx: AppContext, user_id: int, thread_id: str, turn_id: str, answers: Answers,
+    started: float, *, lenient: bool = False,
+) -> Response:
+    """Continue the paused reply of ``turn_id`` (``lifecycle.continue_turn``)."""
+    try:
+        held = await _reserve(ctx, user_id, thread_id, turn_id)
+        started_generation = False
+        try:
+            response = await lifecycle.continue_turn(
+                ctx, user_id, thread_id, turn_id, answers,
+                lambda model_string: _resolve_adapter(ctx, model_string), started,
+                lenient=lenient,
+            )
+            started_generation = True
             return response
         finally:
             if held and not started_generation:

@@ -10,7 +10,10 @@ history, and so that ids agree with what the stream told the client:
 
 Parts follow the shape the SDK's own stream processor builds: ``step-start``,
 ``reasoning`` and ``text`` with ``state: "done"`` (``"streaming"`` while the
-turn is still generating), ``tool-<name>`` with a tool state, ``file`` for
+turn is still generating), ``tool-<name>`` with a tool state (``approval-requested``
+with its ``approval`` for a paused reply's call waiting for a person, so that
+``addToolApprovalResponse`` works after a reload; one ``step-start`` per model
+call), ``file`` for
 images and ``data-mentioned-documents`` for mentioned documents. The
 ``status`` placeholder of an empty reply is not a part: it goes to
 ``metadata.notice``. ``metadata`` also carries ``threadId``, ``turnId``,
@@ -76,7 +79,9 @@ def _user_parts(content: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return parts
 
 
-def _tool_part(part: dict[str, Any], streaming: bool) -> dict[str, Any]:
+def _tool_part(part: dict[str, Any], waiting: bool) -> dict[str, Any]:
+    """``waiting``: the turn is still generating or paused (``requires_action``), so a
+    call without an answer is still to be answered, not one that never finished."""
     name = str(part.get("toolName") or "unknown")
     args = part.get("args")
     out: dict[str, Any] = {
@@ -84,10 +89,23 @@ def _tool_part(part: dict[str, Any], streaming: bool) -> dict[str, Any]:
         "toolCallId": str(part.get("toolCallId", "")),
         "input": args if args is not None else {},
     }
+    approval = part.get("approval")
+    answered = "result" in part or isinstance(part.get("errorText"), str)
+    if isinstance(approval, dict) and isinstance(approval.get("id"), str):
+        out["approval"] = {"id": approval["id"]}
+        if answered:
+            out["approval"]["approved"] = not part.get("denied")
     if "result" in part:
         out["state"] = "output-available"
         out["output"] = part["result"]
-    elif streaming:
+    elif part.get("denied"):
+        out["state"] = "output-denied"
+    elif isinstance(part.get("errorText"), str):
+        out["state"] = "output-error"
+        out["errorText"] = part["errorText"]
+    elif waiting and "approval" in out:
+        out["state"] = "approval-requested"
+    elif waiting:
         out["state"] = "input-available"
     else:
         out["state"] = "output-error"
@@ -96,14 +114,19 @@ def _tool_part(part: dict[str, Any], streaming: bool) -> dict[str, Any]:
 
 
 def _assistant_parts(
-    content: list[dict[str, Any]], streaming: bool
+    content: list[dict[str, Any]], streaming: bool, paused: bool = False
 ) -> tuple[list[dict[str, Any]], str | None]:
     parts: list[dict[str, Any]] = [{"type": "step-start"}]
     notice: str | None = None
     state = "streaming" if streaming else "done"
     started = 0  # text and reasoning parts, numbered as the stream's encoder numbers them
+    step = 0
     for part in content:
         kind = part.get("type")
+        part_step = part.get("step", 0)
+        if type(part_step) is int and part_step > step:
+            step = part_step
+            parts.append({"type": "step-start"})  # a later model call of the turn
         if kind in ("text", "reasoning"):
             text = str(part.get("text", ""))
             if text:
@@ -114,7 +137,7 @@ def _assistant_parts(
                     ui = {"type": kind, "id": f"r{started}", "text": text, "state": state}
                 parts.append(ui)
         elif kind == "tool-call":
-            parts.append(_tool_part(part, streaming))
+            parts.append(_tool_part(part, streaming or paused))
         elif kind == "status":
             notice = str(part.get("text", ""))
     if len(parts) == 1:
@@ -145,7 +168,9 @@ def to_ui_message(
             metadata["userMessageId"] = str(user_message_id)
         if usage is not None:
             metadata["usage"] = usage
-        parts, notice = _assistant_parts(row.content, row.status == "streaming")
+        parts, notice = _assistant_parts(
+            row.content, row.status == "streaming", paused=row.status == "requires_action"
+        )
         if notice:
             metadata["notice"] = notice
         errors = [p.get("errorText") for p in row.content if p.get("type") == "error"]

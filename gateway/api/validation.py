@@ -11,13 +11,16 @@ import binascii
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
 
 from gateway.api.errors import ApiError
 from gateway.ops.settings import Settings
+from gateway.turn.events import ToolFailed, ToolOutput
+from gateway.turn.tools import Answers, Decision, cap_output
+from llm_adapters.base import ToolSpec
 from persistence import build_user_content
 from persistence.content import NO_TEXT_MARKER
 
@@ -264,10 +267,12 @@ class TurnRequest:
     images: list[str]
     mentioned_documents: list[dict[str, Any]]
     model: str | None
+    tools: dict[str, ToolSpec] = field(default_factory=dict)  # client-side tools
 
 
 def parse_turn_request(data: Any, settings: Settings) -> TurnRequest:
-    """Validate a turn body: ``{"turn_id","text","images"?,"mentioned_documents"?,"model"?}``."""
+    """Validate a turn body: ``{"turn_id","text","images"?,"mentioned_documents"?,"model"?,
+    "tools"?}`` (``tools``: client-side tools, ``parse_client_tools``)."""
     body = require_object(data)
     if "turn_id" not in body:
         raise ApiError(400, "missing_turn_id", "turn_id is required")
@@ -331,7 +336,7 @@ def parse_turn_request(data: Any, settings: Settings) -> TurnRequest:
             f"model {_shown(model)} must be a string of at most 200 printable characters "
             "(no control characters) in format \"<adapter>:<model>\"",
         )
-    return TurnRequest(turn_id, text, images, docs, model)
+    return TurnRequest(turn_id, text, images, docs, model, parse_client_tools(body.get("tools")))
 
 
 def parse_legacy_message(
@@ -477,3 +482,82 @@ __all__ = [
     "require_object",
 ]
 
+
+
+_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+MAX_CLIENT_TOOLS = 64
+MAX_ANSWERS = 128
+
+
+def parse_client_tools(value: Any) -> dict[str, ToolSpec]:
+    """Client-side tools of a turn body: ``[{"name", "description"?, "inputSchema"?}]``.
+
+    A name is valid for every provider (``^[a-zA-Z0-9_-]{1,64}$``) and not given
+    twice; ``inputSchema`` is a JSON Schema object of ``"type": "object"``.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, list):
+        raise ApiError(400, "invalid_tools", f"tools must be an array, not {_kind(value)}")
+    if len(value) > MAX_CLIENT_TOOLS:
+        raise ApiError(400, "invalid_tools",
+                       f"{len(value)} tools; the limit is {MAX_CLIENT_TOOLS}")
+    tools: dict[str, ToolSpec] = {}
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ApiError(400, "invalid_tools", f"tools[{i}] is {_kind(item)}; expected an "
+                           "object {\"name\", \"description\", \"inputSchema\"}")
+        name = item.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.match(name):
+            raise ApiError(400, "invalid_tools", f"tools[{i}].name {_shown(name)} must match "
+                           "^[a-zA-Z0-9_-]{1,64}$")
+        if name in tools:
+            raise ApiError(400, "invalid_tools", f"tools[{i}].name {name!r} is given twice")
+        description = item.get("description", "")
+        if not isinstance(description, str) or len(description) > 4096:
+            raise ApiError(400, "invalid_tools", f"tools[{i}].description must be a string "
+                           "of at most 4096 characters")
+        schema = item.get("inputSchema", {"type": "object", "properties": {}})
+        if not isinstance(schema, dict) or schema.get("type") != "object":
+            raise ApiError(400, "invalid_tools", f"tools[{i}].inputSchema {_shown(schema)} "
+                           "must be a JSON Schema object with \"type\": \"object\"")
+        tools[name] = ToolSpec(name, description, schema)
+    return tools
+
+
+def parse_answers(data: Any) -> Answers:
+    """A continuation body: ``{"approvals": [{"approvalId", "approved", "reason"?}],
+    "toolOutputs": [{"toolCallId", "output"} | {"toolCallId", "errorText"}]}``."""
+    body = require_object(data)
+    approvals_raw = body.get("approvals") or []
+    outputs_raw = body.get("toolOutputs") or []
+    for field_name, raw in (("approvals", approvals_raw), ("toolOutputs", outputs_raw)):
+        if not isinstance(raw, list):
+            raise ApiError(400, "invalid_answers", f"{field_name} must be an array, "
+                           f"not {_kind(raw)}")
+        if len(raw) > MAX_ANSWERS:
+            raise ApiError(400, "invalid_answers",
+                           f"{len(raw)} {field_name}; the limit is {MAX_ANSWERS}")
+    approvals: dict[str, Decision] = {}
+    for i, item in enumerate(approvals_raw):
+        if not isinstance(item, dict) or not isinstance(item.get("approvalId"), str) \
+                or type(item.get("approved")) is not bool:
+            raise ApiError(400, "invalid_answers", f"approvals[{i}] is {_shown(item)}; expected "
+                           "{\"approvalId\": string, \"approved\": boolean, \"reason\"?: string}")
+        reason = item.get("reason")
+        if reason is not None and (not isinstance(reason, str) or len(reason) > 2000):
+            raise ApiError(400, "invalid_answers", f"approvals[{i}].reason must be a string of "
+                           "at most 2000 characters")
+        approvals[item["approvalId"]] = Decision(item["approved"], reason or None)
+    outputs: dict[str, ToolOutput | ToolFailed] = {}
+    for i, item in enumerate(outputs_raw):
+        if not isinstance(item, dict) or not isinstance(item.get("toolCallId"), str) or (
+            ("output" in item) == isinstance(item.get("errorText"), str)
+        ):
+            raise ApiError(400, "invalid_answers", f"toolOutputs[{i}] is {_shown(item)}; "
+                           "expected {\"toolCallId\", \"output\"} or {\"toolCallId\", "
+                           "\"errorText\": string}")
+        call_id = item["toolCallId"]
+        outputs[call_id] = (ToolOutput(call_id, cap_output(item["output"])) if "output" in item
+                            else ToolFailed(call_id, item["errorText"]))
+    return Answers(approvals, outputs)

@@ -123,8 +123,11 @@ class RedisRelay:
 
     # -- this replica's turns ---------------------------------------------
 
-    async def mirror(self, live: LiveTurn) -> None:
+    async def mirror(self, live: LiveTurn, *, replace: bool = False) -> None:
         """Copy ``live`` to its stream until it ends, again after each Redis failure.
+
+        ``replace``: the key holds an earlier stream of the same turn (a paused turn
+        continuing, whose ids start again at 0): it is replaced, not appended to.
 
         A failure never touches the generation. While the turn runs, its copy is
         written anew once Redis answers again (``StreamWriter.rewrite``: same
@@ -139,7 +142,9 @@ class RedisRelay:
         again = False
         while True:
             try:
-                if again:
+                if replace and not again:
+                    await writer.rewrite(live)
+                elif again:
                     await writer.rewrite(live)
                     logger.info("relay_resumed turn_id=%s events=%d", live.turn_id,
                                 writer.written + 1,

@@ -310,8 +310,10 @@ class SharedRelay(Protocol):
     def available(self) -> bool:
         """Whether the shared relay answers (new turns are refused while it does not)."""
 
-    async def mirror(self, live: LiveTurn) -> None:
-        """Copy a turn generated here to the shared relay until it ends (a task)."""
+    async def mirror(self, live: LiveTurn, *, replace: bool = False) -> None:
+        """Copy a turn generated here to the shared relay until it ends (a task).
+        ``replace``: the turn's copy there is an earlier stream of the same turn (a
+        paused turn continuing): start it anew."""
 
     async def run(self, relay: LocalRelay) -> None:
         """Per-process upkeep: health checks and cancel requests for ``relay``'s turns."""

@@ -1,7 +1,10 @@
 """What a turn produced: the assistant's content parts, and its token usage.
 
 ``ContentBuilder`` builds the parts docs/API.md describes (``reasoning``, ``text``,
-``tool-call``) in stream order, merging consecutive deltas of one kind. Text is
+``tool-call``) in stream order, merging consecutive deltas of one kind. It takes
+the adapters' events and the gateway's own (``gateway.turn.events``: tool outputs,
+approvals, step boundaries); a part made after the first model call of the turn
+carries ``"step": n``. Text is
 kept as a list of fragments until a snapshot is taken, so a long reply costs
 O(n), not O(n^2). ``TurnUsage`` keeps one record per adapter call and derives
 the totals, the per-model breakdown and the serialized calls stored in
@@ -16,8 +19,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.turn.events import (
+    ApprovalRequested,
+    StepBoundary,
+    ToolDenied,
+    ToolFailed,
+    ToolOutput,
+    ToolRunning,
+    TurnEvent,
+)
 from llm_adapters.events import (
-    AdapterEvent,
     ReasoningDelta,
     TextDelta,
     ToolCallDelta,
@@ -41,7 +52,8 @@ def parse_tool_args(text: str) -> Any:
 class ContentBuilder:
     """Assistant content parts in stream order, deltas of one kind merged."""
 
-    __slots__ = ("_parts", "_fragments", "_open_kind", "_tools", "_version", "_map", "_tool_map")
+    __slots__ = ("_parts", "_fragments", "_open_kind", "_tools", "_version", "_map", "_tool_map",
+                 "_step", "_outcomes")
 
     def __init__(self) -> None:
         self._parts: list[dict[str, Any]] = []
@@ -53,6 +65,8 @@ class ContentBuilder:
         # the fragments kept anyway, so the per-token path does no extra work.
         self._map: list[Any] = []
         self._tool_map: dict[str, dict[str, Any]] = {}
+        self._step = 0  # the model call the next parts come from
+        self._outcomes = 0  # gateway outcomes so far: their order, kept in the event map
 
     def _seal(self) -> None:
         if self._open_kind is not None:
@@ -64,13 +78,14 @@ class ContentBuilder:
     def _append_text(self, kind: str, text: str) -> None:
         if self._open_kind != kind:
             self._seal()
-            self._parts.append({"type": kind, "text": ""})
+            self._parts.append({"type": kind, "text": ""} if not self._step
+                               else {"type": kind, "text": "", "step": self._step})
             self._map.append([])
             self._open_kind = kind
         self._fragments.append(text)
 
-    def feed(self, event: AdapterEvent) -> None:
-        """Add one adapter event (events that carry no content are ignored)."""
+    def feed(self, event: TurnEvent) -> None:
+        """Add one event (events that carry no content are ignored)."""
         self._version += 1
         if isinstance(event, TextDelta):
             if event.text:
@@ -87,6 +102,8 @@ class ContentBuilder:
                 "args": {},
                 "argsText": "",
             }
+            if self._step:
+                part["step"] = self._step
             self._tools[event.id] = part
             self._parts.append(part)
             self._tool_map[event.id] = entry = {"args": [], "ended": False}
@@ -110,6 +127,57 @@ class ContentBuilder:
                 # history sent back leaves the call out (assistant_steps).
                 tool["result"] = event.result
                 tool["providerExecuted"] = True
+        elif isinstance(event, StepBoundary):
+            self._seal()
+            self._step = event.step
+        else:
+            self._gateway_event(event)
+
+    def _gateway_event(self, event: TurnEvent) -> None:
+        tool = self._tools.get(getattr(event, "id", ""))
+        if tool is None:
+            return
+        if isinstance(event, ToolRunning):
+            tool["state"] = "running"
+            return
+        entry = self._tool_map[tool["toolCallId"]]
+        if isinstance(event, ApprovalRequested):
+            tool["approval"] = {"id": event.approval_id}
+            entry["approval"] = self._outcomes
+        else:
+            tool.pop("state", None)
+            entry["out"] = self._outcomes
+            if isinstance(event, ToolOutput):
+                tool["result"] = event.output
+            elif isinstance(event, ToolFailed):
+                tool["errorText"] = event.error_text
+            elif isinstance(event, ToolDenied):
+                tool["errorText"] = event.error_text
+                tool["denied"] = True
+        self._outcomes += 1
+
+    @property
+    def step(self) -> int:
+        """The model call (from 0) the parts being built come from."""
+        return self._step
+
+    def unanswered(self) -> list[dict[str, Any]]:
+        """The tool calls of the current step without an output or error (copies)."""
+        return [
+            dict(p) for p in self._parts
+            if p["type"] == "tool-call" and p.get("step", 0) == self._step
+            and "result" not in p and "errorText" not in p
+        ]
+
+    def provider_run(self) -> frozenset[str]:
+        """The ids of the tool calls the provider ran itself (``providerExecuted``)."""
+        return frozenset(p["toolCallId"] for p in self._parts
+                         if p["type"] == "tool-call" and p.get("providerExecuted"))
+
+    def running(self) -> list[str]:
+        """The ids of the tool calls being run now."""
+        return [p["toolCallId"] for p in self._parts
+                if p["type"] == "tool-call" and p.get("state") == "running"]
 
     @property
     def version(self) -> int:
@@ -201,6 +269,28 @@ class TurnUsage:
     #: The call failed before its request reached the provider (connection refused,
     #: DNS, no API key): nothing was consumed, so nothing is estimated.
     unsent: bool = False
+    #: A model call started (``start_call``) and has not reported its final figures.
+    open_call: bool = False
+
+    @classmethod
+    def resumed(cls, cost: CostFn, call_details: list[Any]) -> TurnUsage:
+        """The usage of a paused turn continuing: the calls it already made (as
+        ``call_details`` stored them), counted once, and the ones to come."""
+        calls = [
+            CallRecord(str(c["model"]), int(c["prompt_tokens"]), int(c["completion_tokens"]),
+                       int(c["cost_micros"]), bool(c.get("estimated", False)))
+            for c in call_details if isinstance(c, dict)
+        ]
+        return cls(cost, calls)
+
+    def start_call(self) -> None:
+        """A model call begins (one per step of the turn)."""
+        self.open_call, self.provisional, self.unsent = True, None, False
+
+    def end_call(self, model: str, prompt_estimate: int, completion_estimate: int) -> None:
+        """A model call ended without error: estimated if it never reported its usage."""
+        if self.open_call:
+            self.settle(model, prompt_estimate, completion_estimate)
 
     def failed(self, error: BaseException) -> None:
         """Note how the adapter call failed (``reached_provider`` of upstream errors)."""
@@ -212,6 +302,7 @@ class TurnUsage:
             self.provisional = usage
             return
         self.provisional = None
+        self.open_call = False
         prompt, completion = max(0, usage.prompt_tokens), max(0, usage.completion_tokens)
         self.calls.append(
             CallRecord(usage.model, prompt, completion, self.cost(usage.model, prompt, completion))
@@ -220,7 +311,9 @@ class TurnUsage:
     def settle(self, model: str, prompt_estimate: int, completion_estimate: int) -> None:
         """Close the books of a turn cut short: what the provider reported is kept,
         what it never reported is estimated (and the record says so). A call that
-        never reached the provider costs zero and is not an estimate."""
+        never reached the provider costs zero and is not an estimate. The estimates
+        are of the model call in progress (the last step), the only one not settled."""
+        open_call, self.open_call = self.open_call, False
         if self.unsent and self.provisional is None:
             if not self.calls:  # booked as a real zero, so the row says which model failed
                 self.calls.append(CallRecord(model, 0, 0, 0))
@@ -231,7 +324,7 @@ class TurnUsage:
             self.add_estimate(
                 p.model, max(0, p.prompt_tokens), max(p.completion_tokens, completion_estimate)
             )
-        elif not self.calls:
+        elif open_call or not self.calls:
             self.add_estimate(model, prompt_estimate, completion_estimate)
 
     def add_estimate(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:

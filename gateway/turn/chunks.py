@@ -13,8 +13,16 @@ import json
 from typing import Any
 
 from gateway.turn.accumulator import parse_tool_args
+from gateway.turn.events import (
+    DENIED_TEXT,
+    ApprovalRequested,
+    StepBoundary,
+    ToolDenied,
+    ToolFailed,
+    ToolOutput,
+    TurnEvent,
+)
 from llm_adapters.events import (
-    AdapterEvent,
     Finish,
     FinishReason,
     ReasoningDelta,
@@ -92,8 +100,8 @@ class ChunkEncoder:
         self.seq += 1
         return out
 
-    def feed(self, event: AdapterEvent) -> list[bytes]:
-        """The chunks for one adapter event (possibly none)."""
+    def feed(self, event: TurnEvent) -> list[bytes]:
+        """The chunks for one event (possibly none)."""
         if isinstance(event, TextDelta):
             return self._delta("text", event.text) if event.text else []
         if isinstance(event, ReasoningDelta):
@@ -136,6 +144,12 @@ class ChunkEncoder:
                 )
         elif isinstance(event, Finish):
             self.finish_reason = event.reason
+        elif isinstance(event, StepBoundary):
+            self._close_open(out)
+            out.append(self.chunk({"type": "finish-step"}))
+            out.append(self.chunk({"type": "start-step"}))
+        elif isinstance(event, ToolOutput | ToolFailed | ToolDenied | ApprovalRequested):
+            out.append(self.chunk(_outcome_chunk(event)))
         return out
 
     def end(
@@ -165,14 +179,31 @@ class ChunkEncoder:
         return out
 
 
-def events_of_chunks(chunks: list[bytes]) -> list[AdapterEvent]:
-    """The adapter events that ``ChunkEncoder`` turned into ``chunks`` (their content).
+def _outcome_chunk(event: ToolOutput | ToolFailed | ToolDenied | ApprovalRequested
+                   ) -> dict[str, Any]:
+    if isinstance(event, ToolOutput):
+        return {"type": "tool-output-available", "toolCallId": event.id, "output": event.output}
+    if isinstance(event, ToolFailed):
+        return {"type": "tool-output-error", "toolCallId": event.id,
+                "errorText": event.error_text}
+    if isinstance(event, ToolDenied):
+        return {"type": "tool-output-denied", "toolCallId": event.id}
+    return {"type": "tool-approval-request", "approvalId": event.approval_id,
+            "toolCallId": event.id}
+
+
+def events_of_chunks(
+    chunks: list[bytes], provider_run: frozenset[str] = frozenset()
+) -> list[TurnEvent]:
+    """The events that ``ChunkEncoder`` turned into ``chunks`` (their content).
 
     The inverse of ``feed`` for what a reader was sent: used when a turn is stored as
     it was delivered rather than as it was generated. Chunks without content (start,
-    ends, metadata, [DONE]) give nothing.
+    ends, metadata, [DONE]) give nothing. ``provider_run``: the calls whose output
+    came from the adapter (the provider ran the tool); other outputs are the gateway's.
     """
-    events: list[AdapterEvent] = []
+    events: list[TurnEvent] = []
+    steps = 0
     for data in chunks:
         _, _, body = data.partition(b"\ndata: ")
         if not body.startswith(b"{"):
@@ -190,7 +221,20 @@ def events_of_chunks(chunks: list[bytes]) -> list[AdapterEvent]:
         elif kind == "tool-input-available":
             events.append(ToolCallEnd(chunk["toolCallId"]))
         elif kind == "tool-output-available":
-            events.append(ToolResult(chunk["toolCallId"], chunk["output"]))
+            if chunk["toolCallId"] in provider_run:
+                events.append(ToolResult(chunk["toolCallId"], chunk["output"]))
+            else:
+                events.append(ToolOutput(chunk["toolCallId"], chunk["output"]))
+        elif kind == "tool-output-error":
+            events.append(ToolFailed(chunk["toolCallId"], chunk["errorText"]))
+        elif kind == "tool-output-denied":
+            events.append(ToolDenied(chunk["toolCallId"], DENIED_TEXT))
+        elif kind == "tool-approval-request":
+            events.append(ApprovalRequested(chunk["toolCallId"], chunk["approvalId"]))
+        elif kind == "finish-step":
+            steps += 1
+        elif kind == "start-step" and steps:
+            events.append(StepBoundary(steps))
     return events
 
 

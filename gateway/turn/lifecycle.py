@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import aclosing
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -33,12 +34,21 @@ from starlette.responses import Response
 from gateway.replicas.follow import attach_shared, supersede_shared
 from gateway.streaming.relay import LiveTurn, LocalRelay, SharedRelay
 from gateway.streaming.responses import follow_live, sse_response
-from gateway.turn.accumulator import ContentBuilder, TurnUsage, estimate_tokens
+from gateway.turn.accumulator import ContentBuilder, TurnUsage
 from gateway.turn.chunks import ChunkEncoder, events_of_chunks
 from gateway.turn.finalize import FinalizeBatcher, write_final
-from gateway.turn.replay import from_list, replay_chunks, stored_usage
-from llm_adapters.base import Adapter, AdapterRequest, ChatMessage
-from llm_adapters.events import FinishReason, Usage
+from gateway.turn.replay import from_list, replay_chunks, stored_events, stored_usage
+from gateway.turn.tools import (
+    Answers,
+    Toolbox,
+    TurnSteps,
+    check_answers,
+    client_tools_json,
+    client_tools_of,
+    keep_pending,
+)
+from llm_adapters.base import Adapter, AdapterRequest, ChatMessage, ToolSpec
+from llm_adapters.events import FinishReason
 from persistence import Store, UsageRecord
 from turngate.exceptions import UpstreamError
 
@@ -47,6 +57,7 @@ if TYPE_CHECKING:
     from gateway.ops.metrics import Metrics
     from gateway.ops.settings import Settings
     from gateway.replicas.limits import SharedLimits
+    from gateway.tools.servers import ToolHub
     from llm_adapters.pricing import PriceTable
 
 logger = logging.getLogger("turngate.turns")
@@ -107,11 +118,13 @@ async def open_turn(
     ctx: AppContext, user_id: int, thread_id: str, turn_id: str,
     content: list[dict[str, Any]], adapter: Adapter, model: str, model_string: str,
     started: float, *, key_prefix: str | None = None, key_hash: str | None = None,
+    client_tools: Mapping[str, ToolSpec] | None = None,
 ) -> tuple[Response, bool]:
     """Open the turn; start its generation, or attach to or replay it if it exists.
 
     The flag says whether a generation started here (it then owns the stream slot).
     ``key_prefix``/``key_hash``: a cached key, checked by the open statement itself.
+    ``client_tools``: tools the turn declares, which the client runs.
     """
     opened = await ctx.store.open_turn(
         thread_id, user_id, turn_id, content,
@@ -151,7 +164,8 @@ async def open_turn(
     history.append(ChatMessage("user", content))
     live = LiveTurn(thread_id, turn_id, user_id, opened.assistant_message_id)
     return _launch(ctx, live, adapter, AdapterRequest(model=model, messages=history),
-                   opened.user_message_id, model_string, started), True
+                   opened.user_message_id, model_string, started,
+                   Toolbox(ctx.runner.tools, client_tools or {})), True
 
 
 async def attach_to_regenerate(
@@ -220,14 +234,78 @@ async def open_regenerate(
 
 def _launch(
     ctx: AppContext, live: LiveTurn, adapter: Adapter, request: AdapterRequest,
-    user_message_id: int, model_string: str, started: float,
+    user_message_id: int, model_string: str, started: float, toolbox: Toolbox | None = None,
 ) -> Response:
     """Start generating the opened turn; the response follows it from its first chunk."""
     ctx.runner.launch(
         live, adapter, request,
         user_message_id=user_message_id, model_string=model_string, started=started,
+        toolbox=toolbox,
     )
     return sse_response(ctx, follow_live(ctx, live))
+
+
+async def continue_turn(
+    ctx: AppContext, user_id: int, thread_id: str, turn_id: str, answers: Answers,
+    resolve: Callable[[str], tuple[Adapter, str]], started: float, *, lenient: bool = False,
+) -> Response:
+    """Continue a paused reply (``requires_action``) with ``answers``: the same
+    assistant message, streamed from where it paused.
+
+    ``lenient``: answers the reply does not wait for are dropped, not refused (a
+    ``useChat`` resubmit carries every tool part of the message).
+
+    The answers are checked against the stored reply first (``invalid_answer``, nothing
+    written), the model resolved (``resolve`` may raise the route's error); then the
+    row is claimed by one conditional UPDATE, so that a second answer, here or on
+    another replica, is refused with ``not_paused`` instead of continuing twice.
+    """
+    if ctx.runner.draining:
+        raise Refused("shutting_down", "the server is shutting down")
+    store, settings = ctx.store, ctx.settings
+    peek = await store.continue_turn(
+        thread_id, user_id, turn_id, lease_owner=ctx.instance_id,
+        lease_seconds=settings.lease_seconds, claim=False,
+    )
+    _refuse_continuation(peek.status, peek.assistant_status)
+    if lenient:
+        answers = keep_pending(peek.content, answers)
+    problem = check_answers(peek.content, answers)
+    if problem is not None:
+        raise Refused("invalid_answer", problem)
+    model_string = str(peek.resume_with.get("model") or settings.default_model)
+    adapter, model = resolve(model_string)
+    claimed = await store.continue_turn(
+        thread_id, user_id, turn_id, lease_owner=ctx.instance_id,
+        lease_seconds=settings.lease_seconds, history_limit=settings.history_messages,
+    )
+    _refuse_continuation(claimed.status, claimed.assistant_status)
+    assert claimed.assistant_message_id is not None and claimed.user_message_id is not None
+    history = history_messages(claimed.history, turn_id)
+    history.append(ChatMessage("user", claimed.user_content))
+    content = ContentBuilder()
+    for event in stored_events(claimed.content, claimed.event_map):
+        content.feed(event)
+    live = LiveTurn(thread_id, turn_id, user_id, claimed.assistant_message_id)
+    ctx.runner.launch(
+        live, adapter, AdapterRequest(model=model, messages=history),
+        user_message_id=claimed.user_message_id, model_string=model_string, started=started,
+        toolbox=Toolbox(ctx.runner.tools, client_tools_of(claimed.resume_with.get("clientTools"))),
+        content=content, usage=TurnUsage.resumed(ctx.prices.cost_micros, claimed.call_details),
+        answers=answers,
+    )
+    return sse_response(ctx, follow_live(ctx, live))
+
+
+def _refuse_continuation(status: str, reply_status: str | None) -> None:
+    if status in ("continued", "paused"):
+        return
+    if status == "not_paused":
+        raise Refused("not_paused", f"the reply is not waiting for an answer (it is "
+                                    f"{reply_status}); it was answered already or never paused")
+    if status == "busy":
+        raise Refused("thread_busy", _THREAD_BUSY)
+    raise Refused(status)
 
 
 async def stream_turn(
@@ -332,6 +410,8 @@ class TurnRunner:
         # generated here are mirrored to, and the stream slots across replicas.
         self.shared: SharedRelay | None = None
         self.limits: SharedLimits | None = None
+        # The MCP servers' tools (TURNGATE_MCP_CONFIG), started by the lifespan.
+        self.tools: ToolHub | None = None
         self.draining = False
         self._idle = anyio.Event()
         # Set when a drain's grace is over: final writes stop retrying (the process exits).
@@ -348,11 +428,25 @@ class TurnRunner:
         user_message_id: int,
         model_string: str,
         started: float,
+        toolbox: Toolbox | None = None,
+        content: ContentBuilder | None = None,
+        usage: TurnUsage | None = None,
+        answers: Answers | None = None,
     ) -> None:
-        """Publish the opening chunks and start generating in the app's task group."""
+        """Publish the opening chunks and start generating in the app's task group.
+
+        ``content``, ``usage`` and ``answers``: a paused turn continuing (its parts
+        and calls so far, and what the client answered)."""
         if self.task_group is None:
             raise RuntimeError("the turn runner is not started (no lifespan)")
         encoder = ChunkEncoder()
+        steps = TurnSteps(
+            live, adapter, request, encoder, model_string=model_string,
+            toolbox=toolbox or Toolbox(self.tools), max_steps=self.settings.max_steps,
+            cost=self.prices.cost_micros, content=content, usage=usage,
+            on_first_event=lambda: self.metrics.time_to_first_token.observe(
+                time.monotonic() - started),
+        )
         live.publish(
             encoder.start(
                 live.message_id,
@@ -363,7 +457,10 @@ class TurnRunner:
         live.on_unread = self.on_unread
         self.relay.add(live)
         if self.shared is not None:
-            self.task_group.start_soon(self.shared.mirror, live)
+            # A continuation's stream replaces the paused one's copy there.
+            self.task_group.start_soon(
+                partial(self.shared.mirror, live, replace=content is not None)
+            )
         logger.info(
             "turn_start thread_id=%s turn_id=%s message_id=%s user_message_id=%s model=%s",
             live.thread_id, live.turn_id, live.message_id, user_message_id, model_string,
@@ -379,57 +476,42 @@ class TurnRunner:
                                 "text": request.messages[-1].text})
         self.metrics.generations_started.inc()
         self.metrics.active_generations.inc()
-        self.task_group.start_soon(
-            self._generate, live, adapter, request, encoder, model_string, started
-        )
+        self.task_group.start_soon(self._generate, live, steps, answers, model_string, started)
 
     # -- generating -------------------------------------------------------
 
     async def _generate(
         self,
         live: LiveTurn,
-        adapter: Adapter,
-        request: AdapterRequest,
-        encoder: ChunkEncoder,
+        steps: TurnSteps,
+        answers: Answers | None,
         model_string: str,
         started: float,
     ) -> None:
-        content = ContentBuilder()
-        usage = TurnUsage(self.prices.cost_micros)
         status = "interrupted"  # what an escaping cancellation (shutdown) means
         error_text: str | None = None
-        first_token = True
-        live.content = content
+        live.content = steps.content
         try:
             with anyio.CancelScope() as scope:
                 live.cancel_scope = scope
                 if live.cancel_reason is not None:  # cancelled before it began
                     scope.cancel()
-                async with aclosing(adapter.stream(request)) as events:
-                    async for event in events:
-                        if type(event) is Usage:
-                            usage.add(event)
-                            continue
-                        if first_token:
-                            first_token = False
-                            self.metrics.time_to_first_token.observe(time.monotonic() - started)
-                        content.feed(event)
-                        live.publish(encoder.feed(event))
-                status = "complete"
+                # The model calls and tool calls (gateway.turn.tools).
+                status, error_text = await steps.run(answers)
             if scope.cancelled_caught:
                 status = live.cancel_reason or "cancelled"
         except UpstreamError as exc:
             status, error_text = "error", exc.safe_message
-            usage.failed(exc)  # a request that never reached the provider costs nothing
-            self.metrics.upstream_errors.labels(adapter.name).inc()
+            steps.usage.failed(exc)  # a request that never reached the provider costs nothing
+            self.metrics.upstream_errors.labels(steps.adapter.name).inc()
             # Our own words when nothing was sent ("OPENAI_API_KEY is not set"); never
             # the provider's error details.
             detail = "" if exc.reached_provider else f" ({exc})"
             logger.warning(
                 "upstream_error turn_id=%s message_id=%s adapter=%s error=%s%s",
-                live.turn_id, live.message_id, adapter.name, type(exc).__name__, detail,
+                live.turn_id, live.message_id, steps.adapter.name, type(exc).__name__, detail,
                 extra={"event": "upstream_error", "turn_id": live.turn_id,
-                       "message_id": live.message_id, "adapter": adapter.name,
+                       "message_id": live.message_id, "adapter": steps.adapter.name,
                        "error": type(exc).__name__},
             )
         except Exception:
@@ -446,30 +528,24 @@ class TurnRunner:
             self.metrics.active_generations.dec()
             self.metrics.finalizing.inc()
             with anyio.CancelScope(shield=True):
-                await self._finish(
-                    live, request, content, usage, encoder, status, error_text, model_string,
-                    started,
-                )
+                await self._finish(live, steps, status, error_text, model_string, started)
 
     async def _finish(
         self,
         live: LiveTurn,
-        request: AdapterRequest,
-        content: ContentBuilder,
-        usage: TurnUsage,
-        encoder: ChunkEncoder,
+        steps: TurnSteps,
         status: str,
         error_text: str | None,
         model_string: str,
         started: float,
     ) -> None:
         """Finalize the row and the usage, then end every reader's stream. Never raises."""
+        content, usage, encoder = steps.content, steps.usage, steps.encoder
         try:
+            # Tools still running when the turn stopped: their calls say so.
+            stopped = steps.stop_running()
             # Whatever the provider never reported (disconnect, error, shutdown) is estimated.
-            prompt_chars = sum(len(m.text) for m in request.messages)
-            usage.settle(
-                model_string, estimate_tokens(prompt_chars), estimate_tokens(content.text_length())
-            )
+            usage.settle(model_string, *steps.estimates())
             record = UsageRecord(
                 usage_type="chat",
                 prompt_tokens=usage.prompt_tokens,
@@ -496,9 +572,12 @@ class TurnRunner:
                 # it was streamed), though the usage above counts every token generated.
                 # (Past the relay's memory bound those chunks are gone: all is stored.)
                 sent = ContentBuilder()
-                for event in events_of_chunks(sent_chunks):
+                for event in [*events_of_chunks(sent_chunks, content.provider_run()),
+                              *stopped]:
                     sent.feed(event)
                 parts, event_map = sent.snapshot(), sent.event_map()
+            if status == "requires_action":
+                await self._keep_for_continuation(live, steps, model_string)
             t0 = time.monotonic()
             outcome, attempts = await write_final(self, live, parts, event_map, status, record)
             self.metrics.finalize_duration.observe(time.monotonic() - t0)
@@ -533,6 +612,8 @@ class TurnRunner:
                 finish_reason = "error"  # lost lease / not saved: the client is told
             elif status == "complete":
                 finish_reason = encoder.finish_reason or "stop"
+            elif status == "requires_action":
+                finish_reason = "tool-calls"  # the client answers, then the turn continues
             elif status == "error":
                 finish_reason = "error"
             else:
@@ -554,6 +635,20 @@ class TurnRunner:
             self.metrics.finalizing.dec()
             if self.draining and not self.relay.running():
                 self._idle.set()
+
+    async def _keep_for_continuation(
+        self, live: LiveTurn, steps: TurnSteps, model_string: str
+    ) -> None:
+        """A paused turn keeps what its continuation needs: the model and client tools."""
+        resume_with = {"model": model_string,
+                       "clientTools": client_tools_json(steps.toolbox.client)}
+        try:
+            with anyio.fail_after(self.settings.finalize_timeout):
+                await self.store.pause_turn(live.message_id, resume_with)
+        except Exception as exc:  # the continuation then uses the default model
+            logger.warning("pause_write_failed message_id=%s: %s", live.message_id,
+                           str(exc) or type(exc).__name__,
+                           extra={"event": "pause_write_failed", "message_id": live.message_id})
 
     # -- readers leaving (TURNGATE_ON_DISCONNECT) ---------------------------
 
@@ -632,6 +727,6 @@ class TurnRunner:
 
 __all__ = [
     "GENERIC_ERROR", "LEASE_LOST_ERROR", "NOT_SAVED_ERROR", "Refused", "TurnRunner",
-    "attach_running", "attach_to_regenerate", "history_messages", "open_regenerate",
-    "open_turn", "stream_turn",
+    "attach_running", "attach_to_regenerate", "continue_turn", "history_messages",
+    "open_regenerate", "open_turn", "stream_turn",
 ]

@@ -6,8 +6,16 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.turn.chunks import ChunkEncoder
+from gateway.turn.events import (
+    ApprovalRequested,
+    StepBoundary,
+    ToolDenied,
+    ToolFailed,
+    ToolOutput,
+    ToolRunning,
+    TurnEvent,
+)
 from llm_adapters.events import (
-    AdapterEvent,
     FinishReason,
     ReasoningDelta,
     TextDelta,
@@ -75,18 +83,33 @@ def _split(text: str, lengths: Any) -> list[str]:
 
 def stored_events(
     parts: list[dict[str, Any]], event_map: list[Any] | None = None
-) -> list[AdapterEvent]:
-    """The adapter events that would rebuild ``parts`` (for replaying a stored reply).
+) -> list[TurnEvent]:
+    """The events that would rebuild ``parts`` (for replaying a stored reply).
 
     With the row's ``event_map`` (``ContentBuilder.event_map``) the deltas are cut
     where the live stream cut them, so the encoder numbers them as it did live: a
-    ``Last-Event-ID`` from the live stream resumes exactly after that event.
+    ``Last-Event-ID`` from the live stream resumes exactly after that event. The
+    gateway's outcomes of a step (tool outputs, errors, denials, approval requests)
+    follow the step's parts in the order they were streamed, then the next step
+    begins, as live.
     """
-    events: list[AdapterEvent] = []
+    events: list[TurnEvent] = []
     if not isinstance(event_map, list) or len(event_map) != len(parts):
         event_map = [None] * len(parts)
+    step = 0
+    outcomes: list[tuple[int, TurnEvent]] = []
+
+    def flush() -> None:
+        events.extend(e for _, e in sorted(outcomes, key=lambda o: o[0]))
+        outcomes.clear()
+
     for part, entry in zip(parts, event_map, strict=True):
         kind = part.get("type")
+        part_step = part.get("step", 0)
+        if type(part_step) is int and part_step > step:
+            flush()
+            step = part_step
+            events.append(StepBoundary(step))
         if kind == "text" and part.get("text"):
             events.extend(TextDelta(t) for t in _split(part["text"], entry))
         elif kind == "reasoning" and part.get("text"):
@@ -99,12 +122,43 @@ def stored_events(
                 events.append(ToolCallDelta(call_id, fragment))
             if tool.get("ended", True):
                 events.append(ToolCallEnd(call_id))
-            if "result" in part:
-                events.append(ToolResult(call_id, part["result"]))
+            approval = part.get("approval")
+            if isinstance(approval, dict) and isinstance(approval.get("id"), str):
+                outcomes.append((_order(tool, "approval", len(outcomes)),
+                                 ApprovalRequested(call_id, approval["id"])))
+            if part.get("state") == "running":
+                events.append(ToolRunning(call_id))
+            outcome = _outcome(call_id, part)
+            if outcome is None:
+                continue
+            # An output the adapter streamed with the call (the provider ran the tool;
+            # rows from before the gateway ran tools mapped no "out" for it) is inline.
+            inline = part.get("providerExecuted") is True or (bool(tool) and "out" not in tool)
+            if isinstance(outcome, ToolOutput) and inline:
+                events.append(ToolResult(call_id, outcome.output))
+            else:
+                outcomes.append((_order(tool, "out", len(outcomes)), outcome))
+    flush()
     return events
 
 
-_STATUS_REASON: dict[str, FinishReason] = {"complete": "stop", "error": "error"}
+def _order(entry: dict[str, Any], key: str, default: int) -> int:
+    value = entry.get(key)
+    return value if type(value) is int else 1_000_000 + default
+
+
+def _outcome(call_id: str, part: dict[str, Any]) -> TurnEvent | None:
+    if "result" in part:
+        return ToolOutput(call_id, part["result"])
+    error = part.get("errorText")
+    if isinstance(error, str):
+        return ToolDenied(call_id, error) if part.get("denied") else ToolFailed(call_id, error)
+    return None
+
+
+_STATUS_REASON: dict[str, FinishReason] = {
+    "complete": "stop", "error": "error", "requires_action": "tool-calls",
+}
 
 
 def replay_chunks(

@@ -37,6 +37,8 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "tool-input-available": ("toolCallId", "toolName", "input"),
     "tool-output-available": ("toolCallId", "output"),
     "tool-output-error": ("toolCallId", "errorText"),
+    "tool-output-denied": ("toolCallId",),
+    "tool-approval-request": ("approvalId", "toolCallId"),
     "message-metadata": ("messageMetadata",),
     "finish": (),
     "abort": (),
@@ -169,11 +171,14 @@ def _check(condition: bool, message: str) -> None:
         raise AssertionError(message)
 
 
-def validate_ui_stream(stream: Stream, *, complete: bool = True) -> None:
+def validate_ui_stream(
+    stream: Stream, *, complete: bool = True, continues: frozenset[str] = frozenset()
+) -> None:
     """Check that ``stream`` is a valid AI SDK UI message stream; raise ``AssertionError``.
 
     With ``complete=False`` a stream cut short (a client that left) is valid
-    if what was read so far is.
+    if what was read so far is. ``continues``: the ids of tool calls an earlier
+    stream of the same message made (a paused turn continuing answers them).
     """
     _check(stream.status == 200, f"status {stream.status}; expected 200")
     ctype = stream.headers.get("content-type", "")
@@ -189,7 +194,7 @@ def validate_ui_stream(stream: Stream, *, complete: bool = True) -> None:
     named = [e.event for e in stream.events if e.event is not None]
     _check(not named, f"named SSE events {named}; expected none (data-only events)")
     open_parts: dict[str, str] = {}
-    tools: dict[str, str] = {}  # toolCallId -> state
+    tools: dict[str, str] = dict.fromkeys(continues, "input-available")  # toolCallId -> state
     saw_finish = False
     for index, event in enumerate(stream.events):
         if event.data == "[DONE]":
@@ -224,8 +229,12 @@ def validate_ui_stream(stream: Stream, *, complete: bool = True) -> None:
                    f"tool-input-delta for {chunk['toolCallId']!r} without tool-input-start")
         elif kind == "tool-input-available":
             tools[chunk["toolCallId"]] = "input-available"
-        elif kind in ("tool-output-available", "tool-output-error"):
+        elif kind == "tool-approval-request":
             _check(tools.get(chunk["toolCallId"]) == "input-available",
+                   f"{kind} for {chunk['toolCallId']!r} before its input")
+            tools[chunk["toolCallId"]] = "approval-requested"
+        elif kind in ("tool-output-available", "tool-output-error", "tool-output-denied"):
+            _check(tools.get(chunk["toolCallId"]) in ("input-available", "approval-requested"),
                    f"{kind} for {chunk['toolCallId']!r} before its input")
             tools[chunk["toolCallId"]] = "output"
         elif kind == "finish":
