@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from gateway.ops.metrics import Metrics
     from gateway.ops.settings import Settings
     from gateway.replicas.limits import SharedLimits
+    from gateway.turn.titles import Titler
     from llm_adapters.pricing import PriceTable
 
 logger = logging.getLogger("turngate.turns")
@@ -332,6 +333,7 @@ class TurnRunner:
         # generated here are mirrored to, and the stream slots across replicas.
         self.shared: SharedRelay | None = None
         self.limits: SharedLimits | None = None
+        self.titles: Titler | None = None  # set by create_app: a new thread's title
         self.draining = False
         self._idle = anyio.Event()
         # Set when a drain's grace is over: final writes stop retrying (the process exits).
@@ -509,6 +511,8 @@ class TurnRunner:
                 self.metrics.turns_finalized.labels(status).inc()
             elif outcome == "failed":  # given up at shutdown: the row keeps its checkpoint
                 error_text = NOT_SAVED_ERROR
+            if self.titles is not None:  # a first turn titles its thread (before the end)
+                await self.titles.after_turn(self, live, request, content)
             logger.info(
                 "turn_end thread_id=%s turn_id=%s message_id=%s status=%s tokens=%d "
                 "cost_micros=%d estimated=%s finalize=%s attempts=%d duration_ms=%.1f",
