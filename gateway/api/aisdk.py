@@ -45,6 +45,7 @@ from gateway.api.validation import (
 from gateway.context import context
 from persistence import ThreadIdTaken
 
+
 def _last_user_message(body: dict[str, Any]) -> dict[str, Any]:
     """The message to answer: the last user message of ``messages``, or ``message``."""
     messages = body.get("messages")

@@ -77,9 +77,10 @@ async def follow_live(ctx: AppContext, live: LiveTurn, after: int = -1) -> Async
     """Stream a live turn from SSE id ``after``.
 
     It also gets the turn's transient chunks published while it follows
-    (``LiveTurn.publish_transient``). The follower only reports: it joins, and on leaving says which chunk went out
-    last (``LiveTurn.reader_left``). What happens to a turn nobody reads any more
-    is decided by the lifecycle's disconnect policy (``TurnRunner.on_unread``).
+    (``LiveTurn.publish_transient``). The follower only reports: it joins, and on
+    leaving says which chunk went out last (``LiveTurn.reader_left``). What happens
+    to a turn nobody reads any more is decided by the lifecycle's disconnect policy
+    (``TurnRunner.on_unread``).
     """
     live.reader_joined()
     ctx.metrics.active_streams.inc()
