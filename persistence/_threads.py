@@ -21,15 +21,18 @@ class ThreadIdTaken(PersistenceError):
     """A client-chosen thread id already belongs to another user."""
 
 
-# The thread is untitled and ``turn_id`` is its first turn: no message of another turn
-# is older than the first message of that turn (a regenerated reply of the first turn
-# still counts as the first turn; the user row of any later turn is newer).
+# The thread is untitled and ``turn_id`` is its first turn, answered for the first time:
+# no message of another turn is older than the first message of that turn (the user row
+# of any later turn is newer), and no reply of it was regenerated away (a title the user
+# cleared is not given back by a regenerate).
 _UNTITLED_FIRST_TURN = (
     "threads.id = :thread_id AND threads.owner_id = :owner_id AND threads.title IS NULL "
     "AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.thread_id = :thread_id "
     "AND (m.turn_id IS NULL OR m.turn_id <> :turn_id) AND m.id < "
     "(SELECT min(f.id) FROM messages f WHERE f.thread_id = :thread_id "
-    "AND f.turn_id = :turn_id))"
+    "AND f.turn_id = :turn_id)) "
+    "AND NOT EXISTS (SELECT 1 FROM messages r WHERE r.thread_id = :thread_id "
+    "AND r.turn_id = :turn_id AND r.status = 'superseded')"
 )
 _SET_TITLE = (
     "UPDATE threads SET title = :title WHERE " + _UNTITLED_FIRST_TURN + " RETURNING id"

@@ -45,7 +45,7 @@ logger = logging.getLogger("turngate.titles")
 #: The longest title the gateway gives (the user may set up to 500 characters).
 TITLE_CHARS = 80
 #: How long the stream's end waits for a first-words title to be written.
-FALLBACK_WAIT_SECONDS = 0.5
+FALLBACK_WAIT_SECONDS = 1.0
 #: How long the title model may take before its title is given up (first words instead).
 MODEL_TIMEOUT_SECONDS = 30.0
 #: How much of the conversation the title model reads, and how much of its answer.
