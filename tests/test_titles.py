@@ -13,11 +13,13 @@ import asyncio
 import time
 from typing import Any
 
+import anyio
+import asyncpg
 import httpx
 import pytest
 
 from gateway.turn.titles import TITLE_CHARS, clean_title, first_words
-from tests.fixtures_db import RoundTripProxy
+from tests.fixtures_db import PG_HOST, PG_PORT, PG_USER, RoundTripProxy
 from tests.fixtures_server import GatewayServer, run_gateway
 from tests.sse_client import Stream, stream_request, validate_ui_stream
 from tests.tracing import trace_turns
@@ -134,6 +136,45 @@ async def test_a_cleared_title_is_not_given_again_by_a_later_turn(database_url: 
         assert _title_chunks(s) == []
         await titles_settled(gw)
         assert await _listed_title(client, thread) is None
+
+
+async def test_a_regenerate_does_not_give_back_a_cleared_title(database_url: str) -> None:
+    async with run_gateway(database_url) as gw, gw.client() as client:
+        thread = await gw.new_thread(client)
+        await _turn(client, thread, "t1", "first words here")
+        r = await client.patch(f"/v1/threads/{thread}", json={"title": None})
+        assert r.status_code == 200
+        again = await stream_request(client, "POST", f"/v1/threads/{thread}/turns/t1/regenerate",
+                                     json={"model": REPLY})
+        validate_ui_stream(again)
+        assert again.text == "w1 w2 w3 " and _title_chunks(again) == []
+        await titles_settled(gw)
+        assert await _listed_title(client, thread) is None
+
+
+async def test_only_an_untitled_threads_first_turn_is_titled_in_the_store(
+    database_url: str,
+) -> None:
+    async with run_gateway(database_url) as gw, gw.client() as client:
+        store, user = gw.store, gw.user_id
+        thread = await gw.new_thread(client)
+        await _turn(client, thread, "t1", "first words here")
+        await _turn(client, thread, "t2", "second")
+        await store.rename_thread(thread, user, None)
+        # Straight to the store, past the request's own check: a later turn is refused.
+        assert await store.thread_needs_title(thread, user, "t2") is False
+        assert await store.set_title_if_untitled(thread, user, "t2", "later") is False
+        # The first turn is still the first; someone else's thread is not theirs.
+        other, _ = await gw.new_user("mallory")
+        assert await store.thread_needs_title(thread, other, "t1") is False
+        assert await store.set_title_if_untitled(thread, other, "t1", "theirs") is False
+        assert await store.thread_needs_title(thread, user, "t1") is True
+        assert await store.set_title_if_untitled(thread, user, "t1", "first") is True
+        # Titled now: nothing overwrites it.
+        assert await store.thread_needs_title(thread, user, "t1") is False
+        assert await store.set_title_if_untitled(thread, user, "t1", "again") is False
+        row = await store.get_thread(thread, user)
+        assert row is not None and row.title == "first"
 
 
 async def test_a_thread_created_with_a_title_keeps_it(database_url: str) -> None:
@@ -267,6 +308,41 @@ async def test_an_unknown_title_adapter_falls_back_to_the_first_words(
 # -- not replayed ------------------------------------------------------------------------
 
 
+async def test_a_reader_attached_mid_turn_gets_the_title_a_late_one_does_not(
+    database_url: str,
+) -> None:
+    async with run_gateway(database_url) as gw, gw.client() as client:
+        thread = await gw.new_thread(client)
+        body = {"turn_id": "t1", "text": "Plan a trip", "model": "scripted:tokens=30,delay_ms=20"}
+        turns = f"/v1/threads/{thread}/turns"
+        box: dict[str, Stream] = {}
+
+        async def first() -> None:
+            box["first"] = await stream_request(client, "POST", turns, json=body)
+
+        async def attached() -> None:
+            # The same turn sent again while it streams: this reader attaches to it.
+            await eventually(lambda: _streaming(gw, thread), bool, within=5,
+                             what="the turn to stream")
+            box["again"] = await stream_request(client, "POST", turns, json=body)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            tg.start_soon(attached)
+        for s in (box["first"], box["again"]):
+            validate_ui_stream(s)
+            assert [c["data"]["title"] for c in _title_chunks(s)] == ["Plan a trip"]
+        # The same turn sent once more after it ended: a replay, without the title.
+        late = await stream_request(client, "POST", turns, json=body)
+        validate_ui_stream(late)
+        assert late.text == box["first"].text and _title_chunks(late) == []
+
+
+async def _streaming(gw: GatewayServer, thread: str) -> bool:
+    return gw.ctx.relay.running_on_thread(thread) is not None
+
+
+
 async def test_the_title_chunk_is_not_replayed(database_url: str) -> None:
     async with run_gateway(database_url) as gw, gw.client() as client:
         thread = await gw.new_thread(client)
@@ -344,3 +420,52 @@ async def test_round_trips_before_the_first_token_are_unchanged_on_postgres(
             if not title_model:
                 assert first_end == first_total  # written before the stream ended
             assert await _listed_title(client, fresh) is not None
+
+
+async def test_a_slow_title_write_does_not_hold_the_end_of_the_stream(
+    _pg_session_database: str, pg_url: str,
+) -> None:
+    async with run_gateway(pg_url) as gw, gw.client() as client:
+        thread = await gw.new_thread(client)
+        conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER,
+                                     database=_pg_session_database)
+        try:
+            blocker = conn.transaction()
+            seen: dict[str, float] = {}
+            chunks: list[str] = []
+            async with client.stream(
+                "POST", f"/v1/threads/{thread}/turns",
+                json={"turn_id": "t1", "text": "Plan a trip to Lisbon",
+                      "model": "scripted:tokens=10,delay_ms=50"},
+            ) as r:
+                async for line in r.aiter_lines():
+                    if '"text-delta"' in line and "locked" not in seen:
+                        # Opened (its statement bumped the thread): now another session
+                        # holds the thread's row, so the title's UPDATE waits for it,
+                        # while the reply's final write (its message, its usage row) does
+                        # not touch that row.
+                        await blocker.start()
+                        await conn.fetchval(
+                            "SELECT title FROM threads WHERE id = $1 FOR UPDATE", thread)
+                        seen["locked"] = time.monotonic()
+                    if '"text-delta"' in line:
+                        seen["last delta"] = time.monotonic()
+                    if line.startswith("data: "):
+                        chunks.append(line)
+                    if line == "data: [DONE]":
+                        seen["done"] = time.monotonic()
+            await blocker.rollback()
+        finally:
+            await conn.close()
+        assert not [c for c in chunks if '"data-title"' in c]  # not written: not announced
+        assert '"finishReason":"stop"' in chunks[-2]
+        # The end waited one second for the title, not the statement timeout (5 s).
+        gap = seen["done"] - seen["last delta"]
+        assert 1.0 <= gap < 2.5, gap
+
+        async def listed() -> str | None:
+            return await _listed_title(client, thread)
+
+        # Once the row is free the title lands.
+        assert await eventually(listed, lambda t: t is not None, within=10,
+                                what="the title after the lock") == "Plan a trip to Lisbon"
