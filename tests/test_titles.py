@@ -10,6 +10,7 @@ title is written before the stream ends; the reply itself is not held up.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ import pytest
 from gateway.turn.titles import TITLE_CHARS, clean_title, first_words
 from tests.fixtures_db import PG_HOST, PG_PORT, PG_USER, RoundTripProxy
 from tests.fixtures_server import GatewayServer, run_gateway
+from tests.js_support import require_chromium, run_node
 from tests.sse_client import Stream, stream_request, validate_ui_stream
 from tests.tracing import trace_turns
 from tests.waiting import eventually, gateway_idle
@@ -469,3 +471,24 @@ async def test_a_slow_title_write_does_not_hold_the_end_of_the_stream(
         # Once the row is free the title lands.
         assert await eventually(listed, lambda t: t is not None, within=10,
                                 what="the title after the lock") == "Plan a trip to Lisbon"
+
+
+@pytest.mark.browser
+async def test_the_page_shows_the_title_models_title_without_a_reload(
+    database_url: str,
+) -> None:
+    chromium = require_chromium()
+    slow = "scripted:tokens=2,delay_ms=300"  # lands after the reply: the page asks again
+    async with run_gateway(database_url, TURNGATE_TITLE_MODEL=slow) as gw:
+        out = await run_node("browser_title.mjs", json.dumps({
+            "url": gw.url, "key": gw.key, "chromium": chromium, "model": REPLY,
+            "text": "  Plan a   trip to Lisbon ", "expected": "w1 w2",
+        }), limit=60)
+        assert out["pageErrors"] == []
+        # The first words at once (the page's own), the model's title later, in the
+        # header and the sidebar; the chat was created untitled.
+        assert out["titleWhileStreaming"] == "Plan a trip to Lisbon"
+        assert out["titleLater"] == out["sidebar"] == "w1 w2"
+        row = await gw.store.get_thread(out["threadId"], gw.user_id)
+        assert row is not None and row.title == "w1 w2"
+        assert "POST /v1/threads" in out["requests"]
