@@ -19,13 +19,15 @@ import asyncpg
 import httpx
 import pytest
 
+from gateway.turn import titles
 from gateway.turn.titles import TITLE_CHARS, clean_title, first_words
+from persistence import Store
 from tests.fixtures_db import PG_HOST, PG_PORT, PG_USER, RoundTripProxy
 from tests.fixtures_server import GatewayServer, run_gateway
 from tests.js_support import require_chromium, run_node
 from tests.sse_client import Stream, stream_request, validate_ui_stream
 from tests.tracing import trace_turns
-from tests.waiting import eventually, gateway_idle
+from tests.waiting import Reading, eventually, gateway_idle, until
 
 pytestmark = pytest.mark.anyio
 
@@ -492,3 +494,73 @@ async def test_the_page_shows_the_title_models_title_without_a_reload(
         row = await gw.store.get_thread(out["threadId"], gw.user_id)
         assert row is not None and row.title == "w1 w2"
         assert "POST /v1/threads" in out["requests"]
+
+
+async def test_a_title_model_past_its_timeout_gives_way_to_the_first_words(
+    database_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(titles, "MODEL_TIMEOUT_SECONDS", 0.5)
+    hanging = "scripted:tokens=100,delay_ms=200"  # 20 s of title
+    async with run_gateway(database_url, TURNGATE_TITLE_MODEL=hanging) as gw, \
+            gw.client() as client:
+        thread = await gw.new_thread(client)
+        s = await _turn(client, thread, "t1", "Plan a trip to Lisbon")
+        assert s.chunks[-1]["finishReason"] == "stop"
+
+        async def listed() -> str | None:
+            return await _listed_title(client, thread)
+
+        assert await eventually(listed, lambda t: t is not None, within=10,
+                                what="the fallback title") == "Plan a trip to Lisbon"
+        [row] = [u for u in await _usage(client, thread) if u["usage_type"] == "title"]
+        # Cut after about two deltas: what it said is estimated, not lost.
+        assert row["estimated"] and 0 < row["completion_tokens"] < 100
+
+
+async def test_a_shutdown_during_the_title_call_still_books_its_tokens(
+    database_url: str,
+) -> None:
+    slow = "scripted:tokens=100,delay_ms=200,trace=tm"
+    async with run_gateway(database_url, TURNGATE_TITLE_MODEL=slow) as gw, \
+            gw.client() as client:
+        traces = trace_turns(gw)
+        thread = await gw.new_thread(client)
+        await _turn(client, thread, "t1", "Plan a trip to Lisbon")
+        user = gw.user_id
+        await until(lambda: "tm" in traces and traces["tm"].deltas_sent >= 2, within=10,
+                    what="the title call under way")
+    # The gateway has stopped (its task group cut the call): what was written?
+    async with Store(database_url) as store:
+        row = await store.get_thread(thread, user)
+        assert row is not None and row.title == "Plan a trip to Lisbon"
+        usage, _ = await store.list_usage(user, thread_id=thread)
+        [title_row] = [u for u in usage if u.usage_type == "title"]
+        assert title_row.estimated and title_row.message_id is None
+        assert 0 < title_row.completion_tokens < 100
+    assert traces["tm"].closed and not traces["tm"].finished
+
+
+async def test_while_draining_the_title_model_is_not_asked(database_url: str) -> None:
+    async with run_gateway(database_url, TURNGATE_TITLE_MODEL="scripted:tokens=2,trace=tm",
+                           TURNGATE_SHUTDOWN_GRACE_SECONDS="0.1") as gw, \
+            gw.client() as client:
+        traces = trace_turns(gw)
+        thread = await gw.new_thread(client)
+        reading = Reading()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: reading.run(
+                client, "POST", f"/v1/threads/{thread}/turns",
+                json={"turn_id": "t1", "text": "Plan a trip to Lisbon",
+                      "model": "scripted:tokens=200,delay_ms=50"}))
+            await reading.events_at_least(4)
+            gw.ctx.shutdown_event.set()  # what SIGTERM does: the drain begins
+        s = reading.stream
+        assert s is not None
+        validate_ui_stream(s)
+        assert s.chunks[-1]["finishReason"] == "other"  # interrupted by the drain
+        # The first words, at once and on the stream; no model call for it.
+        assert [c["data"]["title"] for c in _title_chunks(s)] == ["Plan a trip to Lisbon"]
+        await titles_settled(gw)
+        assert "tm" not in traces
+        row = await gw.store.get_thread(thread, gw.user_id)
+        assert row is not None and row.title == "Plan a trip to Lisbon"
