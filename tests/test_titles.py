@@ -558,6 +558,7 @@ async def test_while_draining_the_title_model_is_not_asked(database_url: str) ->
                 json={"turn_id": "t1", "text": "Plan a trip to Lisbon",
                       "model": "scripted:tokens=200,delay_ms=50"}))
             await reading.events_at_least(4)
+            assert gw.ctx.shutdown_event is not None
             gw.ctx.shutdown_event.set()  # what SIGTERM does: the drain begins
         s = reading.stream
         assert s is not None
