@@ -30,6 +30,7 @@ from gateway.streaming.relay import LocalRelay
 from gateway.streaming.responses import end_streams_at_shutdown
 from gateway.streaming.sse import StreamSet
 from gateway.turn.lifecycle import TurnRunner
+from gateway.turn.titles import Titler
 from gateway.turn.upkeep import maintain
 from llm_adapters.pricing import PriceTable
 from llm_adapters.registry import AdapterRegistry
@@ -123,6 +124,7 @@ def create_app(
         prices=prices,
         instance_id=instance_id,
     )
+    runner.titles = Titler(store, ctx.adapters, prices.cost_micros, settings.title_model)
 
     async def _drain_on_signal(event: anyio.Event) -> None:
         # The shutdown event is set as soon as SIGTERM arrives (by `turngate serve`'s

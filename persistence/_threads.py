@@ -7,9 +7,9 @@ import json
 import uuid
 from typing import Any
 
-from persistence._base import _iso, _load_json, _StoreBase, utcnow_text
+from persistence._base import _dump_json, _iso, _load_json, _StoreBase, utcnow_text
 from persistence._sql import Conn
-from persistence.rows import MessageRow, ThreadRow, TurnRows, UsageRow
+from persistence.rows import MessageRow, ThreadRow, TurnRows, UsageRecord, UsageRow
 from turngate.exceptions import PersistenceError
 
 _MAX_THREAD_ID = 200
@@ -19,6 +19,43 @@ _MESSAGE_COLUMNS = "id, thread_id, role, content, status, turn_id, created_at, u
 
 class ThreadIdTaken(PersistenceError):
     """A client-chosen thread id already belongs to another user."""
+
+
+# The thread is untitled and ``turn_id`` is its first turn, answered for the first time:
+# no message of another turn is older than the first message of that turn (the user row
+# of any later turn is newer), and no reply of it was regenerated away (a title the user
+# cleared is not given back by a regenerate).
+_UNTITLED_FIRST_TURN = (
+    "threads.id = :thread_id AND threads.owner_id = :owner_id AND threads.title IS NULL "
+    "AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.thread_id = :thread_id "
+    "AND (m.turn_id IS NULL OR m.turn_id <> :turn_id) AND m.id < "
+    "(SELECT min(f.id) FROM messages f WHERE f.thread_id = :thread_id "
+    "AND f.turn_id = :turn_id)) "
+    "AND NOT EXISTS (SELECT 1 FROM messages r WHERE r.thread_id = :thread_id "
+    "AND r.turn_id = :turn_id AND r.status = 'superseded')"
+)
+_SET_TITLE = (
+    "UPDATE threads SET title = :title WHERE " + _UNTITLED_FIRST_TURN + " RETURNING id"
+)
+# The title model's usage row: no message (``message_id`` NULL), its own ``usage_type``.
+_TITLE_USAGE_COLUMNS = (
+    "INSERT INTO token_usage (usage_type, prompt_tokens, completion_tokens, total_tokens, "
+    "cost_micros, model_breakdown, call_details, estimated, thread_id, message_id, "
+    "user_id, created_at) VALUES (:usage_type, :prompt_tokens, :completion_tokens, "
+    ":total_tokens, :cost_micros, "
+)
+_SQLITE_TITLE_USAGE = (
+    _TITLE_USAGE_COLUMNS + ":model_breakdown, :call_details, :estimated, :thread_id, NULL, "
+    ":owner_id, :now)"
+)
+# One statement on PostgreSQL: the usage row is written whether or not the title is.
+_PG_SET_TITLE_WITH_USAGE = (
+    "WITH titled AS (" + _SET_TITLE + "), usage AS ("
+    + _TITLE_USAGE_COLUMNS
+    + "CAST(:model_breakdown AS jsonb), CAST(:call_details AS jsonb), :estimated, "
+    ":thread_id, NULL, :owner_id, now()) RETURNING id) "
+    "SELECT (SELECT count(*) FROM titled) AS titled, (SELECT count(*) FROM usage) AS usage"
+)
 
 
 def _encode_cursor(*values: Any) -> str:
@@ -154,6 +191,60 @@ class _ThreadsMixin(_StoreBase):
             return (None, "not_found") if row is None else (_thread_row(row), "updated")
 
         return await self._write("rename_thread", op, thread_id=thread_id, owner_id=owner_id)
+
+    async def thread_needs_title(self, thread_id: str, owner_id: int, turn_id: str) -> bool:
+        """Whether the owner's thread is untitled and ``turn_id`` is its first turn (what
+        ``set_title_if_untitled`` requires), read before paying a model for a title."""
+        found = await self._run(
+            lambda c: c.fetch_val(
+                "SELECT 1 FROM threads WHERE " + _UNTITLED_FIRST_TURN,
+                {"thread_id": thread_id, "owner_id": owner_id, "turn_id": turn_id},
+            )
+        )
+        return found is not None
+
+    async def set_title_if_untitled(
+        self, thread_id: str, owner_id: int, turn_id: str, title: str,
+        *, usage: UsageRecord | None = None,
+    ) -> bool:
+        """Title the owner's thread after its first turn ``turn_id``, only if it is still
+        untitled (a title the user set meanwhile stays); True if this call set it.
+
+        ``updated_at`` is left alone: a title the gateway gives does not move the thread
+        in the list. ``usage``: the token usage of the call that made the title, stored
+        in the same transaction as its own ``token_usage`` row (``message_id`` NULL,
+        ``user_id`` the owner) whether or not the title is set, since it was paid for.
+        """
+        values: dict[str, Any] = {
+            "thread_id": thread_id, "owner_id": owner_id, "turn_id": turn_id, "title": title,
+        }
+        if usage is not None:
+            values |= {
+                "usage_type": usage.usage_type,
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "total_tokens": usage.total_tokens,
+                "cost_micros": usage.cost_micros,
+                "model_breakdown": _dump_json(usage.model_breakdown),
+                "call_details": _dump_json(usage.call_details),
+                "estimated": usage.estimated,
+            }
+
+        async def op(conn: Conn) -> tuple[bool, str]:
+            if usage is None:
+                titled = await conn.fetch_val(_SET_TITLE, values) is not None
+            elif self._is_pg:
+                row = await conn.fetch_one(_PG_SET_TITLE_WITH_USAGE, values)
+                titled = row is not None and int(row["titled"]) > 0
+            else:
+                # The writer runs this op in its own savepoint: both rows or neither.
+                titled = await conn.fetch_val(_SET_TITLE, values) is not None
+                await conn.execute(_SQLITE_TITLE_USAGE, values | {"now": utcnow_text()})
+            return titled, "updated" if titled else "kept"
+
+        return await self._write(
+            "set_title", op, thread_id=thread_id, owner_id=owner_id, turn_id=turn_id
+        )
 
     async def delete_thread(self, thread_id: str, owner_id: int) -> int | None:
         """Delete the owner's thread and its messages; the number of messages, None if

@@ -48,6 +48,9 @@ async def test_normal_reply(database_url: str) -> None:
                                     "isDisconnect": False, "isError": False,
                                     "finishReason": "stop"}]
         kinds = [p["type"] for p in assistant["parts"]]
+        # The chat's title came to onData as a transient part, not kept in the message.
+        assert out["data"] == [{"type": "data-title", "transient": True,
+                                "data": {"threadId": chat_id, "title": "one two three"}}]
         assert kinds == ["step-start", "reasoning", "tool-lookup", "text"], kinds
         tool = assistant["parts"][2]
         assert tool["state"] == "output-available"
@@ -56,7 +59,8 @@ async def test_normal_reply(database_url: str) -> None:
         assert usage["inputTokens"] == 3 and usage["outputTokens"] > 0
 
         # The database: the chat id is the thread, the SDK's message id is the turn id,
-        # and the assistant row id is the id the client now holds.
+        # and the assistant row id is the id the client now holds. The chat was created
+        # untitled; its first turn titled it before the stream ended.
         thread = await gw.store.get_thread(chat_id, gw.user_id)
         assert thread is not None and thread.title == "one two three"
         rows = await _rows(gw, chat_id)

@@ -14,6 +14,7 @@ import json
 
 import pytest
 
+from gateway.turn.titles import first_words
 from tests.fixtures_server import GatewayServer
 from tests.js_support import ARTIFACTS, require_chromium, run_node
 
@@ -78,8 +79,9 @@ async def test_chat_page_features_end_to_end(gateway: GatewayServer) -> None:
     # -- Markdown renders as such, while it streams and after --
     md = out["markdown"]
     assert out["headingWhileStreaming"] == "busy"
-    # the new chat's title shows as soon as the message is taken, not after the reply
-    assert out["titleWhileStreaming"] == " ".join(MARKDOWN.split())[:80]
+    # the new chat's title shows as soon as the message is taken, not after the reply:
+    # the page's first words, the same as the server's title after the first turn
+    assert out["titleWhileStreaming"] == first_words(MARKDOWN)
     assert md["h2"] == ["Plan for today"] and md["h3"] == ["Done"]
     assert md["li"][:2] == ["first item", "second item with boldnested item"]
     assert "nested item" in md["li"]

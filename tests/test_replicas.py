@@ -123,18 +123,21 @@ async def test_attach_resume_cancel_from_another_replica(pg_url: str, redis_url:
         for s in (full_a, attached):
             validate_ui_stream(s)
             assert s.text == _full(80)
-        # Attached on B: the very same events (ids and bytes) as the first client on A.
-        assert [(e.id, e.data) for e in attached.events] == [
-            (e.id, e.data) for e in full_a.events]
+        # Attached on B: the very same events (ids and bytes) as the first client on A,
+        # but for the new thread's title, which only readers on A get (it is transient).
+        kept_a = [e for e in full_a.events if not e.transient]
+        assert [e.chunk["type"] for e in full_a.events if e.transient and e.chunk] == [
+            "data-title"]
+        assert [(e.id, e.data) for e in attached.events] == [(e.id, e.data) for e in kept_a]
         # Resumed on B live from Last-Event-ID 5: the rest, none missing, none repeated.
         assert [(e.id, e.data) for e in resumed.events] == [
-            (e.id, e.data) for e in full_a.events[6:]]
+            (e.id, e.data) for e in kept_a[6:]]
         assert await _generations(procs) == 1
 
         # Resume on B after the end, from the relayed copy (same ids as live).
         after = await stream_request(b, "GET", f"{turns}/t1/stream",
                                      headers={"last-event-id": "10"})
-        assert [e.id for e in after.events] == [e.id for e in full_a.events[11:]]
+        assert [e.id for e in after.events] == [e.id for e in kept_a[11:]]
         assert (await _last_message(b, thread))["status"] == "complete"
 
         # Cancel on B a turn that A generates.

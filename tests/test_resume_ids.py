@@ -30,17 +30,19 @@ def _stored_reply(message: dict[str, object]) -> tuple[str, str]:
 async def _check_every_resume(
     client: httpx.AsyncClient, thread: str, turn: str, live: Stream
 ) -> None:
-    """Resume with every Last-Event-ID of ``live``: the stitched stream is ``live``."""
+    """Resume with every Last-Event-ID of ``live``: the stitched stream is ``live``
+    (without its transient chunks, which have no id and are never replayed)."""
     msgs = (await client.get(f"/v1/threads/{thread}/messages")).json()["messages"]
     stored_text, stored_reasoning = _stored_reply(msgs[-1])
     assert (stored_text, stored_reasoning) == (live.text, live.reasoning)
-    whole = [(e.id, e.data) for e in live.events]
+    kept = [e for e in live.events if not e.transient]
+    whole = [(e.id, e.data) for e in kept]
     url = f"/v1/threads/{thread}/turns/{turn}/stream"
-    for n, event in enumerate(live.events):
+    for n, event in enumerate(kept):
         assert event.id == str(n)
         rest = await stream_request(client, "GET", url, headers={"last-event-id": str(n)})
         assert rest.status == 200, n
-        stitched = Stream(200, live.headers, list(live.events[: n + 1]) + rest.events)
+        stitched = Stream(200, live.headers, list(kept[: n + 1]) + rest.events)
         assert [(e.id, e.data) for e in stitched.events] == whole, f"Last-Event-ID {n}"
         validate_ui_stream(stitched)
         assert (stitched.text, stitched.reasoning) == (stored_text, stored_reasoning)

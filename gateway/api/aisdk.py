@@ -51,8 +51,6 @@ from gateway.context import context
 from gateway.turn.tools import Answers
 from persistence import ThreadIdTaken
 
-_TITLE_CHARS = 80
-
 
 def _last_user_message(body: dict[str, Any]) -> dict[str, Any]:
     """The message to answer: the last user message of ``messages``, or ``message``."""
@@ -168,9 +166,9 @@ async def chat(request: Request) -> Response:
         ctx.settings,
     )
     if await ctx.store.get_thread(thread_id, user_id) is None:
-        title = " ".join(text.split())[:_TITLE_CHARS] or None
         try:
-            await ctx.store.create_thread(user_id, thread_id, title)
+            # Untitled: its first turn titles it (gateway.turn.titles).
+            await ctx.store.create_thread(user_id, thread_id)
         except ThreadIdTaken:
             raise not_found() from None
     return await start(ctx, user_id, thread_id, turn, started)

@@ -420,6 +420,8 @@
         case 'tool-output-available': view.toolOutput(chunk.toolCallId, chunk.output); break;
         case 'tool-output-error': view.toolOutput(chunk.toolCallId, chunk.errorText); break;
         case 'message-metadata': usage = chunk.messageMetadata?.usage ?? usage; break;
+        // The server titled a new chat (transient: sent once, never replayed).
+        case 'data-title': setTitle(chunk.data?.threadId, chunk.data?.title); break;
         case 'error':
           status = 'error';
           view.error(`The model could not finish this reply: ${chunk.errorText}`).scrollIntoView({ block: 'end' });
@@ -442,11 +444,46 @@
   let currentThread = localStorage.getItem(THREAD_STORE);
   let active = null; // {threadId, turnId, controller, state}
   const titles = new Map();
+  // A new chat's first words, shown until the server's title arrives (data-title, or
+  // the thread list): the server titles it after its first turn.
+  const provisional = new Map();
   const threadPath = id => `/v1/threads/${encodeURIComponent(id)}`;
+  const shownTitle = id => titles.get(id) || provisional.get(id) || 'Untitled chat';
+
+  // The server's rule for a title from the user's words: at most 80 characters, whole words.
+  function firstWords(text) {
+    const words = text.trim().split(/\s+/).filter(Boolean);
+    if (!words.length) return '';
+    let title = words[0].slice(0, 80);
+    for (const word of words.slice(1)) {
+      if (title.length + 1 + word.length > 80) break;
+      title += ` ${word}`;
+    }
+    return title;
+  }
 
   function showTitle() {
-    els.title.textContent = currentThread ? (titles.get(currentThread) || 'Untitled chat') : 'New chat';
+    els.title.textContent = currentThread ? shownTitle(currentThread) : 'New chat';
     els.renameThread.hidden = els.deleteThread.hidden = !currentThread;
+  }
+
+  function setTitle(threadId, title) {
+    if (typeof threadId !== 'string' || typeof title !== 'string' || !title) return;
+    titles.set(threadId, title);
+    for (const item of els.threads.querySelectorAll('button')) {
+      if (item.dataset.threadId === threadId) item.textContent = item.title = title;
+    }
+    if (threadId === currentThread) showTitle();
+  }
+
+  // A model's title comes after the reply: ask the list again a few times until it has one.
+  async function awaitTitle(threadId) {
+    for (const seconds of [1, 2, 3, 5, 8, 13]) {
+      if (titles.get(threadId)) return;
+      await new Promise(resolve => setTimeout(resolve, seconds * 1000));
+      if (active || !titles.has(threadId)) return;  // busy again, or the chat is gone
+      await loadThreads().catch(() => {});
+    }
   }
 
   async function loadThreads() {
@@ -455,8 +492,8 @@
     els.threads.textContent = '';
     for (const thread of threads) {
       titles.set(thread.id, thread.title);
-      const item = button(thread.id === currentThread ? 'active' : '', thread.title || 'Untitled chat');
-      item.title = thread.title || thread.id;
+      const item = button(thread.id === currentThread ? 'active' : '', shownTitle(thread.id));
+      item.title = thread.title || provisional.get(thread.id) || thread.id;
       item.dataset.threadId = thread.id;
       if (thread.id === currentThread) item.setAttribute('aria-current', 'page');
       item.addEventListener('click', () => { closeSidebar(); openThread(thread.id); });
@@ -622,10 +659,10 @@
     let created = false;
     if (!threadId) {
       try {
-        const title = text.trim().replace(/\s+/g, ' ').slice(0, 80);
-        const response = await api('/v1/threads', { method: 'POST', json: { title } });
+        // Untitled: the server titles it after this first turn.
+        const response = await api('/v1/threads', { method: 'POST', json: {} });
         threadId = (await response.json()).id;
-        titles.set(threadId, title);
+        provisional.set(threadId, firstWords(text));
         created = true;
       } catch (err) { showBanner(err.message); return; }
     }
@@ -654,7 +691,8 @@
       // Nothing of the message was stored: the new chat made for it goes too.
       await api(threadPath(threadId), { method: 'DELETE' }).catch(() => {});
     }
-    loadThreads().catch(() => {});
+    await loadThreads().catch(() => {});
+    if (created && outcome !== 'rejected') awaitTitle(threadId);
   }
 
   async function regenerate(turnId, view) {

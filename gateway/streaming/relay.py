@@ -59,6 +59,9 @@ class LiveTurn:
     # Serialises this turn's checkpoint/reclaim with its final write, so a reclaim
     # can never put a row back to ``streaming`` after its final write began.
     db_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    # Chunks for the readers following at the time only: ``(SSE id of the chunk they
+    # precede, chunk)``; they carry no SSE id and are never replayed (``publish_transient``).
+    transient: list[tuple[int, bytes]] = field(default_factory=list)
     _changed: anyio.Event = field(default_factory=anyio.Event)
     _joined: anyio.Event = field(default_factory=anyio.Event)
     _waiting: int = 0
@@ -78,6 +81,20 @@ class LiveTurn:
             self.overflowed = True
             self._drop_oldest(self.max_bytes // 2)
         self._wake()
+
+    def publish_transient(self, chunk: bytes) -> bool:
+        """Hand ``chunk`` (an SSE event without an id) to the readers following now.
+
+        It is not one of the turn's chunks: it takes no SSE id, so ids stay dense and
+        a resume with ``Last-Event-ID`` is unaffected, and a reader that attaches or
+        resumes later never gets it (``batches(transient=True)``). False, sending
+        nothing, once the turn has ended (its closing chunks went out).
+        """
+        if self.done:
+            return False
+        self.transient.append((self.next_id, chunk))
+        self._wake()
+        return True
 
     def _drop_oldest(self, keep_bytes: int) -> None:
         drop, size = 0, self.size
@@ -172,18 +189,31 @@ class LiveTurn:
             finally:
                 self._waiting -= 1
 
-    async def batches(self, after: int = -1) -> AsyncGenerator[tuple[int, list[bytes]], None]:
+    async def batches(
+        self, after: int = -1, *, transient: bool = False
+    ) -> AsyncGenerator[tuple[int, list[bytes]], None]:
         """Every chunk after SSE id ``after``, then live ones, until the turn ends, as
         ``(SSE id of the first chunk, chunks)``: chunks that are already there come in
         one batch, so a reader that falls behind catches up in one send.
 
+        ``transient``: also the transient chunks published from now on, each alone as
+        ``(-1, [chunk])``, in their place among the others (none published before).
         Ends early when the next chunk it needs was dropped (``max_bytes``).
         """
         index = after + 1
+        seen = len(self.transient)
         while True:
             if index < self.first_id:
                 return  # fell behind what is kept
             end = self.next_id
+            if transient and seen < len(self.transient):
+                before, chunk = self.transient[seen]
+                if index < before:  # the chunks it follows first
+                    yield index, self.events[index - self.first_id : before - self.first_id]
+                    index = before
+                seen += 1
+                yield -1, [chunk]
+                continue
             if index < end:
                 yield index, self.events[index - self.first_id : end - self.first_id]
                 index = end

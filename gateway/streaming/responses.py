@@ -76,9 +76,11 @@ async def end_streams_at_shutdown(event: anyio.Event, streams: StreamSet, after:
 async def follow_live(ctx: AppContext, live: LiveTurn, after: int = -1) -> AsyncIterator[bytes]:
     """Stream a live turn from SSE id ``after``.
 
-    The follower only reports: it joins, and on leaving says which chunk went out
-    last (``LiveTurn.reader_left``). What happens to a turn nobody reads any more
-    is decided by the lifecycle's disconnect policy (``TurnRunner.on_unread``).
+    It also gets the turn's transient chunks published while it follows
+    (``LiveTurn.publish_transient``). The follower only reports: it joins, and on
+    leaving says which chunk went out last (``LiveTurn.reader_left``). What happens
+    to a turn nobody reads any more is decided by the lifecycle's disconnect policy
+    (``TurnRunner.on_unread``).
     """
     live.reader_joined()
     ctx.metrics.active_streams.inc()
@@ -86,10 +88,11 @@ async def follow_live(ctx: AppContext, live: LiveTurn, after: int = -1) -> Async
     try:
         # aclosing: a departing reader must release the inner generator (and its
         # waiter count) at once, not whenever the garbage collector gets to it.
-        async with aclosing(live.batches(after)) as batches:
+        async with aclosing(live.batches(after, transient=True)) as batches:
             async for first, chunks in batches:
                 yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                delivered = first + len(chunks) - 1  # handed to the transport
+                if first >= 0:  # a transient chunk (-1) has no SSE id to report
+                    delivered = first + len(chunks) - 1  # handed to the transport
     finally:
         ctx.metrics.active_streams.dec()
         live.reader_left(delivered)

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from gateway.ops.settings import Settings
     from gateway.replicas.limits import SharedLimits
     from gateway.tools.servers import ToolHub
+    from gateway.turn.titles import Titler
     from llm_adapters.pricing import PriceTable
 
 logger = logging.getLogger("turngate.turns")
@@ -412,6 +413,7 @@ class TurnRunner:
         self.limits: SharedLimits | None = None
         # The MCP servers' tools (TURNGATE_MCP_CONFIG), started by the lifespan.
         self.tools: ToolHub | None = None
+        self.titles: Titler | None = None  # set by create_app: a new thread's title
         self.draining = False
         self._idle = anyio.Event()
         # Set when a drain's grace is over: final writes stop retrying (the process exits).
@@ -588,6 +590,8 @@ class TurnRunner:
                 self.metrics.turns_finalized.labels(status).inc()
             elif outcome == "failed":  # given up at shutdown: the row keeps its checkpoint
                 error_text = NOT_SAVED_ERROR
+            if self.titles is not None:  # a first turn titles its thread (before the end)
+                await self.titles.after_turn(self, live, steps.base, content)
             logger.info(
                 "turn_end thread_id=%s turn_id=%s message_id=%s status=%s tokens=%d "
                 "cost_micros=%d estimated=%s finalize=%s attempts=%d duration_ms=%.1f",

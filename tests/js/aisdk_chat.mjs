@@ -64,7 +64,7 @@ function droppingFetch(dropAfterBytes) {
 }
 
 function makeChat({ messages = [], dropAfterBytes } = {}) {
-  const events = { finishes: [], errors: [] };
+  const events = { finishes: [], errors: [], data: [] };
   const chat = new NodeChat({
     id: chatId,
     messages,
@@ -78,6 +78,8 @@ function makeChat({ messages = [], dropAfterBytes } = {}) {
       events.finishes.push({ messageId: message.id, isAbort, isDisconnect, isError, finishReason });
     },
     onError: error => { events.errors.push(String(error?.message ?? error)); },
+    // Data parts as useChat hands them to the app (transient ones only here).
+    onData: part => { events.data.push(part); },
   });
   return { chat, events };
 }
@@ -94,6 +96,7 @@ function report(chat, events, extra = {}) {
     lastText: textOf(chat.messages.at(-1)),
     finishes: events.finishes,
     errors: events.errors,
+    data: events.data,
     ...extra,
   };
 }

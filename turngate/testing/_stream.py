@@ -3,8 +3,8 @@
 ``parse_sse`` reads server-sent events the way the AI SDK's parser does
 (comments skipped, an event dispatched at a blank line). ``validate_ui_stream``
 enforces the chunk schema and ordering of the AI SDK "UI message stream", plus
-turngate's own rules: a numeric id on every event, strictly increasing, and
-``finish`` then ``[DONE]`` last.
+turngate's own rules: a numeric id on every event, strictly increasing (except a
+transient ``data-*`` chunk, which has no id), and ``finish`` then ``[DONE]`` last.
 """
 
 from __future__ import annotations
@@ -60,6 +60,15 @@ class SSEEvent:
     event: str | None = None
 
     @property
+    def transient(self) -> bool:
+        """Whether this is a transient ``data-*`` chunk: no SSE id, never replayed."""
+        if self.id is not None or not self.data.startswith("{"):
+            return False
+        chunk = json.loads(self.data)
+        return (isinstance(chunk, dict) and str(chunk.get("type")).startswith("data-")
+                and chunk.get("transient") is True)
+
+    @property
     def chunk(self) -> dict[str, Any] | None:
         """The JSON chunk (``None`` for the final ``[DONE]``)."""
         if self.data == "[DONE]":
@@ -99,8 +108,10 @@ class Stream:
 
     @property
     def last_id(self) -> int:
-        """The id of the last event read (what ``Last-Event-ID`` resumes from), or -1."""
-        return int(self.events[-1].id) if self.events and self.events[-1].id else -1
+        """The id of the last event read that has one (what ``Last-Event-ID`` resumes
+        from, as a browser keeps it across events without an id), or -1."""
+        ids = [e.id for e in self.events if e.id]
+        return int(ids[-1]) if ids else -1
 
     @property
     def done(self) -> bool:
@@ -186,7 +197,7 @@ def validate_ui_stream(
            "text/event-stream")
     header = stream.headers.get("x-vercel-ai-ui-message-stream")
     _check(header == "v1", f"x-vercel-ai-ui-message-stream is {header!r}; expected 'v1'")
-    ids = [e.id for e in stream.events]
+    ids = [e.id for e in stream.events if not e.transient]
     _check(all(i is not None and i.isdigit() for i in ids), f"event without numeric id: {ids}")
     nums = [int(i) for i in ids if i is not None]
     _check(nums == sorted(nums) and len(set(nums)) == len(nums),

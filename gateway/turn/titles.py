@@ -1,0 +1,307 @@
+"""A new thread's title, given after its first turn without delaying the reply.
+
+``Titler.after_turn`` is called by the lifecycle once a turn's row is final, before
+its closing chunks. For a thread's first turn (its request has no earlier
+messages) it titles the thread:
+
+- with ``TURNGATE_TITLE_MODEL`` set: that model is asked for a short title from the
+  user's text and the start of the reply, in a task of the app's task group (the
+  stream ends without waiting for it); its tokens are stored as their own
+  ``token_usage`` row (``usage_type`` ``"title"``, ``message_id`` NULL), also when the
+  call fails or the title is not used. A failing model falls back to the first words.
+- else: the first words of the user's text (of the reply when the message had no
+  text), written at once; the stream's end waits for that write at most
+  ``FALLBACK_WAIT_SECONDS``.
+
+The write is conditional (``Store.set_title_if_untitled``): only an untitled thread
+whose first turn this is gets a title, so a title the user set meanwhile wins. A title
+written while the turn's stream is still open goes to its readers as a transient
+``data-title`` chunk (no SSE id, never replayed) before ``finish``; the thread list
+returns it in any case.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import aclosing
+from typing import TYPE_CHECKING
+
+import anyio
+
+from gateway.turn.accumulator import ContentBuilder, CostFn, TurnUsage, estimate_tokens
+from llm_adapters.base import AdapterRequest, ChatMessage
+from llm_adapters.events import TextDelta, Usage
+from llm_adapters.registry import AdapterRegistry, parse_model
+from persistence import Store, UsageRecord
+from turngate.exceptions import PersistenceError, UpstreamError
+
+if TYPE_CHECKING:
+    from gateway.streaming.relay import LiveTurn
+    from gateway.turn.lifecycle import TurnRunner
+
+logger = logging.getLogger("turngate.titles")
+
+#: The longest title the gateway gives (the user may set up to 500 characters).
+TITLE_CHARS = 80
+#: How long the stream's end waits for a first-words title to be written.
+FALLBACK_WAIT_SECONDS = 1.0
+#: How long the title model may take before its title is given up (first words instead).
+MODEL_TIMEOUT_SECONDS = 30.0
+#: How much of the conversation the title model reads, and how much of its answer.
+PROMPT_USER_CHARS = 2000
+PROMPT_REPLY_CHARS = 1000
+ANSWER_CHARS = 300
+#: How long a shutdown waits for the usage row of a title call it cut short.
+SHUTDOWN_WRITE_SECONDS = 5.0
+#: Attempts at the write that carries the title model's usage row (it was paid for).
+USAGE_WRITE_ATTEMPTS = 3
+
+TITLE_INSTRUCTIONS = (
+    "You name chat conversations. Reply with a title of at most six words for the "
+    "conversation below, in the language of the user's message: only the title, "
+    "without quotes or a final period."
+)
+
+
+def first_words(text: str, limit: int = TITLE_CHARS) -> str | None:
+    """The first words of ``text``, whitespace collapsed, at most ``limit`` characters
+    (cut at a word boundary; a first word longer than that is cut); None if blank."""
+    words = text.split()
+    if not words:
+        return None
+    title = words[0][:limit]
+    for word in words[1:]:
+        if len(title) + 1 + len(word) > limit:
+            break
+        title += " " + word
+    return title
+
+
+def clean_title(answer: str) -> str | None:
+    """A model's answer as a title: its first non-blank line without a ``Title:``
+    label, Markdown emphasis or heading marks, surrounding quotes and a final period,
+    then ``first_words``. None if nothing is left."""
+    line = next((ln for ln in answer.splitlines() if ln.strip()), "")
+    line = line.strip().lstrip("#").strip()
+    if line.lower().startswith("title:"):
+        line = line[len("title:"):]
+    wrapping = "*_`\"'“”‘’«» "
+    while True:  # "**\"Title\".**" → Title: marks and a final period, in any order
+        stripped = line.strip(wrapping).rstrip(".")
+        if stripped == line:
+            return first_words(line)
+        line = stripped
+
+
+def title_chunk(thread_id: str, title: str) -> bytes:
+    """The transient ``data-title`` chunk: an SSE event without an id."""
+    chunk = {"type": "data-title", "data": {"threadId": thread_id, "title": title},
+             "transient": True}
+    return b"data: %s\n\n" % json.dumps(
+        chunk, separators=(",", ":"), ensure_ascii=False
+    ).encode()
+
+
+def _prompt(user_text: str, reply_text: str) -> str:
+    prompt = f"User:\n{user_text[:PROMPT_USER_CHARS]}"
+    if reply_text.strip():
+        prompt += f"\n\nAssistant:\n{reply_text[:PROMPT_REPLY_CHARS]}"
+    return prompt
+
+
+def _reply_text(content: ContentBuilder) -> str:
+    return "\n\n".join(
+        p["text"] for p in content.snapshot()
+        if p.get("type") == "text" and isinstance(p.get("text"), str)
+    )
+
+
+class Titler:
+    """Titles threads after their first turn; one per app, on its ``TurnRunner``."""
+
+    def __init__(
+        self, store: Store, adapters: AdapterRegistry, cost: CostFn, model: str | None
+    ) -> None:
+        self.store = store
+        self.adapters = adapters
+        self.cost = cost
+        self.model = model  # TURNGATE_TITLE_MODEL, "<adapter>:<model>"
+
+    async def after_turn(
+        self, runner: TurnRunner, live: LiveTurn, request: AdapterRequest,
+        content: ContentBuilder,
+    ) -> None:
+        """Title the thread if ``request`` was its first turn. Never raises.
+
+        Called after the turn's final write, before its closing chunks: a title
+        written before they go out is sent ahead of them (``data-title``).
+        """
+        try:
+            users = [m for m in request.messages if m.role == "user"]
+            if len(users) != 1 or runner.task_group is None:
+                return  # earlier turns in the history: not the first turn
+            user_text, reply_text = users[0].text, _reply_text(content)
+            fallback = first_words(user_text) or first_words(reply_text)
+            if fallback is None:
+                return  # no text on either side: nothing to title it with
+            written = anyio.Event()
+            # The model is not asked during a shutdown: its task would be cut short.
+            model = self.model if not runner.draining else None
+            runner.task_group.start_soon(
+                self._title, live, user_text, reply_text, fallback, model, written
+            )
+            if model is None:
+                with anyio.move_on_after(FALLBACK_WAIT_SECONDS):
+                    await written.wait()
+        except Exception:
+            logger.exception("title_failed thread_id=%s", live.thread_id)
+
+    async def _title(
+        self, live: LiveTurn, user_text: str, reply_text: str, fallback: str,
+        model: str | None, written: anyio.Event,
+    ) -> None:
+        """Make the title, write it if the thread is still untitled, tell the readers."""
+        try:
+            title, source, usage = fallback, "first_words", None
+            if model is not None:
+                if not await self.store.thread_needs_title(
+                    live.thread_id, live.owner_id, live.turn_id
+                ):
+                    return  # titled already (by its creator or the user): pay nothing
+                call = _ModelCall(model, _prompt(user_text, reply_text), TurnUsage(self.cost))
+                try:
+                    answer = await self._ask(call, live)
+                except anyio.get_cancelled_exc_class():
+                    # Shutdown: the tokens spent so far are still booked (estimated).
+                    with anyio.move_on_after(SHUTDOWN_WRITE_SECONDS, shield=True):
+                        await self._write(live, fallback, call.record(), attempts=1)
+                    raise
+                usage = call.record()
+                if answer is not None:
+                    title, source = answer, "model"
+            if await self._write(live, title, usage):
+                logger.info(
+                    "thread_titled thread_id=%s source=%s", live.thread_id, source,
+                    extra={"event": "thread_titled", "thread_id": live.thread_id,
+                           "turn_id": live.turn_id, "source": source},
+                )
+                live.publish_transient(title_chunk(live.thread_id, title))
+        except Exception:
+            logger.exception("title_failed thread_id=%s", live.thread_id)
+        finally:
+            written.set()
+
+    async def _write(
+        self, live: LiveTurn, title: str, usage: UsageRecord | None, attempts: int = 0
+    ) -> bool:
+        """The conditional title write; retried while it carries a usage row."""
+        attempts = attempts or (USAGE_WRITE_ATTEMPTS if usage is not None else 1)
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self.store.set_title_if_untitled(
+                    live.thread_id, live.owner_id, live.turn_id, title, usage=usage
+                )
+            except PersistenceError as exc:
+                if attempt == attempts:
+                    tokens = usage.total_tokens if usage else 0
+                    cost = usage.cost_micros if usage else 0
+                    logger.warning(
+                        "title_write_failed thread_id=%s tokens=%d cost_micros=%d: %s",
+                        live.thread_id, tokens, cost, exc,
+                        extra={"event": "title_write_failed", "thread_id": live.thread_id,
+                               "total_tokens": tokens, "cost_micros": cost},
+                    )
+                    return False
+                await anyio.sleep(0.5 * attempt)
+        return False
+
+    async def _ask(self, call: _ModelCall, live: LiveTurn) -> str | None:
+        """The title model's answer, cleaned; None if it failed or said nothing usable.
+
+        Its usage is collected in ``call``, whatever happens.
+        """
+        name, model = parse_model(call.model_string)
+        try:
+            adapter = self.adapters.get(name)
+            validate = getattr(adapter, "validate_model", None)
+            if validate is not None:
+                validate(model)
+        except Exception as exc:
+            call.unsent = True
+            logger.warning(
+                "title_model_unusable model=%s: %s", call.model_string, exc,
+                extra={"event": "title_model_unusable", "model": call.model_string},
+            )
+            return None
+        request = AdapterRequest(
+            model=model,
+            messages=[ChatMessage("user", [{"type": "text", "text": call.prompt}])],
+            options={"system": TITLE_INSTRUCTIONS},
+        )
+        error = ""
+        try:
+            with anyio.fail_after(MODEL_TIMEOUT_SECONDS):
+                async with aclosing(adapter.stream(request)) as events:
+                    async for event in events:
+                        if type(event) is Usage:
+                            call.usage.add(event)
+                        elif isinstance(event, TextDelta):
+                            call.pieces.append(event.text)
+                            if sum(map(len, call.pieces)) > ANSWER_CHARS:
+                                break  # a title is short; closing stops the tokens
+            return clean_title("".join(call.pieces))
+        except UpstreamError as exc:
+            call.usage.failed(exc)
+            error = type(exc).__name__
+        except TimeoutError:
+            error = "timeout"
+        except Exception as exc:
+            logger.exception("title_model_crashed model=%s", call.model_string)
+            error = type(exc).__name__
+        logger.warning(
+            "title_model_failed thread_id=%s model=%s error=%s", live.thread_id,
+            call.model_string, error,
+            extra={"event": "title_model_failed", "thread_id": live.thread_id,
+                   "model": call.model_string, "error": error},
+        )
+        return None
+
+
+class _ModelCall:
+    """One call of the title model: its prompt, what it answered, its usage."""
+
+    def __init__(self, model_string: str, prompt: str, usage: TurnUsage) -> None:
+        self.model_string = model_string
+        self.prompt = prompt
+        self.usage = usage
+        self.pieces: list[str] = []
+        self.unsent = False  # the adapter could not even be loaded: nothing was spent
+
+    def record(self) -> UsageRecord | None:
+        """The usage row of the call: what the provider reported, the rest estimated."""
+        if self.unsent:
+            return None
+        name, model = parse_model(self.model_string)
+        self.usage.settle(
+            f"{name}:{model}" if model else name,
+            estimate_tokens(len(TITLE_INSTRUCTIONS) + len(self.prompt)),
+            estimate_tokens(sum(map(len, self.pieces))),
+        )
+        usage = self.usage
+        return UsageRecord(
+            usage_type="title",
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+            cost_micros=usage.cost_micros,
+            model_breakdown=usage.model_breakdown(),
+            call_details=usage.call_details(),
+            estimated=usage.estimated,
+        )
+
+
+__all__ = [
+    "FALLBACK_WAIT_SECONDS", "MODEL_TIMEOUT_SECONDS", "TITLE_CHARS", "TITLE_INSTRUCTIONS",
+    "Titler", "clean_title", "first_words", "title_chunk",
+]
