@@ -37,7 +37,7 @@ import orjson
 from httpx_aiohttp import AiohttpTransport
 
 from llm_adapters._sse import SSEDecoder, SSEEvent
-from llm_adapters.base import BaseAdapter
+from llm_adapters.base import BaseAdapter, ProviderConfig
 from turngate.exceptions import (
     UpstreamConnectError,
     UpstreamError,
@@ -140,23 +140,36 @@ class HTTPAdapter(BaseAdapter):
     api_key_env = ""
     default_base_url = ""
 
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, env: Mapping[str, str] | None = None, config: ProviderConfig | None = None
+    ) -> None:
+        """``config``: the endpoint and key to use (the gateway passes its validated
+        settings); without it they are read from ``env`` as the provider's SDK reads them."""
         super().__init__(env)
         self._client: httpx.AsyncClient | None = None
-        base = (self.env.get(self.base_url_env) or "").strip() or self.default_base_url
-        self.base_url = base.rstrip("/")
-        self.api_key = (self.env.get(self.api_key_env) or "").strip()
+        self._transport: httpx.AsyncBaseTransport | None = None
+        if config is None:
+            config = ProviderConfig(
+                (self.env.get(self.base_url_env) or "").strip(),
+                (self.env.get(self.api_key_env) or "").strip(),
+            )
+        self.base_url = (config.base_url.strip() or self.default_base_url).rstrip("/")
+        self.api_key = config.api_key.strip()
+        self._key_required = self._needs_key()
 
-    @property
-    def key_required(self) -> bool:
-        """An API key is needed on the provider's own endpoint; local and
-        self-hosted OpenAI/Anthropic-compatible servers may need none."""
+    def _needs_key(self) -> bool:
         if not self.api_key_env or not self.default_base_url:
             return False
         try:
             return httpx.URL(self.base_url).host == httpx.URL(self.default_base_url).host
         except httpx.InvalidURL:
             return False
+
+    @property
+    def key_required(self) -> bool:
+        """An API key is needed on the provider's own endpoint; local and
+        self-hosted OpenAI/Anthropic-compatible servers may need none."""
+        return self._key_required
 
     def check_configured(self) -> None:
         """Raise ``UpstreamNotConfigured`` if a call could only fail for want of a key."""
@@ -171,18 +184,26 @@ class HTTPAdapter(BaseAdapter):
         return (self.api_key,) if self.api_key else ()
 
     def _get_client(self) -> httpx.AsyncClient:
+        """The adapter's client (its pool of upstream connections), made on first use."""
         if self._client is None or self._client.is_closed:
             # httpx's API on aiohttp's connections: aiohttp parses HTTP in C and hands
-            # over what one network read brought, where httpx's own transport goes
-            # through h11 and several async generators for every HTTP chunk (10x the
-            # CPU per streamed chunk, bench/README.md).
+            # over what one network read brought, where httpx's own transport runs h11
+            # and several async generators for every HTTP chunk (BENCHMARKS.md).
+            self._transport = AiohttpTransport(limits=self.limits)
             self._client = httpx.AsyncClient(
-                transport=AiohttpTransport(limits=self.limits),
+                transport=self._transport,
                 timeout=self.timeout,
                 limits=self.limits,
                 follow_redirects=False,
             )
         return self._client
+
+    def _get_transport(self) -> httpx.AsyncBaseTransport:
+        """The client's transport: a streamed turn is sent on it directly, since it needs
+        none of the client's layers (auth flows, redirects, cookies, URL merging)."""
+        self._get_client()
+        assert self._transport is not None
+        return self._transport
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
@@ -229,7 +250,7 @@ class HTTPAdapter(BaseAdapter):
         the next turn instead of being closed.
         """
         self.check_configured()
-        client = self._get_client()
+        transport = self._get_transport()
         payload = dumps(body)
         send_headers = {
             **headers,
@@ -239,8 +260,12 @@ class HTTPAdapter(BaseAdapter):
         yielded = False
         for attempt in (1, 2):
             try:
-                request = client.stream("POST", url, content=payload, headers=send_headers)
-                async with request as resp:
+                request = httpx.Request(
+                    "POST", url, content=payload, headers=send_headers,
+                    extensions={"timeout": self.timeout.as_dict()},
+                )
+                resp = await transport.handle_async_request(request)
+                try:
                     if resp.status_code >= 400:
                         error = await self._status_error(resp)
                         if attempt == 1 and error.retryable:
@@ -265,9 +290,12 @@ class HTTPAdapter(BaseAdapter):
                                 continue
                             for i, event in enumerate(events):
                                 if last(event):
+                                    if i:  # what came before it, without waiting
+                                        yielded = True
+                                        yield events[:i]
                                     await _drain(chunks)
                                     yielded = True
-                                    yield events[: i + 1]
+                                    yield [event]
                                     return
                             yielded = True
                             yield events
@@ -275,6 +303,8 @@ class HTTPAdapter(BaseAdapter):
                     if events:
                         yield events
                     return
+                finally:
+                    await resp.aclose()
             except UpstreamError:
                 raise
             except Exception as exc:

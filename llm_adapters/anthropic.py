@@ -21,10 +21,12 @@ it): once a stop reason was seen the turn finishes normally at EOF.
 Prompt tokens are ``input_tokens`` plus the cache-creation and cache-read input
 tokens, so that everything the provider processed is counted.
 
-Settings, read as the Anthropic SDK reads them: ``ANTHROPIC_BASE_URL`` (no
-``/v1``; default ``https://api.anthropic.com``) and ``ANTHROPIC_API_KEY`` (sent as
-``x-api-key``). ``request.options`` may carry ``max_tokens`` (default 4096),
-``system`` and the parameters in ``PASSTHROUGH_OPTIONS``.
+Settings: a :class:`~llm_adapters.base.ProviderConfig` (the gateway passes the
+``ANTHROPIC_BASE_URL`` and ``ANTHROPIC_API_KEY`` its settings validated); without
+one they are read from the environment mapping as the Anthropic SDK reads them:
+``ANTHROPIC_BASE_URL`` (no ``/v1``; default ``https://api.anthropic.com``) and
+``ANTHROPIC_API_KEY`` (sent as ``x-api-key``). ``request.options`` may carry
+``max_tokens`` (default 4096), ``system`` and the parameters in ``PASSTHROUGH_OPTIONS``.
 """
 
 from __future__ import annotations

@@ -17,10 +17,12 @@ DeepSeek as they really stream (the cases: ``tests/fixtures/streams/README.md``)
   top-level ``error`` object (OpenRouter; its usage is yielded before raising)
   and an ``event: error`` frame (Groq) both raise ``UpstreamProtocolError``.
 
-Settings, read as the OpenAI SDK reads them: ``OPENAI_BASE_URL`` (includes
-``/v1``; default ``https://api.openai.com/v1``) and ``OPENAI_API_KEY``
-(optional: local servers need none). ``request.options`` may carry ``system``
-and the usual sampling parameters (see ``PASSTHROUGH_OPTIONS``).
+Settings: a :class:`~llm_adapters.base.ProviderConfig` (the gateway passes the
+``OPENAI_BASE_URL`` and ``OPENAI_API_KEY`` its settings validated); without one
+they are read from the environment mapping as the OpenAI SDK reads them:
+``OPENAI_BASE_URL`` (includes ``/v1``; default ``https://api.openai.com/v1``) and
+``OPENAI_API_KEY`` (optional: local servers need none). ``request.options`` may
+carry ``system`` and the usual sampling parameters (see ``PASSTHROUGH_OPTIONS``).
 """
 
 from __future__ import annotations
