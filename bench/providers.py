@@ -82,6 +82,7 @@ PG_DB = "turngate_providers"
 PG_URL = f"postgresql://postgres@127.0.0.1:5432/{PG_DB}"
 LITELLM_VENV = ROOT / "bench" / ".litellm-venv"
 TOKEN = b"Zq"
+LITELLM_KEY = "sk-bench-" + uuid.uuid4().hex
 
 # --------------------------------------------------------------------------- processes
 
@@ -203,8 +204,10 @@ def start_litellm(upstream: int, models: list[str], logdir: Path) -> Proc:
               "general_settings:", "  disable_spend_logs: true"]
     cfg.write_text("\n".join(lines) + "\n")
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    # The proxy refuses to start without a master key; with no database it is checked
+    # in memory on each request.
     env.update({"LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False",
-                "DISABLE_ADMIN_UI": "True"})
+                "DISABLE_ADMIN_UI": "True", "LITELLM_MASTER_KEY": LITELLM_KEY})
     cmd = [str(exe), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
            "--num_workers", "1"]
     return _spawn("litellm", cmd, env, logdir, port, b"/health/liveliness", timeout=180)
@@ -249,9 +252,14 @@ def _post(path: bytes, body: dict[str, Any], extra: bytes = b"") -> bytes:
             % (path, extra, len(raw), raw))
 
 
-def openai_request(model: str, _thread: str) -> bytes:
+def openai_request(model: str, _thread: str, extra: bytes = b"") -> bytes:
     return _post(b"/v1/chat/completions", {
-        "model": model, "stream": True, "messages": [{"role": "user", "content": "hello there"}]})
+        "model": model, "stream": True, "messages": [{"role": "user", "content": "hello there"}]},
+        extra)
+
+
+def litellm_request(model: str, thread: str) -> bytes:
+    return openai_request(model, thread, b"Authorization: Bearer %s\r\n" % LITELLM_KEY.encode())
 
 
 def anthropic_request(model: str, _thread: str) -> bytes:
@@ -584,7 +592,7 @@ async def amain(args: argparse.Namespace) -> None:
                     p = start_litellm(fake.port, models, logdir)
                     procs.append(p)
                     res["litellm_version"] = litellm_version()
-                    targets[name] = Target(name, p.port, openai_request, b"data: [DONE]",
+                    targets[name] = Target(name, p.port, litellm_request, b"data: [DONE]",
                                            proc=p)
                 elif name.startswith("turngate"):
                     tree = before if name.endswith("-before") else None

@@ -14,7 +14,7 @@ import anyio
 import httpx
 import pytest
 
-from llm_adapters._http import DRAIN_SECONDS
+from llm_adapters._http import DRAIN_BYTES, DRAIN_SECONDS
 from llm_adapters.base import AdapterRequest, ChatMessage
 from llm_adapters.events import (
     Finish,
@@ -509,3 +509,17 @@ async def test_done_on_a_connection_held_open_finishes_within_the_drain_bound() 
     assert DRAIN_SECONDS <= took < DRAIN_SECONDS + 0.5
     assert second.error is None
     assert fake.requests[1].connection != fake.requests[0].connection
+
+
+async def test_more_than_drain_bytes_after_done_is_not_waited_for() -> None:
+    """What follows ``[DONE]`` is read up to ``DRAIN_BYTES``, no further: an upstream
+    that sends more and holds the connection open does not delay the finish."""
+    tail = b": " + b"x" * (4 * DRAIN_BYTES) + b"\n\n"  # more than one read holds
+    async with FakeUpstream() as fake:
+        fake.enqueue(FakeResponse.sse(TEXT.body() + tail, delay=0.0, hold_open=True))
+        async with adapter_for(fake) as adapter:
+            started = time.monotonic()
+            run = await run_adapter(adapter, request())
+            took = time.monotonic() - started
+    assert run.error is None and run.events[-1] == Finish("stop")
+    assert took < DRAIN_SECONDS
