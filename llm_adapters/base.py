@@ -87,10 +87,13 @@ class AdapterRequest:
 
 
 def _answered(part: dict[str, Any]) -> bool:
-    """A tool call with its answer (a result or an error), which providers accept."""
+    """A tool call with its answer (a result or an error), which providers accept.
+    A call the provider ran itself (``providerExecuted``) is not one: the provider
+    does not take its own server tools' calls back as client tool calls."""
     return (
         part.get("type") == "tool-call"
         and bool(part.get("toolCallId"))
+        and not part.get("providerExecuted")
         and ("result" in part or isinstance(part.get("errorText"), str))
     )
 
@@ -98,7 +101,8 @@ def _answered(part: dict[str, Any]) -> bool:
 def assistant_steps(parts: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
     """An assistant message as the model produced it, one ``(text, answered calls)``
     per step: a text part after a tool call starts the next step. Calls without an
-    answer are left out (the providers reject a call without its answer)."""
+    answer, and calls the provider ran itself, are left out (the providers reject
+    a call without its answer)."""
     steps: list[tuple[list[str], list[dict[str, Any]]]] = [([], [])]
     for part in parts:
         kind = part.get("type")

@@ -221,6 +221,20 @@ def test_anthropic_next_user_turn_joins_the_tool_results() -> None:
     ]
 
 
+def test_provider_executed_calls_stay_out_of_the_history() -> None:
+    # A call the provider ran itself (an Anthropic server tool) is not sent back as
+    # a client tool call: the texts around it form one assistant message.
+    served = ChatMessage("assistant", [
+        {"type": "text", "text": "Searching."},
+        {"type": "tool-call", "toolCallId": "srvtoolu_1", "toolName": "web_search",
+         "args": {"q": "x"}, "result": [{"url": "u"}], "providerExecuted": True},
+        {"type": "text", "text": "Found it."}])
+    history = [user("first"), served, user("second")]
+    expected_text = "Searching.\n\nFound it."
+    assert to_anthropic_messages(history)[1] == {"role": "assistant", "content": expected_text}
+    assert to_openai_messages(history)[1] == {"role": "assistant", "content": expected_text}
+
+
 async def test_tools_join_raw_option_tools() -> None:
     raw = {"type": "function", "function": {"name": "raw", "parameters": {"type": "object"}}}
     async with FakeUpstream() as fake:

@@ -106,7 +106,11 @@ class ContentBuilder:
         elif isinstance(event, ToolResult):
             tool = self._tools.get(event.id)
             if tool is not None:
+                # A result from the adapter was produced by the provider itself
+                # (e.g. Anthropic's server tools): the provider keeps it, so the
+                # history sent back leaves the call out (assistant_steps).
                 tool["result"] = event.result
+                tool["providerExecuted"] = True
 
     @property
     def version(self) -> int:
