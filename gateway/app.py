@@ -32,6 +32,7 @@ from gateway.streaming.sse import StreamSet
 from gateway.turn.lifecycle import TurnRunner
 from gateway.turn.titles import Titler
 from gateway.turn.upkeep import maintain
+from llm_adapters.base import ProviderConfig
 from llm_adapters.pricing import PriceTable
 from llm_adapters.registry import AdapterRegistry
 from persistence import Store, migrate, schema_status
@@ -95,6 +96,16 @@ async def prepare_database(settings: Settings) -> None:
         )
 
 
+def provider_configs(settings: Settings) -> dict[str, ProviderConfig]:
+    """The endpoint and key of each built-in HTTP adapter, from the validated settings."""
+    return {
+        "openai": ProviderConfig(settings.openai_base_url, settings.openai_api_key or ""),
+        "anthropic": ProviderConfig(
+            settings.anthropic_base_url, settings.anthropic_api_key or ""
+        ),
+    }
+
+
 def create_app(
     settings: Settings | None = None, *, migrate_sqlite: bool = True, prepared: bool = False
 ) -> Starlette:
@@ -117,7 +128,7 @@ def create_app(
     ctx = AppContext(
         settings=settings,
         store=store,
-        adapters=AdapterRegistry(settings.environ),
+        adapters=AdapterRegistry(settings.environ, provider_configs(settings)),
         relay=relay,
         runner=runner,
         metrics=metrics,

@@ -3,7 +3,7 @@
 This package knows nothing of ``gateway`` or ``persistence``.
 """
 
-from llm_adapters.base import Adapter, AdapterRequest, BaseAdapter, ChatMessage
+from llm_adapters.base import Adapter, AdapterRequest, BaseAdapter, ChatMessage, ProviderConfig
 from llm_adapters.events import (
     AdapterEvent,
     Finish,
@@ -29,6 +29,7 @@ __all__ = [
     "ChatMessage",
     "Finish",
     "FinishReason",
+    "ProviderConfig",
     "ReasoningDelta",
     "TextDelta",
     "ToolCallDelta",

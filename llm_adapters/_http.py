@@ -1,9 +1,11 @@
 """What the HTTP adapters share: one lazy ``httpx.AsyncClient``, error mapping, retry.
 
-:meth:`HTTPAdapter._sse_events` posts a JSON body and yields the response's
-server-sent events. It runs inside ``async with client.stream(...)``, so closing
-the generator (``aclose()`` or cancellation) closes the upstream connection at
-once. Failures become the :class:`~turngate.exceptions.UpstreamError` tree:
+:meth:`HTTPAdapter._sse_batches` posts a JSON body and yields the response's
+server-sent events, those of one network read together. It runs inside ``async
+with client.stream(...)``, so closing the generator (``aclose()`` or cancellation)
+before the last event closes the upstream connection at once; an answer read to its
+last event is read to its end, so its connection is reused. Failures become the
+:class:`~turngate.exceptions.UpstreamError` tree:
 
 - no API key where the provider's own endpoint needs one -> ``UpstreamNotConfigured``
   naming the variable, before anything is sent;
@@ -24,15 +26,18 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing
-from typing import Any
+from typing import Any, cast
 
+import aiohttp
 import anyio
 import httpx
+import orjson
+from httpx_aiohttp import AiohttpTransport
 
-from llm_adapters._sse import SSEEvent, aiter_sse
-from llm_adapters.base import BaseAdapter
+from llm_adapters._sse import SSEDecoder, SSEEvent
+from llm_adapters.base import BaseAdapter, ProviderConfig
 from turngate.exceptions import (
     UpstreamConnectError,
     UpstreamError,
@@ -46,6 +51,10 @@ logger = logging.getLogger("turngate.adapters")
 
 #: How much of an error body is read to find the provider's error type.
 MAX_ERROR_BODY = 64 * 1024
+#: After the last event, how long and how much of the rest of an answer is read so
+#: that its connection can be reused.
+DRAIN_SECONDS = 0.25
+DRAIN_BYTES = 64 * 1024
 
 _SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
@@ -94,9 +103,18 @@ def as_int(value: Any) -> int | None:
 def loads(data: str, provider: str) -> Any:
     """Parse one event's JSON; malformed JSON is an ``UpstreamProtocolError``."""
     try:
-        return json.loads(data)
+        return orjson.loads(data)
     except ValueError as exc:
         raise UpstreamProtocolError(f"{provider} stream carried malformed JSON") from exc
+
+
+def dumps(body: Mapping[str, Any]) -> bytes:
+    """A request body as UTF-8 JSON (orjson; ``json`` for what orjson refuses, such as
+    integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        return json.dumps(body, ensure_ascii=False).encode()
 
 
 def _retry_after(response: httpx.Response, default: float, cap: float) -> float:
@@ -122,23 +140,36 @@ class HTTPAdapter(BaseAdapter):
     api_key_env = ""
     default_base_url = ""
 
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, env: Mapping[str, str] | None = None, config: ProviderConfig | None = None
+    ) -> None:
+        """``config``: the endpoint and key to use (the gateway passes its validated
+        settings); without it they are read from ``env`` as the provider's SDK reads them."""
         super().__init__(env)
         self._client: httpx.AsyncClient | None = None
-        base = (self.env.get(self.base_url_env) or "").strip() or self.default_base_url
-        self.base_url = base.rstrip("/")
-        self.api_key = (self.env.get(self.api_key_env) or "").strip()
+        self._transport: httpx.AsyncBaseTransport | None = None
+        if config is None:
+            config = ProviderConfig(
+                (self.env.get(self.base_url_env) or "").strip(),
+                (self.env.get(self.api_key_env) or "").strip(),
+            )
+        self.base_url = (config.base_url.strip() or self.default_base_url).rstrip("/")
+        self.api_key = config.api_key.strip()
+        self._key_required = self._needs_key()
 
-    @property
-    def key_required(self) -> bool:
-        """An API key is needed on the provider's own endpoint; local and
-        self-hosted OpenAI/Anthropic-compatible servers may need none."""
+    def _needs_key(self) -> bool:
         if not self.api_key_env or not self.default_base_url:
             return False
         try:
             return httpx.URL(self.base_url).host == httpx.URL(self.default_base_url).host
         except httpx.InvalidURL:
             return False
+
+    @property
+    def key_required(self) -> bool:
+        """An API key is needed on the provider's own endpoint; local and
+        self-hosted OpenAI/Anthropic-compatible servers may need none."""
+        return self._key_required
 
     def check_configured(self) -> None:
         """Raise ``UpstreamNotConfigured`` if a call could only fail for want of a key."""
@@ -153,11 +184,26 @@ class HTTPAdapter(BaseAdapter):
         return (self.api_key,) if self.api_key else ()
 
     def _get_client(self) -> httpx.AsyncClient:
+        """The adapter's client (its pool of upstream connections), made on first use."""
         if self._client is None or self._client.is_closed:
+            # httpx's API on aiohttp's connections: aiohttp parses HTTP in C and hands
+            # over what one network read brought, where httpx's own transport runs h11
+            # and several async generators for every HTTP chunk (BENCHMARKS.md).
+            self._transport = AiohttpTransport(limits=self.limits)
             self._client = httpx.AsyncClient(
-                timeout=self.timeout, limits=self.limits, follow_redirects=False
+                transport=self._transport,
+                timeout=self.timeout,
+                limits=self.limits,
+                follow_redirects=False,
             )
         return self._client
+
+    def _get_transport(self) -> httpx.AsyncBaseTransport:
+        """The client's transport: a streamed turn is sent on it directly, since it needs
+        none of the client's layers (auth flows, redirects, cookies, URL merging)."""
+        self._get_client()
+        assert self._transport is not None
+        return self._transport
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
@@ -188,13 +234,24 @@ class HTTPAdapter(BaseAdapter):
             )
         return error
 
-    async def _sse_events(
-        self, url: str, headers: Mapping[str, str], body: Mapping[str, Any]
-    ) -> AsyncGenerator[SSEEvent, None]:
-        """POST ``body`` as JSON to ``url`` and yield the SSE events of the answer."""
+    async def _sse_batches(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        body: Mapping[str, Any],
+        last: Callable[[SSEEvent], bool] = lambda event: False,
+    ) -> AsyncGenerator[list[SSEEvent], None]:
+        """POST ``body`` as JSON to ``url`` and yield the SSE events of the answer, the
+        events of each network read together.
+
+        Once an event for which ``last`` is true arrives, what follows of the answer
+        is read (``DRAIN_SECONDS``, ``DRAIN_BYTES`` at most) before that batch is
+        yielded, so that the connection, read to its end, goes back to the pool for
+        the next turn instead of being closed.
+        """
         self.check_configured()
-        client = self._get_client()
-        payload = json.dumps(body, ensure_ascii=False).encode()
+        transport = self._get_transport()
+        payload = dumps(body)
         send_headers = {
             **headers,
             "content-type": "application/json",
@@ -203,8 +260,12 @@ class HTTPAdapter(BaseAdapter):
         yielded = False
         for attempt in (1, 2):
             try:
-                request = client.stream("POST", url, content=payload, headers=send_headers)
-                async with request as resp:
+                request = httpx.Request(
+                    "POST", url, content=payload, headers=send_headers,
+                    extensions={"timeout": self.timeout.as_dict()},
+                )
+                resp = await transport.handle_async_request(request)
+                try:
                     if resp.status_code >= 400:
                         error = await self._status_error(resp)
                         if attempt == 1 and error.retryable:
@@ -220,29 +281,99 @@ class HTTPAdapter(BaseAdapter):
                             "upstream_status adapter=%s status=%s", self.name, resp.status_code
                         )
                         raise error
-                    async with aclosing(aiter_sse(resp.aiter_bytes())) as events:
-                        async for event in events:
+                    decoder = SSEDecoder()
+                    reads = cast(AsyncGenerator[bytes, None], resp.aiter_bytes())
+                    async with aclosing(reads) as chunks:
+                        async for chunk in chunks:
+                            events = decoder.feed(chunk)
+                            if not events:
+                                continue
+                            for i, event in enumerate(events):
+                                if last(event):
+                                    if i:  # what came before it, without waiting
+                                        yielded = True
+                                        yield events[:i]
+                                    await _drain(chunks)
+                                    yielded = True
+                                    yield [event]
+                                    return
                             yielded = True
-                            yield event
+                            yield events
+                    events = decoder.flush()
+                    if events:
+                        yield events
                     return
-            except httpx.ConnectError as exc:
-                if attempt == 1 and not yielded:
-                    logger.warning("upstream_retry adapter=%s reason=connect", self.name)
-                    await anyio.sleep(self.retry_delay)
-                    continue
-                raise UpstreamConnectError(f"{self.name} upstream could not be reached") from exc
-            except httpx.TimeoutException as exc:
-                # A connect or pool timeout: the request never left this process.
-                unsent = isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)
-                raise UpstreamTimeout(
-                    f"{self.name} upstream timed out ({type(exc).__name__})",
-                    reached_provider=not (unsent and not yielded),
-                ) from exc
-            except httpx.HTTPError as exc:
+                finally:
+                    await resp.aclose()
+            except UpstreamError:
+                raise
+            except Exception as exc:
+                http_error = _httpx_error(exc)
+                if http_error is None:
+                    raise
+                if isinstance(http_error, httpx.ConnectError):
+                    if attempt == 1 and not yielded:
+                        logger.warning("upstream_retry adapter=%s reason=connect", self.name)
+                        await anyio.sleep(self.retry_delay)
+                        continue
+                    raise UpstreamConnectError(
+                        f"{self.name} upstream could not be reached"
+                    ) from http_error
+                if isinstance(http_error, httpx.TimeoutException):
+                    # A connect or pool timeout: the request never left this process.
+                    unsent = isinstance(http_error, httpx.ConnectTimeout | httpx.PoolTimeout)
+                    raise UpstreamTimeout(
+                        f"{self.name} upstream timed out ({type(http_error).__name__})",
+                        reached_provider=not (unsent and not yielded),
+                    ) from http_error
                 raise UpstreamProtocolError(
-                    f"{self.name} upstream transport failed ({type(exc).__name__})"
-                ) from exc
+                    f"{self.name} upstream transport failed ({type(http_error).__name__})"
+                ) from http_error
         raise UpstreamError(f"{self.name} upstream: retries exhausted")  # pragma: no cover
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    """Read what is left of an answer whose last event has arrived, within bounds; a
+    failure here changes nothing (the events are complete), the connection is then
+    closed instead of reused."""
+    size = 0
+    with anyio.move_on_after(DRAIN_SECONDS):
+        try:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > DRAIN_BYTES:
+                    return
+        except (httpx.HTTPError, aiohttp.ClientError, TimeoutError):
+            return
+
+
+def _httpx_error(exc: BaseException) -> httpx.HTTPError | None:
+    """What happened to the request, as the httpx exception that says it, or None for
+    an exception that is no transport failure.
+
+    The aiohttp transport maps aiohttp's exceptions coarsely (a refused connection
+    comes out as ``ConnectTimeout``) and lets a plain ``TimeoutError`` through, so
+    the aiohttp exception underneath decides.
+    """
+    cause = exc.__cause__ if isinstance(exc, httpx.HTTPError) else exc
+    text = str(cause) or type(cause).__name__
+    mapped: httpx.HTTPError
+    if isinstance(cause, aiohttp.ClientConnectorError):
+        mapped = httpx.ConnectError(text)
+    elif isinstance(cause, aiohttp.ConnectionTimeoutError):
+        mapped = httpx.ConnectTimeout(text)
+    elif isinstance(cause, aiohttp.SocketTimeoutError):
+        mapped = httpx.ReadTimeout(text)
+    elif isinstance(cause, TimeoutError):  # aiohttp's wait for a pooled connection
+        mapped = httpx.PoolTimeout(text)
+    elif isinstance(exc, httpx.HTTPError):
+        return exc
+    elif isinstance(cause, aiohttp.ClientError):
+        mapped = httpx.RemoteProtocolError(text)
+    else:
+        return None
+    mapped.__cause__ = cause
+    return mapped
 
 
 __all__ = ["HTTPAdapter", "as_int", "error_summary", "loads", "safe_token"]

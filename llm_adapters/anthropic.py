@@ -21,10 +21,12 @@ it): once a stop reason was seen the turn finishes normally at EOF.
 Prompt tokens are ``input_tokens`` plus the cache-creation and cache-read input
 tokens, so that everything the provider processed is counted.
 
-Settings, read as the Anthropic SDK reads them: ``ANTHROPIC_BASE_URL`` (no
-``/v1``; default ``https://api.anthropic.com``) and ``ANTHROPIC_API_KEY`` (sent as
-``x-api-key``). ``request.options`` may carry ``max_tokens`` (default 4096),
-``system`` and the parameters in ``PASSTHROUGH_OPTIONS``.
+Settings: a :class:`~llm_adapters.base.ProviderConfig` (the gateway passes the
+``ANTHROPIC_BASE_URL`` and ``ANTHROPIC_API_KEY`` its settings validated); without
+one they are read from the environment mapping as the Anthropic SDK reads them:
+``ANTHROPIC_BASE_URL`` (no ``/v1``; default ``https://api.anthropic.com``) and
+``ANTHROPIC_API_KEY`` (sent as ``x-api-key``). ``request.options`` may carry
+``max_tokens`` (default 4096), ``system`` and the parameters in ``PASSTHROUGH_OPTIONS``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm_adapters._http import HTTPAdapter, as_int, error_summary, loads
+from llm_adapters._sse import SSEEvent
 from llm_adapters.base import (
     AdapterRequest,
     ChatMessage,
@@ -201,6 +204,11 @@ def to_anthropic_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
+def _is_stop(event: SSEEvent) -> bool:
+    """The ``message_stop`` event that ends a Messages stream."""
+    return event.event == "message_stop"
+
+
 @dataclass
 class _Block:
     type: str
@@ -275,57 +283,65 @@ class AnthropicAdapter(HTTPAdapter):
             blocks.clear()
             return ends
 
-        events = self._sse_events(f"{self.base_url}/v1/messages", self._headers(), body)
-        async with aclosing(events) as sse:
-            async for event in sse:
-                kind = event.event
-                if kind == "ping":
-                    continue
-                payload = loads(event.data, "anthropic")
-                if not isinstance(payload, dict):
-                    raise UpstreamProtocolError("anthropic stream event is not a JSON object")
-                if kind == "message" and isinstance(payload.get("type"), str):
-                    kind = payload["type"]  # a frame without an ``event:`` line
-                if kind == "error":
-                    usage = usage_event()
-                    if usage is not None:
-                        yield usage
-                    summary = error_summary(payload, self._secrets())
-                    raise UpstreamProtocolError(
-                        f"anthropic stream sent an error event ({summary or 'no details'})"
-                    )
-                if kind == "message_start":
-                    message = payload.get("message")
-                    if isinstance(message, dict):
-                        if isinstance(message.get("model"), str) and message["model"]:
-                            model = message["model"]
-                        take_usage(message.get("usage"))
-                        start = usage_event()
-                        if start is not None:  # real input tokens, even if we are cut short
-                            yield Usage(start.model, start.prompt_tokens,
-                                        start.completion_tokens, final=False)
-                elif kind == "content_block_start":
-                    for out in self._block_start(payload, blocks):
-                        yield out
-                elif kind == "content_block_delta":
-                    for out in self._block_delta(payload, blocks):
-                        yield out
-                elif kind == "content_block_stop":
-                    index = as_int(payload.get("index"))
-                    block = blocks.pop(index, None) if index is not None else None
-                    if block is not None and block.type in _TOOL_BLOCKS:
-                        if block.fragments == 0 and block.initial_input:
-                            yield ToolCallDelta(block.id, json.dumps(block.initial_input))
-                        yield ToolCallEnd(block.id)
-                elif kind == "message_delta":
-                    delta = payload.get("delta")
-                    if isinstance(delta, dict) and delta.get("stop_reason") is not None:
-                        stop_reason = str(delta["stop_reason"])
-                    take_usage(payload.get("usage"))
-                elif kind == "message_stop":
-                    stopped = True
+        events = self._sse_batches(
+            f"{self.base_url}/v1/messages", self._headers(), body, last=_is_stop
+        )
+        async with aclosing(events) as batches:
+            async for batch in batches:
+                for event in batch:
+                    kind = event.event
+                    if kind == "ping":
+                        continue
+                    payload = loads(event.data, "anthropic")
+                    if not isinstance(payload, dict):
+                        raise UpstreamProtocolError(
+                            "anthropic stream event is not a JSON object"
+                        )
+                    if kind == "message" and isinstance(payload.get("type"), str):
+                        kind = payload["type"]  # a frame without an ``event:`` line
+                    if kind == "error":
+                        usage = usage_event()
+                        if usage is not None:
+                            yield usage
+                        summary = error_summary(payload, self._secrets())
+                        raise UpstreamProtocolError(
+                            "anthropic stream sent an error event "
+                            f"({summary or 'no details'})"
+                        )
+                    if kind == "content_block_delta":
+                        for out in self._block_delta(payload, blocks):
+                            yield out
+                    elif kind == "message_start":
+                        message = payload.get("message")
+                        if isinstance(message, dict):
+                            if isinstance(message.get("model"), str) and message["model"]:
+                                model = message["model"]
+                            take_usage(message.get("usage"))
+                            start = usage_event()
+                            if start is not None:  # real input tokens, even if cut short
+                                yield Usage(start.model, start.prompt_tokens,
+                                            start.completion_tokens, final=False)
+                    elif kind == "content_block_start":
+                        for out in self._block_start(payload, blocks):
+                            yield out
+                    elif kind == "content_block_stop":
+                        index = as_int(payload.get("index"))
+                        block = blocks.pop(index, None) if index is not None else None
+                        if block is not None and block.type in _TOOL_BLOCKS:
+                            if block.fragments == 0 and block.initial_input:
+                                yield ToolCallDelta(block.id, json.dumps(block.initial_input))
+                            yield ToolCallEnd(block.id)
+                    elif kind == "message_delta":
+                        delta = payload.get("delta")
+                        if isinstance(delta, dict) and delta.get("stop_reason") is not None:
+                            stop_reason = str(delta["stop_reason"])
+                        take_usage(payload.get("usage"))
+                    elif kind == "message_stop":
+                        stopped = True
+                        break
+                    # anything else (new event types) is ignored
+                if stopped:
                     break
-                # anything else (new event types) is ignored
         for out in end_open_blocks():
             yield out
         usage = usage_event()

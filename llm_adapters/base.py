@@ -132,6 +132,15 @@ def tool_arguments_text(part: dict[str, Any]) -> str:
     return json.dumps(part.get("args") or {})
 
 
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """Where an HTTP adapter sends its requests: the provider's base URL (empty: the
+    provider's own) and its API key (empty: none)."""
+
+    base_url: str = ""
+    api_key: str = field(default="", repr=False)
+
+
 @runtime_checkable
 class Adapter(Protocol):
     """An LLM provider behind one async-generator method."""
@@ -193,6 +202,7 @@ __all__ = [
     "AdapterRequest",
     "BaseAdapter",
     "ChatMessage",
+    "ProviderConfig",
     "Role",
     "ToolSpec",
     "assistant_steps",

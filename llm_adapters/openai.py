@@ -17,10 +17,12 @@ DeepSeek as they really stream (the cases: ``tests/fixtures/streams/README.md``)
   top-level ``error`` object (OpenRouter; its usage is yielded before raising)
   and an ``event: error`` frame (Groq) both raise ``UpstreamProtocolError``.
 
-Settings, read as the OpenAI SDK reads them: ``OPENAI_BASE_URL`` (includes
-``/v1``; default ``https://api.openai.com/v1``) and ``OPENAI_API_KEY``
-(optional: local servers need none). ``request.options`` may carry ``system``
-and the usual sampling parameters (see ``PASSTHROUGH_OPTIONS``).
+Settings: a :class:`~llm_adapters.base.ProviderConfig` (the gateway passes the
+``OPENAI_BASE_URL`` and ``OPENAI_API_KEY`` its settings validated); without one
+they are read from the environment mapping as the OpenAI SDK reads them:
+``OPENAI_BASE_URL`` (includes ``/v1``; default ``https://api.openai.com/v1``) and
+``OPENAI_API_KEY`` (optional: local servers need none). ``request.options`` may
+carry ``system`` and the usual sampling parameters (see ``PASSTHROUGH_OPTIONS``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm_adapters._http import HTTPAdapter, as_int, error_summary, loads
+from llm_adapters._sse import SSEEvent
 from llm_adapters.base import (
     AdapterRequest,
     ChatMessage,
@@ -161,6 +164,11 @@ def to_openai_messages(
     return out
 
 
+def _is_done(event: SSEEvent) -> bool:
+    """The ``data: [DONE]`` that ends a Chat Completions stream."""
+    return event.data.strip() == "[DONE]"
+
+
 @dataclass
 class _ToolCall:
     id: str
@@ -222,58 +230,65 @@ class OpenAIAdapter(HTTPAdapter):
                     ends.append(ToolCallEnd(call.id))
             return ends
 
-        events = self._sse_events(f"{self.base_url}/chat/completions", self._headers(), body)
-        async with aclosing(events) as sse:
-            async for event in sse:
-                if event.event == "error":
-                    try:
-                        summary = error_summary(json.loads(event.data), self._secrets())
-                    except ValueError:
-                        summary = ""
-                    if usage is not None:
-                        yield usage_event()
-                    raise UpstreamProtocolError(
-                        f"openai stream sent an error event ({summary or 'no details'})"
-                    )
-                data = event.data.strip()
-                if data == "[DONE]":
-                    done = True
+        events = self._sse_batches(
+            f"{self.base_url}/chat/completions", self._headers(), body, last=_is_done
+        )
+        async with aclosing(events) as batches:
+            async for batch in batches:
+                for event in batch:
+                    if event.event == "error":
+                        try:
+                            summary = error_summary(json.loads(event.data), self._secrets())
+                        except ValueError:
+                            summary = ""
+                        if usage is not None:
+                            yield usage_event()
+                        raise UpstreamProtocolError(
+                            f"openai stream sent an error event ({summary or 'no details'})"
+                        )
+                    data = event.data
+                    if data == "[DONE]" or _is_done(event):
+                        done = True
+                        break
+                    if not data or data.isspace():
+                        continue
+                    chunk = loads(data, "openai")
+                    if not isinstance(chunk, dict):
+                        raise UpstreamProtocolError("openai stream chunk is not a JSON object")
+                    chunk_model = chunk.get("model")
+                    if chunk_model and isinstance(chunk_model, str):
+                        model = chunk_model
+                    raw_usage = chunk.get("usage")
+                    if isinstance(raw_usage, dict):
+                        usage = (
+                            as_int(raw_usage.get("prompt_tokens")) or 0,
+                            as_int(raw_usage.get("completion_tokens")) or 0,
+                        )
+                    if chunk.get("error") is not None:
+                        if usage is not None:
+                            yield usage_event()
+                        summary = error_summary(chunk, self._secrets())
+                        raise UpstreamProtocolError(
+                            "openai stream chunk carried an error "
+                            f"({summary or 'no details'})"
+                        )
+                    choices = chunk.get("choices")
+                    if not isinstance(choices, list):
+                        continue
+                    for choice in choices:
+                        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                            continue  # n > 1 is not supported: follow the first choice
+                        delta = choice.get("delta")
+                        if isinstance(delta, dict):
+                            for out in self._delta_events(delta, calls):
+                                yield out
+                        reason = choice.get("finish_reason")
+                        if reason is not None:
+                            finish = str(reason)
+                            for out in close_calls():
+                                yield out
+                if done:
                     break
-                if not data:
-                    continue
-                chunk = loads(data, "openai")
-                if not isinstance(chunk, dict):
-                    raise UpstreamProtocolError("openai stream chunk is not a JSON object")
-                if isinstance(chunk.get("model"), str) and chunk["model"]:
-                    model = chunk["model"]
-                raw_usage = chunk.get("usage")
-                if isinstance(raw_usage, dict):
-                    usage = (
-                        as_int(raw_usage.get("prompt_tokens")) or 0,
-                        as_int(raw_usage.get("completion_tokens")) or 0,
-                    )
-                if chunk.get("error") is not None:
-                    if usage is not None:
-                        yield usage_event()
-                    summary = error_summary(chunk, self._secrets())
-                    raise UpstreamProtocolError(
-                        f"openai stream chunk carried an error ({summary or 'no details'})"
-                    )
-                choices = chunk.get("choices")
-                if not isinstance(choices, list):
-                    continue
-                for choice in choices:
-                    if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                        continue  # n > 1 is not supported: follow the first choice
-                    delta = choice.get("delta")
-                    if isinstance(delta, dict):
-                        for out in self._delta_events(delta, calls):
-                            yield out
-                    reason = choice.get("finish_reason")
-                    if reason is not None:
-                        finish = str(reason)
-                        for out in close_calls():
-                            yield out
         if not done and finish is None:
             for out in close_calls():
                 yield out

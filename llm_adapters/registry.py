@@ -2,7 +2,10 @@
 
 Built-ins are ``scripted``, ``openai`` and ``anthropic``; third-party packages
 add adapters through the entry-point group ``turngate.adapters``, whose value is
-a class (or factory) called with the environment mapping. A model string is
+a class (or factory) called with the environment mapping. The built-in HTTP
+adapters are also given their :class:`~llm_adapters.base.ProviderConfig` when
+the registry has one for them (the gateway passes its validated settings), so
+they read nothing from the environment. A model string is
 ``"<adapter>:<model>"``; a bare ``"<adapter>"`` means that adapter's default.
 """
 
@@ -13,7 +16,7 @@ import logging
 from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 
-from llm_adapters.base import Adapter
+from llm_adapters.base import Adapter, ProviderConfig
 from turngate.exceptions import UnknownAdapter
 
 AdapterFactory = Callable[[Mapping[str, str]], Adapter]
@@ -44,8 +47,13 @@ def parse_model(model: str) -> tuple[str, str]:
 class AdapterRegistry:
     """Adapter factories by name, and one live adapter instance per name."""
 
-    def __init__(self, env: Mapping[str, str]) -> None:
+    def __init__(
+        self, env: Mapping[str, str], configs: Mapping[str, ProviderConfig] | None = None
+    ) -> None:
+        """``env``: what adapters read their settings from; ``configs``: the endpoint
+        and key of each built-in HTTP adapter, by name, passed to it instead."""
         self._env = env
+        self._configs = {k: v for k, v in (configs or {}).items() if k in _BUILTINS}
         self._targets: dict[str, str | AdapterFactory] = dict(_BUILTINS)
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             if ep.name not in _BUILTINS:
@@ -56,6 +64,10 @@ class AdapterRegistry:
         """Register an adapter factory by hand (tests, embedding applications)."""
         self._targets[name] = factory
         self._instances.pop(name, None)
+
+    def config(self, name: str) -> ProviderConfig | None:
+        """The endpoint and key the built-in adapter ``name`` is given, if any."""
+        return self._configs.get(name)
 
     @property
     def names(self) -> list[str]:
@@ -71,7 +83,12 @@ class AdapterRegistry:
         if target is None:
             raise UnknownAdapter(name, self.names)
         factory = _load(target) if isinstance(target, str) else target
-        adapter = factory(self._env)
+        config = self._configs.get(name) if isinstance(target, str) else None
+        if config is not None:
+            built_in: Callable[..., Adapter] = factory
+            adapter = built_in(self._env, config=config)
+        else:
+            adapter = factory(self._env)
         self._instances[name] = adapter
         return adapter
 

@@ -343,3 +343,16 @@ async def test_closing_the_generator_closes_the_upstream_connection() -> None:
             gone_at = await fake.requests[0].wait_disconnected(within=1.0)
     assert gone_at - closed_at < 0.1
     assert not fake.requests[0].completed
+
+
+async def test_a_stream_read_to_its_end_leaves_its_connection_to_the_next() -> None:
+    """After ``message_stop`` the rest of the answer is read, so the next request goes
+    out on the same connection."""
+    async with FakeUpstream() as fake:
+        fake.enqueue(FakeResponse.sse(TEXT.body()), FakeResponse.sse(TEXT.body()))
+        async with adapter_for(fake) as adapter:
+            first = await run_adapter(adapter, request())
+            second = await run_adapter(adapter, request())
+    assert first.error is None and second.error is None
+    assert second.text == TEXT.text
+    assert fake.requests[0].connection == fake.requests[1].connection

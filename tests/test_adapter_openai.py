@@ -14,6 +14,7 @@ import anyio
 import httpx
 import pytest
 
+from llm_adapters._http import DRAIN_BYTES, DRAIN_SECONDS
 from llm_adapters.base import AdapterRequest, ChatMessage
 from llm_adapters.events import (
     Finish,
@@ -464,3 +465,61 @@ async def test_empty_error_body_and_non_json_body() -> None:
     assert isinstance(first.error, UpstreamStatusError) and first.error.status_code == 400
     assert isinstance(second.error, UpstreamStatusError) and second.error.status_code == 404
     assert "html" not in str(second.error) and "sk-secret" not in str(second.error)
+
+
+# --- connection reuse ---------------------------------------------------------------------
+
+
+async def test_a_stream_read_to_its_end_leaves_its_connection_to_the_next() -> None:
+    """After ``[DONE]`` the rest of the answer is read, so the next request goes out on
+    the same connection; a stream closed before its end closes its connection."""
+    async with FakeUpstream() as fake:
+        fake.enqueue(
+            FakeResponse.sse(TEXT.body()),
+            FakeResponse.sse(TEXT.body()),
+            FakeResponse.sse(DEEPSEEK.body(), delay=0.01, hold_open=True),
+            FakeResponse.sse(TEXT.body()),
+        )
+        async with adapter_for(fake) as adapter:
+            first = await run_adapter(adapter, request())
+            second = await run_adapter(adapter, request())
+            agen = adapter.stream(request())
+            await agen.__anext__()
+            await agen.aclose()
+            fourth = await run_adapter(adapter, request())
+    assert first.error is None and second.error is None and fourth.error is None
+    assert second.text == TEXT.text and second.events[-1] == Finish("stop")
+    connections = [r.connection for r in fake.requests]
+    assert connections[0] == connections[1] == connections[2]
+    assert connections[3] != connections[2]
+
+
+async def test_done_on_a_connection_held_open_finishes_within_the_drain_bound() -> None:
+    """An upstream that sends ``[DONE]`` and then neither ends the answer nor closes
+    delays the finish by at most ``DRAIN_SECONDS``; its connection is not reused."""
+    async with FakeUpstream() as fake:
+        fake.enqueue(FakeResponse.sse(TEXT.body(), hold_open=True), FakeResponse.sse(TEXT.body()))
+        async with adapter_for(fake) as adapter:
+            started = time.monotonic()
+            first = await run_adapter(adapter, request())
+            took = time.monotonic() - started
+            second = await run_adapter(adapter, request())
+    assert first.error is None and first.events[-1] == Finish("stop")
+    assert first.text == TEXT.text
+    assert DRAIN_SECONDS <= took < DRAIN_SECONDS + 0.5
+    assert second.error is None
+    assert fake.requests[1].connection != fake.requests[0].connection
+
+
+async def test_more_than_drain_bytes_after_done_is_not_waited_for() -> None:
+    """What follows ``[DONE]`` is read up to ``DRAIN_BYTES``, no further: an upstream
+    that sends more and holds the connection open does not delay the finish."""
+    tail = b": " + b"x" * (4 * DRAIN_BYTES) + b"\n\n"  # more than one read holds
+    async with FakeUpstream() as fake:
+        fake.enqueue(FakeResponse.sse(TEXT.body() + tail, delay=0.0, hold_open=True))
+        async with adapter_for(fake) as adapter:
+            started = time.monotonic()
+            run = await run_adapter(adapter, request())
+            took = time.monotonic() - started
+    assert run.error is None and run.events[-1] == Finish("stop")
+    assert took < DRAIN_SECONDS

@@ -35,6 +35,8 @@ def _imports(folders: tuple[str, ...]) -> set[str]:
     found: set[str] = set()
     for folder in folders:
         for path in (ROOT / folder).rglob("*.py"):
+            if any(part.startswith(".") for part in path.relative_to(ROOT).parts):
+                continue  # bench/.litellm-venv and other environments the scripts make
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
                 if isinstance(node, ast.Import):
                     found.update(alias.name.split(".")[0] for alias in node.names)

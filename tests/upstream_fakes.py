@@ -17,6 +17,7 @@ Usage (asyncio backend, e.g. under ``@pytest.mark.anyio``)::
         req.path, req.headers["x-api-key"], req.json["messages"]
         await fake.wait_for_request()         # wait until the n-th request arrived
         req.completed                         # True if the whole body was sent
+        req.connection                        # 0 for the fake's first TCP connection, ...
         req.disconnected_at                   # time.monotonic() when the client went away
                                               # before the body was complete, else None
         await req.wait_disconnected(within=1.0)
@@ -153,6 +154,8 @@ class RecordedRequest:
     body: bytes
     received_at: float
     response: FakeResponse | None = None
+    #: which TCP connection it came on (0 for the fake's first, 1 for its second, ...)
+    connection: int = 0
     #: the whole response body was sent (and the terminating chunk written)
     completed: bool = False
     #: time.monotonic() at which the client closed the connection mid-response
@@ -216,6 +219,7 @@ class FakeUpstream:
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._arrived = asyncio.Condition()
+        self._connections = 0
 
     @property
     def url(self) -> str:
@@ -263,12 +267,14 @@ class FakeUpstream:
         self._tasks.add(task)
         self._writers.add(writer)
         conn = _Conn(reader)
+        number, self._connections = self._connections, self._connections + 1
         try:
             while True:
                 try:
                     request = await self._read_request(conn)
                 except _Closed:
                     return
+                request.connection = number
                 async with self._arrived:
                     self.requests.append(request)
                     self._arrived.notify_all()

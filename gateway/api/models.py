@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 
 from gateway.api.auth import authenticate
 from gateway.context import AppContext, context
+from llm_adapters.openai import DEFAULT_BASE_URL as OPENAI_DEFAULT_BASE_URL
 
 MODELS_TTL = 300.0
 FAILED_TTL = 30.0
@@ -53,11 +54,14 @@ class ModelsCache:
 
 
 def _configured(ctx: AppContext, adapter: str) -> bool:
-    env = ctx.settings.environ
+    """A key, or (for ``openai``) an endpoint other than the provider's own, is set."""
+    config = ctx.adapters.config(adapter)
     if adapter == "openai":
-        return bool(env.get("OPENAI_API_KEY") or env.get("OPENAI_BASE_URL"))
+        return config is not None and bool(
+            config.api_key or config.base_url.rstrip("/") != OPENAI_DEFAULT_BASE_URL
+        )
     if adapter == "anthropic":
-        return bool(env.get("ANTHROPIC_API_KEY"))
+        return config is not None and bool(config.api_key)
     return True
 
 

@@ -322,7 +322,8 @@ class Settings:
 
     @property
     def environ(self) -> Mapping[str, str]:
-        """The environment the settings came from (adapters read their own keys from it)."""
+        """The environment the settings came from (third-party adapters read their own
+        settings from it; the built-in ones are given theirs, see ``gateway.app``)."""
         return self.env if self.env is not None else os.environ
 
 
