@@ -219,7 +219,10 @@ class TurnSteps:
         while True:
             await self._model_call()
             calls = self.content.unanswered()
-            if not calls:
+            if not calls or not self.toolbox.specs:
+                # With no tools of the gateway's own offered, a call is to a tool the
+                # caller passed in the provider's options: the turn ends with it, for
+                # the caller to run.
                 return "complete", None
             if await self._answer(calls, None):
                 return "requires_action", None
