@@ -140,9 +140,11 @@ async def usage_rows(gw: GatewayServer, thread: str) -> list[Any]:
 
 def same_events(a: Stream, b: Stream) -> bool:
     """The same events with the same ids (JSON compared as values: PostgreSQL's jsonb
-    stores an object's keys in its own order)."""
+    stores an object's keys in its own order). Transient chunks (a new thread's
+    ``data-title``) are sent live only, never replayed: they are left out."""
     def parsed(s: Stream) -> list[tuple[str | None, Any]]:
-        return [(e.id, e.data if e.data == "[DONE]" else json.loads(e.data)) for e in s.events]
+        out = [(e.id, e.data if e.data == "[DONE]" else json.loads(e.data)) for e in s.events]
+        return [(i, d) for i, d in out if not (isinstance(d, dict) and d.get("transient"))]
     return parsed(a) == parsed(b)
 
 
