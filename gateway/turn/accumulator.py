@@ -37,6 +37,7 @@ from llm_adapters.events import (
     ToolResult,
     Usage,
 )
+from persistence import UsageRecord
 
 
 def parse_tool_args(text: str) -> Any:
@@ -378,6 +379,19 @@ class TurnUsage:
     def call_details(self) -> list[dict[str, Any]]:
         """Every call, as stored in ``token_usage.call_details``."""
         return [c.as_dict() for c in self.calls]
+
+    def record(self, usage_type: str) -> UsageRecord:
+        """The ``token_usage`` row of these calls (settle them first)."""
+        return UsageRecord(
+            usage_type=usage_type,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.total_tokens,
+            cost_micros=self.cost_micros,
+            model_breakdown=self.model_breakdown(),
+            call_details=self.call_details(),
+            estimated=self.estimated,
+        )
 
     def metadata(self) -> dict[str, Any]:
         """The ``usage`` object of the stream's message metadata."""

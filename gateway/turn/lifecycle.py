@@ -49,7 +49,7 @@ from gateway.turn.tools import (
 )
 from llm_adapters.base import Adapter, AdapterRequest, ChatMessage, ToolSpec
 from llm_adapters.events import FinishReason
-from persistence import Store, UsageRecord
+from persistence import Store
 from turngate.exceptions import UpstreamError
 
 if TYPE_CHECKING:
@@ -548,16 +548,7 @@ class TurnRunner:
             stopped = steps.stop_running()
             # Whatever the provider never reported (disconnect, error, shutdown) is estimated.
             usage.settle(model_string, *steps.estimates())
-            record = UsageRecord(
-                usage_type="chat",
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                total_tokens=usage.total_tokens,
-                cost_micros=usage.cost_micros,
-                model_breakdown=usage.model_breakdown(),
-                call_details=usage.call_details(),
-                estimated=usage.estimated,
-            )
+            record = usage.record("chat")
             # Empty content is stored as the no-text marker by the store itself.
             parts, event_map = content.snapshot(), content.event_map()
             if status == "error" and error_text:

@@ -288,17 +288,7 @@ class _ModelCall:
             estimate_tokens(len(TITLE_INSTRUCTIONS) + len(self.prompt)),
             estimate_tokens(sum(map(len, self.pieces))),
         )
-        usage = self.usage
-        return UsageRecord(
-            usage_type="title",
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            total_tokens=usage.total_tokens,
-            cost_micros=usage.cost_micros,
-            model_breakdown=usage.model_breakdown(),
-            call_details=usage.call_details(),
-            estimated=usage.estimated,
-        )
+        return self.usage.record("title")
 
 
 __all__ = [
