@@ -9,14 +9,11 @@ operations keep finishing, a queued open keeps its place and runs.
 
 from __future__ import annotations
 
-import anyio
 import asyncpg
-import httpx
 import pytest
 
 from tests.fixtures_server import run_gateway
-from tests.test_persistence_sqlite_burst import BURST_ENV, MODEL
-from turngate.testing import Stream, stream_request, turn_body, validate_ui_stream
+from tests.test_persistence_sqlite_burst import BURST_ENV, burst
 
 pytestmark = pytest.mark.anyio
 
@@ -47,40 +44,7 @@ async def test_turns_started_at_once_on_postgres_all_stream_and_finalize(
     pg_url: str, turns: int
 ) -> None:
     async with run_gateway(pg_url, **PG_BURST_ENV) as gw:
-        thread_ids: list[str] = []
-
-        async def make_thread() -> None:
-            row, _ = await gw.store.create_thread(gw.user_id)
-            thread_ids.append(row.id)
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(turns):
-                tg.start_soon(make_thread)
-
-        streams: dict[str, Stream] = {}
-        async with gw.client(
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=0),
-            timeout=httpx.Timeout(120.0),
-        ) as client:
-
-            async def turn(thread_id: str) -> None:
-                streams[thread_id] = await stream_request(
-                    client, "POST", f"/v1/threads/{thread_id}/turns",
-                    json=turn_body("hello there", model=MODEL),
-                )
-
-            async with anyio.create_task_group() as tg:
-                for thread_id in thread_ids:
-                    tg.start_soon(turn, thread_id)
-
-        refused = {
-            t: (s.status, s.body[:200]) for t, s in streams.items() if s.status != 200
-        }
-        assert refused == {}, f"{len(refused)} of {turns} turns refused: {refused}"
-        for thread_id, stream in streams.items():
-            validate_ui_stream(stream)  # ids, parts, a finish chunk, then [DONE]
-            assert stream.chunks[-1]["type"] == "finish", thread_id
-            assert stream.text.split() == [f"w{i}" for i in range(1, 21)], thread_id
+        thread_ids = await burst(gw, turns)
 
     rows = await _rows(pg_url, thread_ids)
     assert sorted(t for t, _, _ in rows) == sorted(thread_ids)  # one assistant row each

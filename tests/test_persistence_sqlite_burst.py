@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -52,6 +53,46 @@ def _rows(path: Path, thread_ids: list[str]) -> list[tuple[str, str, int]]:
         con.close()
 
 
+async def burst(gw: Any, turns: int) -> list[str]:
+    """Start ``turns`` turns at once, each on a new thread, and check that every one
+    streamed whole (none refused); the thread ids."""
+    thread_ids: list[str] = []
+
+    async def make_thread() -> None:
+        row, _ = await gw.store.create_thread(gw.user_id)
+        thread_ids.append(row.id)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(turns):
+            tg.start_soon(make_thread)
+
+    streams: dict[str, Stream] = {}
+    async with gw.client(
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=0),
+        timeout=httpx.Timeout(120.0),
+    ) as client:
+
+        async def turn(thread_id: str) -> None:
+            streams[thread_id] = await stream_request(
+                client, "POST", f"/v1/threads/{thread_id}/turns",
+                json=turn_body("hello there", model=MODEL),
+            )
+
+        async with anyio.create_task_group() as tg:
+            for thread_id in thread_ids:
+                tg.start_soon(turn, thread_id)
+
+    refused = {
+        t: (s.status, s.body[:200]) for t, s in streams.items() if s.status != 200
+    }
+    assert refused == {}, f"{len(refused)} of {turns} turns refused: {refused}"
+    for thread_id, stream in streams.items():
+        validate_ui_stream(stream)  # ids, parts, a finish chunk, then [DONE]
+        assert stream.chunks[-1]["type"] == "finish", thread_id
+        assert stream.text.split() == [f"w{i}" for i in range(1, 21)], thread_id
+    return thread_ids
+
+
 @pytest.mark.parametrize("turns", [100, 1000])
 async def test_turns_started_at_once_on_sqlite_all_stream_and_finalize(
     tmp_path: Path, turns: int
@@ -60,40 +101,7 @@ async def test_turns_started_at_once_on_sqlite_all_stream_and_finalize(
     url = f"sqlite:///{path}"
     await migrate(url)
     async with run_gateway(url, **BURST_ENV) as gw:
-        thread_ids: list[str] = []
-
-        async def make_thread() -> None:
-            row, _ = await gw.store.create_thread(gw.user_id)
-            thread_ids.append(row.id)
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(turns):
-                tg.start_soon(make_thread)
-
-        streams: dict[str, Stream] = {}
-        async with gw.client(
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=0),
-            timeout=httpx.Timeout(120.0),
-        ) as client:
-
-            async def turn(thread_id: str) -> None:
-                streams[thread_id] = await stream_request(
-                    client, "POST", f"/v1/threads/{thread_id}/turns",
-                    json=turn_body("hello there", model=MODEL),
-                )
-
-            async with anyio.create_task_group() as tg:
-                for thread_id in thread_ids:
-                    tg.start_soon(turn, thread_id)
-
-        refused = {
-            t: (s.status, s.body[:200]) for t, s in streams.items() if s.status != 200
-        }
-        assert refused == {}, f"{len(refused)} of {turns} turns refused: {refused}"
-        for thread_id, stream in streams.items():
-            validate_ui_stream(stream)  # ids, parts, a finish chunk, then [DONE]
-            assert stream.chunks[-1]["type"] == "finish", thread_id
-            assert stream.text.split() == [f"w{i}" for i in range(1, 21)], thread_id
+        thread_ids = await burst(gw, turns)
 
     rows = _rows(path, thread_ids)
     assert sorted(t for t, _, _ in rows) == sorted(thread_ids)  # one assistant row each
