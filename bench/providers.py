@@ -504,6 +504,9 @@ SIZES = {
 }
 
 
+PHASES = ("idle", "ttft", "long", "conc")
+
+
 def _fmt(v: Any, spec: str = ",.1f") -> str:
     return "–" if v is None else format(v, spec)
 
@@ -563,7 +566,9 @@ def summarize(res: dict[str, Any]) -> str:
 
 async def amain(args: argparse.Namespace) -> None:
     raise_nofile()
-    sizes = SIZES["quick" if args.quick else "full"]
+    sizes = dict(SIZES["quick" if args.quick else "full"])
+    if args.idle:
+        sizes["idle"] = args.idle
     rounds = args.rounds or sizes["rounds"]
     wanted = args.servers.split(",")
     before = export_ref(args.before) if args.before else None
@@ -632,6 +637,8 @@ async def amain(args: argparse.Namespace) -> None:
                 path.write_text(json.dumps(res, indent=1))
 
             for name, t in targets.items():
+                if "idle" not in args.phases:
+                    break
                 out = await phase_idle(t, sizes["idle"], settle=not args.quick)
                 per[name]["idle"] = out
                 count(name, out, sizes["idle"] + 20)
@@ -642,20 +649,25 @@ async def amain(args: argparse.Namespace) -> None:
                 rot = order[rnd % len(order):] + order[:rnd % len(order)]
                 for name in rot:
                     t = targets[name]
-                    out = await phase_ttft(t, sizes["ttft"])
-                    per[name]["ttft"].append(out)
-                    count(name, out, sizes["ttft"])
-                    at = anthropic_target.get(name, t if name.startswith("turngate") else None)
-                    if at is not None:
-                        out_a = await phase_ttft(at, sizes["ttft"], "anthropic")
-                        per[name]["ttft_anthropic"].append(out_a)
-                        count(name, out_a, sizes["ttft"])
-                    lo = await phase_long(t, sizes["long"])
-                    per[name]["long"].append(lo)
-                    count(name, lo, 1)
-                    co = await phase_conc(t, *conc)
-                    per[name]["conc"].append(co)
-                    count(name, co, conc[0])
+                    out = lo = co = {}
+                    if "ttft" in args.phases:
+                        out = await phase_ttft(t, sizes["ttft"])
+                        per[name]["ttft"].append(out)
+                        count(name, out, sizes["ttft"])
+                        at = anthropic_target.get(
+                            name, t if name.startswith("turngate") else None)
+                        if at is not None:
+                            out_a = await phase_ttft(at, sizes["ttft"], "anthropic")
+                            per[name]["ttft_anthropic"].append(out_a)
+                            count(name, out_a, sizes["ttft"])
+                    if "long" in args.phases:
+                        lo = await phase_long(t, sizes["long"])
+                        per[name]["long"].append(lo)
+                        count(name, lo, 1)
+                    if "conc" in args.phases:
+                        co = await phase_conc(t, *conc)
+                        per[name]["conc"].append(co)
+                        count(name, co, conc[0])
                     print(f"round {rnd + 1} {name} ttft {json.dumps(out)} long {json.dumps(lo)} "
                           f"conc {json.dumps(co)}", flush=True)
                     save()
@@ -678,7 +690,16 @@ def main() -> None:
     ap.add_argument("--servers", default="direct,turngate-pg,turngate-sqlite,litellm")
     ap.add_argument("--before", default="", help="also run the gateway at this git ref")
     ap.add_argument("--table", default="", help="print the table of a stored result and exit")
+    ap.add_argument("--idle", type=int, default=0,
+                    help="streams held open in the idle phase (default 1,000; quick 300)")
+    ap.add_argument("--only", default="",
+                    help="run only these phases, comma-separated, of idle,ttft,long,conc "
+                         "(e.g. --only idle,ttft for the open and first-token figures)")
     args = ap.parse_args()
+    phases = {p for p in args.only.split(",") if p} or set(PHASES)
+    if not phases <= set(PHASES):
+        ap.error(f"--only takes phases of {','.join(PHASES)}")
+    args.phases = phases
     if args.table:
         print(summarize(json.loads(Path(args.table).read_text())))
         return

@@ -38,6 +38,8 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
+import anyio.lowlevel
+
 from llm_adapters._http import HTTPAdapter, as_int, error_summary, loads
 from llm_adapters._sse import SSEEvent
 from llm_adapters.base import (
@@ -261,6 +263,7 @@ class AnthropicAdapter(HTTPAdapter):
         counts: dict[str, int] = {}
         stop_reason: str | None = None
         stopped = False
+        produced = let_out = False  # content was yielded; the readers had their turn
         blocks: dict[int, _Block] = {}
 
         def usage_event() -> Usage | None:
@@ -310,6 +313,7 @@ class AnthropicAdapter(HTTPAdapter):
                         )
                     if kind == "content_block_delta":
                         for out in self._block_delta(payload, blocks):
+                            produced = True
                             yield out
                     elif kind == "message_start":
                         message = payload.get("message")
@@ -323,6 +327,7 @@ class AnthropicAdapter(HTTPAdapter):
                                             start.completion_tokens, final=False)
                     elif kind == "content_block_start":
                         for out in self._block_start(payload, blocks):
+                            produced = True
                             yield out
                     elif kind == "content_block_stop":
                         index = as_int(payload.get("index"))
@@ -340,6 +345,12 @@ class AnthropicAdapter(HTTPAdapter):
                         stopped = True
                         break
                     # anything else (new event types) is ignored
+                if produced and not let_out:
+                    # The first content is published: let the readers' streams write it
+                    # before the rest of what this read brought is worked through.
+                    let_out = True
+                    await anyio.lowlevel.checkpoint()
+                    await anyio.lowlevel.checkpoint()
                 if stopped:
                     break
         for out in end_open_blocks():

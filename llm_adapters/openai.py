@@ -35,6 +35,8 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
+import anyio.lowlevel
+
 from llm_adapters._http import HTTPAdapter, as_int, error_summary, loads
 from llm_adapters._sse import SSEEvent
 from llm_adapters.base import (
@@ -216,6 +218,7 @@ class OpenAIAdapter(HTTPAdapter):
         usage: tuple[int, int] | None = None
         finish: str | None = None
         done = False
+        produced = let_out = False  # an event was yielded; the readers had their turn
         calls: dict[int, _ToolCall] = {}
 
         def usage_event() -> Usage:
@@ -281,12 +284,20 @@ class OpenAIAdapter(HTTPAdapter):
                         delta = choice.get("delta")
                         if isinstance(delta, dict):
                             for out in self._delta_events(delta, calls):
+                                produced = True
                                 yield out
                         reason = choice.get("finish_reason")
                         if reason is not None:
                             finish = str(reason)
                             for out in close_calls():
                                 yield out
+                if produced and not let_out:
+                    # The first events are published: let the readers' streams write them
+                    # before the rest of what this read brought is worked through (with
+                    # a whole short answer in one read, that is its end and final write).
+                    let_out = True
+                    await anyio.lowlevel.checkpoint()
+                    await anyio.lowlevel.checkpoint()
                 if done:
                     break
         if not done and finish is None:

@@ -28,6 +28,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 from starlette.responses import Response
 
@@ -164,9 +165,14 @@ async def open_turn(
     history = history_messages(opened.history or [], turn_id)
     history.append(ChatMessage("user", content))
     live = LiveTurn(thread_id, turn_id, user_id, opened.assistant_message_id)
-    return _launch(ctx, live, adapter, AdapterRequest(model=model, messages=history),
-                   opened.user_message_id, model_string, started,
-                   Toolbox(ctx.runner.tools, client_tools or {})), True
+    response = _launch(ctx, live, adapter, AdapterRequest(model=model, messages=history),
+                       opened.user_message_id, model_string, started,
+                       Toolbox(ctx.runner.tools, client_tools or {}))
+    # The generation runs up to its first wait (a provider's request is sent) before
+    # this response writes its head: the provider works on it meanwhile. Shielded: a
+    # launched turn always gets its response.
+    await anyio.lowlevel.cancel_shielded_checkpoint()
+    return response, True
 
 
 async def attach_to_regenerate(
