@@ -376,6 +376,7 @@ async def phase_idle(target: Target, n: int, settle: bool) -> dict[str, Any]:
         await sem.acquire()
         return await run_stream(target, model, hold=hold, opened=on_open)
 
+    cpu0 = proc.cpu() if proc else 0.0
     t0 = time.perf_counter()
     tasks = [asyncio.ensure_future(one()) for _ in range(n)]
     try:
@@ -385,6 +386,13 @@ async def phase_idle(target: Target, n: int, settle: bool) -> dict[str, Any]:
     open_s = time.perf_counter() - t0
     ok = sum(1 for r in opened if r.t_first is not None and r.status == 200)
     out: dict[str, Any] = {"streams": n, "held": ok, "open_s": open_s}
+    if proc is not None:
+        # The server's CPU for the opens: less noisy than their wall-clock time.
+        out["open_cpu_ms_per_stream"] = (proc.cpu() - cpu0) * 1000 / max(n, 1)
+    ttfts = sorted((r.t_first - r.t_send) * 1000 for r in opened if r.t_first is not None)
+    if ttfts:
+        out["open_ttft_median_ms"] = median(ttfts)
+        out["open_ttft_p99_ms"] = pct(ttfts, 0.99)
     await asyncio.sleep(0.5)
     if proc is not None:
         out["kib_per_stream"] = (proc.rss() - rss0) / 1024 / max(ok, 1)
