@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 
@@ -261,3 +262,64 @@ async def test_an_adapter_that_fails_to_load_is_a_400_and_logged_with_its_cause(
     failed = [rec for rec in caplog.records if "adapter_load_failed" in rec.getMessage()]
     assert len(failed) == 1 and failed[0].exc_info is not None
     assert "missing setting FOO_URL" in caplog.text
+
+
+async def test_the_generation_starts_before_the_response_head_is_written(
+    gateway: GatewayServer,
+) -> None:
+    """A new turn's adapter is called (a provider's request goes out) before the
+    response writes its head, so the provider works on it meanwhile."""
+    from llm_adapters.events import Finish, TextDelta
+
+    called = anyio.Event()
+    release = anyio.Event()
+
+    class Probe:
+        name = "probe"
+
+        async def stream(self, request: object) -> AsyncIterator[object]:
+            called.set()
+            await release.wait()  # as a provider that has not answered yet
+            yield TextDelta("hi")
+            yield Finish("stop")
+
+        async def aclose(self) -> None:
+            pass
+
+    gateway.ctx.adapters.register("probe", lambda env: Probe())  # type: ignore[arg-type,return-value]
+    async with gateway.client() as client:
+        thread = await gateway.new_thread(client)
+    body = json.dumps(_turn("probe:m")).encode()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": f"/v1/threads/{thread}/turns", "raw_path": b"",
+        "query_string": b"", "root_path": "", "server": ("127.0.0.1", 80),
+        "client": ("127.0.0.1", 1), "app": gateway.app,
+        "headers": [(b"authorization", f"Bearer {gateway.key}".encode()),
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode())],
+    }
+    requested = False
+    head: dict[str, object] = {}
+    body_out = bytearray()
+
+    async def receive() -> dict[str, object]:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, object]) -> None:
+        if message["type"] == "http.response.start":
+            head["status"] = message["status"]
+            head["adapter_called"] = called.is_set()
+            release.set()
+        elif message["type"] == "http.response.body":
+            body_out.extend(message.get("body", b""))  # type: ignore[arg-type]
+
+    with anyio.fail_after(10):
+        await gateway.app(scope, receive, send)
+    assert head == {"status": 200, "adapter_called": True}
+    assert b'"delta":"hi"' in body_out and b"[DONE]" in body_out

@@ -112,12 +112,12 @@ GC_THRESHOLDS = (20_000, 20, 10)
 def tune_gc() -> None:
     """Fewer cyclic garbage collections for a server that holds many open streams.
 
-    With Python's defaults, opening 1,000 streams ran the collector about 520
-    times, 4 of them full collections over every object of the process (400,000
-    and more), which took 2.2 s of CPU of the 4.9 s the opens took (bench/:
-    ``providers.py --only idle``). A young generation of 20,000 objects collects
-    the short-lived cycles of a turn as before, only less often; the objects of
-    start-up (modules, the app) are frozen out of every later collection
+    With Python's defaults, opening 1,000 held streams ran the collector 522
+    times, 4 of them full collections over every object of the process (420,000),
+    2.2 s of CPU of the 4.9 s the opens took (docs/DECISIONS.md). A young
+    generation of 20,000 objects collects the short-lived cycles of a turn as
+    before, only less often (``tests/test_gc_tuning.py``); the objects of start-up
+    (modules, the app) are frozen out of every later collection
     (``freeze_startup_objects``).
     """
     gc.set_threshold(*GC_THRESHOLDS)
