@@ -89,11 +89,18 @@ ins_assistant AS (
     {ON_TURN_CONFLICT}
     RETURNING id
 ),
+titling AS (  -- a first turn's title (:title) for an untitled thread
+    SELECT CAST(:title AS text) AS title FROM threads t JOIN go ON t.id = go.id
+    WHERE t.title IS NULL AND CAST(:title AS text) IS NOT NULL
+      AND EXISTS (SELECT 1 FROM ins_assistant)
+      AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.thread_id = go.id
+                      AND m.turn_id IS DISTINCT FROM :turn_id)
+),
 bump AS (
-    UPDATE threads SET updated_at = now()
+    UPDATE threads SET updated_at = now(), title = coalesce(title, (SELECT title FROM titling))
     WHERE id = (SELECT id FROM go)
       AND EXISTS (SELECT 1 FROM ins_user UNION ALL SELECT 1 FROM ins_assistant)
-    RETURNING 1
+    RETURNING title
 )
 SELECT
     EXISTS (SELECT 1 FROM th) AS thread_found,
@@ -103,6 +110,7 @@ SELECT
     (SELECT id FROM mine WHERE role = 'user') AS user_old,
     (SELECT id FROM mine WHERE role = 'assistant') AS assistant_old,
     (SELECT status FROM mine WHERE role = 'assistant') AS assistant_old_status,
+    EXISTS (SELECT 1 FROM titling JOIN bump ON bump.title = titling.title) AS titled,
     (SELECT count(*) FROM bump) AS bumped
 """
 

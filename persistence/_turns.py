@@ -157,6 +157,7 @@ class _TurnsMixin(_StoreBase):
         history_limit: int = 200,
         key_prefix: str | None = None,
         key_hash: str | None = None,
+        title: str | None = None,
     ) -> TurnOpened:
         """Write the user row and the assistant shell of a turn, idempotently.
 
@@ -179,6 +180,12 @@ class _TurnsMixin(_StoreBase):
         (SQLite) first requires that key to exist, be unrevoked and belong to
         ``owner_id``; else nothing is written and the status is ``unauthorized``. This
         lets the gateway skip its authenticate round trip for a key it has seen.
+
+        ``title``: the thread's title if this is its first turn (no message of another
+        turn exists), the thread is untitled and this call inserted the assistant row;
+        written by the same statement (PostgreSQL) or transaction (SQLite), so a title
+        known when the turn opens costs no round trip of its own. ``titled`` says
+        whether it was written (``updated_at`` moves only for the inserted rows).
         """
         if history_limit < 0:
             raise ValueError("history_limit must not be negative")
@@ -194,7 +201,7 @@ class _TurnsMixin(_StoreBase):
                     conn, thread_id, turn_id,
                     lambda: self._open_turn_pg(
                         conn, thread_id, owner_id, turn_id, content, lease_owner,
-                        lease_seconds, history, key,
+                        lease_seconds, history, key, title,
                     ),
                 )
             else:
@@ -208,6 +215,7 @@ class _TurnsMixin(_StoreBase):
                     lease_seconds,
                     history,
                     key,
+                    title,
                 )
             return opened, _open_outcome(opened)
 
@@ -229,6 +237,7 @@ class _TurnsMixin(_StoreBase):
         lease_seconds: float,
         history_limit: int | None,
         key: tuple[str, str] | None = None,
+        title: str | None = None,
     ) -> TurnOpened:
         values: dict[str, Any] = {
             "thread_id": thread_id,
@@ -238,6 +247,7 @@ class _TurnsMixin(_StoreBase):
             "shell": _SHELL_JSON,
             "lease_owner": lease_owner,
             "lease_seconds": float(lease_seconds),
+            "title": title,
         }
         sql = _pg_sql.OPEN_TURN
         if history_limit is not None:
@@ -286,6 +296,7 @@ class _TurnsMixin(_StoreBase):
             user_inserted=row["user_new"] is not None,
             assistant_inserted=row["assistant_new"] is not None,
             assistant_status=str(assistant_status),
+            titled=bool(row["titled"]),
             history=(
                 _history_rows(row["history"])
                 if history_limit is not None and row["assistant_new"] is not None
@@ -304,6 +315,7 @@ class _TurnsMixin(_StoreBase):
         lease_seconds: float,
         history_limit: int | None,
         key: tuple[str, str] | None = None,
+        title: str | None = None,
     ) -> TurnOpened:
         now = utcnow_text()
         ids = {"thread_id": thread_id, "turn_id": turn_id}
@@ -366,6 +378,12 @@ class _TurnsMixin(_StoreBase):
                 "UPDATE threads SET updated_at = :now WHERE id = :thread_id",
                 {"thread_id": thread_id, "now": now},
             )
+        titled = title is not None and assistant_new is not None and await conn.fetch_val(
+            "UPDATE threads SET title = :title WHERE id = :thread_id AND title IS NULL "
+            "AND NOT EXISTS (SELECT 1 FROM messages WHERE thread_id = :thread_id "
+            "AND (turn_id IS NULL OR turn_id <> :turn_id)) RETURNING id",
+            {**ids, "title": title},
+        ) is not None
         if history_limit is not None and assistant_new is not None:
             rows = await conn.fetch_all(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE thread_id = :thread_id "
@@ -385,6 +403,7 @@ class _TurnsMixin(_StoreBase):
             assistant_status=(
                 "streaming" if assistant_new is not None else str(mine["assistant"]["status"])
             ),
+            titled=titled,
             history=history,
         )
 

@@ -70,7 +70,8 @@ class TurnOpened:
     ``status == "busy"``. The ids are ``None`` unless ``status == "opened"``.
     ``history`` (``open_turn(with_history=True)`` only, and only when the
     assistant row was inserted): the thread's earlier messages, oldest first,
-    without this turn's rows; else None.
+    without this turn's rows; else None. ``titled``: ``open_turn(title=...)`` gave the
+    thread that title.
     ``status == "unauthorized"``: ``open_turn(key_prefix=..., key_hash=...)`` found
     that API key revoked, unknown or not ``owner_id``'s; nothing was written.
     ``Store.regenerate_turn`` answers with the same record: ``turn_not_found`` (no
@@ -86,6 +87,7 @@ class TurnOpened:
     assistant_status: str | None = None
     busy_turn_id: str | None = None
     history: list[MessageRow] | None = None
+    titled: bool = False
     user_content: list[dict[str, Any]] | None = None
 
 

@@ -127,7 +127,9 @@ class RedisRelay:
         """Copy ``live`` to its stream until it ends, again after each Redis failure.
 
         ``replace``: the key holds an earlier stream of the same turn (a paused turn
-        continuing, whose ids start again at 0): it is replaced, not appended to.
+        continuing, whose ids start again at 0): it is replaced, not appended to,
+        and the earlier stream's writer, if it is still finishing, writes no more
+        there (``StreamWriter``: one owner per stream).
 
         A failure never touches the generation. While the turn runs, its copy is
         written anew once Redis answers again (``StreamWriter.rewrite``: same
@@ -143,14 +145,17 @@ class RedisRelay:
         while True:
             try:
                 if replace and not again:
-                    await writer.rewrite(live)
-                elif again:
-                    await writer.rewrite(live)
+                    await writer.rewrite(live, take_over=True)
+                elif again and await writer.rewrite(live):
                     logger.info("relay_resumed turn_id=%s events=%d", live.turn_id,
                                 writer.written + 1,
                                 extra={"event": "relay_resumed", "turn_id": live.turn_id,
                                        "events": writer.written + 1})
-                await writer.run(live)
+                if not writer.superseded:
+                    await writer.run(live)
+                if writer.superseded:
+                    logger.info("relay_superseded turn_id=%s", live.turn_id,
+                                extra={"event": "relay_superseded", "turn_id": live.turn_id})
                 return
             except Exception as exc:
                 self._lost("mirror", exc)

@@ -5,11 +5,20 @@ per published batch: ``f`` (SSE id of the first chunk), ``n`` (how many chunks)
 and ``d`` (the chunks, already SSE-encoded, concatenated). The last entry is
 the end marker ``end`` (the final status). Redis entry ids keep the order; the
 SSE ids in ``f``/``n`` are what ``Last-Event-ID`` is matched against.
+
+One writer at a time owns a turn's stream: its token is in ``<key>:writer``, and every
+write checks it in the same script (``_APPEND``, ``_REWRITE``). A paused turn and its
+continuation are two writers of one key, the continuation's replacing the paused
+copy; the paused one's last batch and end marker go out in its writer's ``finally``,
+which can run after the replacement (a loaded event loop, or another replica), and
+without the check they would land in the continuation's stream and end its followers
+there. A writer that finds another owner stops writing.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -23,6 +32,31 @@ logger = logging.getLogger("turngate.redis")
 FIRST, COUNT, DATA, END = b"f", b"n", b"d", b"end"
 # Chunks per entry when a whole turn is written anew (``StreamWriter.rewrite``).
 REWRITE_CHUNKS = 1000
+
+# KEYS: the stream, its owner key. ARGV: the writer's token, "1" to take the stream
+# over whoever owns it, MAXLEN, TTL, then the entry's fields and values. 0 if another
+# writer owns the stream (nothing written), else 1.
+_APPEND = """
+local owner = redis.call('GET', KEYS[2])
+if owner and owner ~= ARGV[1] and ARGV[2] ~= '1' then return 0 end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 5))
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[4])
+return 1
+"""
+# The same, replacing the stream by entries given as (f, n, d) triples after the TTL.
+_REWRITE = """
+local owner = redis.call('GET', KEYS[2])
+if owner and owner ~= ARGV[1] and ARGV[2] ~= '1' then return 0 end
+redis.call('DEL', KEYS[1])
+for i = 5, #ARGV, 3 do
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*',
+        'f', ARGV[i], 'n', ARGV[i + 1], 'd', ARGV[i + 2])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[4])
+return 1
+"""
 
 
 class RelayLost(Exception):
@@ -55,6 +89,10 @@ class StreamWriter:
     after it (``flush_interval``), go out together in the next one, so the hot
     path (``LiveTurn.publish``) never waits for Redis and a fast stream costs
     one round trip per ``flush_interval``, not one per token.
+
+    Its first write takes the stream over (a new turn, or a regenerated reply
+    after the one it replaces); after that it writes only while it owns it.
+    ``superseded``: another writer took the stream (a continuation of the turn).
     """
 
     def __init__(
@@ -68,46 +106,69 @@ class StreamWriter:
         self.ttl_done = ttl_done
         self.flush_interval = flush_interval
         self.written = -1  # SSE id of the last chunk written
+        self.token = uuid.uuid4().hex
+        self.owner_key = f"{key}:writer"
+        self.superseded = False
+        self._take_over = True  # the first write takes the stream over
+        self._append = client.register_script(_APPEND)
+        self._rewrite = client.register_script(_REWRITE)
 
-    async def _xadd(self, fields: dict[bytes, Any], ttl: int) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xadd(self.key, fields, maxlen=self.maxlen, approximate=True)
-        pipe.expire(self.key, ttl)
-        await pipe.execute()
+    async def _xadd(self, fields: dict[bytes, Any], ttl: int) -> bool:
+        """One entry, if this writer owns the stream (or takes it over); False if not."""
+        args: list[Any] = [self.token, int(self._take_over), self.maxlen, ttl]
+        for name, value in fields.items():
+            args += [name, value]
+        if not await self._append(keys=[self.key, self.owner_key], args=args):
+            self.superseded = True
+            return False
+        self._take_over = False
+        return True
 
-    async def write_batch(self, first: int, chunks: list[bytes]) -> None:
-        await self._xadd(
+    async def write_batch(self, first: int, chunks: list[bytes]) -> bool:
+        """The chunks from SSE id ``first``; False if another writer owns the stream."""
+        if self.superseded or not await self._xadd(
             {FIRST: first, COUNT: len(chunks), DATA: b"".join(chunks)}, self.ttl_running
-        )
+        ):
+            return False
         self.written = first + len(chunks) - 1
+        return True
 
-    async def rewrite(self, live: LiveTurn) -> None:
-        """Replace the stream by every chunk ``live`` has so far, in one transaction.
+    async def rewrite(self, live: LiveTurn, *, take_over: bool = False) -> bool:
+        """Replace the stream by every chunk ``live`` has so far, in one script.
 
         After Redis came back (restarted empty, or holding a copy that stopped
         when the writes failed): the same SSE ids as before, from the same
-        memory, so a follower's ``Last-Event-ID`` still means the same event. In
-        one MULTI so that a reader never sees a partial copy.
+        memory, so a follower's ``Last-Event-ID`` still means the same event.
+        Atomic, so that a reader never sees a partial copy. ``take_over``: a
+        continuation replacing the paused turn's copy, whoever wrote it; else
+        only a stream this writer owns (or nobody does: Redis restarted empty)
+        is replaced. False, writing nothing, if another writer owns it.
         """
+        if self.superseded:
+            return False
         events, base = live.events[:], live.first_id  # from the oldest chunk kept
-        pipe = self.client.pipeline(transaction=True)
-        pipe.delete(self.key)
+        args: list[Any] = [self.token, int(take_over or self._take_over), self.maxlen,
+                           self.ttl_running]
         for first in range(0, len(events), REWRITE_CHUNKS):
             batch = events[first : first + REWRITE_CHUNKS]
-            pipe.xadd(self.key, {FIRST: base + first, COUNT: len(batch), DATA: b"".join(batch)},
-                      maxlen=self.maxlen, approximate=True)
-        pipe.expire(self.key, self.ttl_running)
-        await pipe.execute()
+            args += [base + first, len(batch), b"".join(batch)]
+        if not await self._rewrite(keys=[self.key, self.owner_key], args=args):
+            self.superseded = True
+            return False
+        self._take_over = False
         self.written = base + len(events) - 1
+        return True
 
     async def run(self, live: LiveTurn) -> None:
-        """Write every batch of ``live`` after ``written``, then the end marker.
+        """Write every batch of ``live`` after ``written``, then the end marker; stop
+        early, quietly, once another writer owns the stream.
 
         Raises on Redis errors.
         """
         try:
             async for first, chunks in live.batches(self.written):
-                await self.write_batch(first, chunks)
+                if not await self.write_batch(first, chunks):
+                    return
                 await anyio.sleep(self.flush_interval)
         finally:
             # At shutdown the task group is cancelled right after the drain: the
@@ -115,9 +176,8 @@ class StreamWriter:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 first = max(self.written + 1, live.first_id)
                 rest = live.since(first)
-                if rest:
-                    await self.write_batch(first, rest)
-                if live.done:
+                if (not rest or await self.write_batch(first, rest)) and live.done \
+                        and not self.superseded:
                     await self._xadd({END: live.status or "interrupted"}, self.ttl_done)
 
 

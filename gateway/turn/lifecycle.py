@@ -128,11 +128,13 @@ async def open_turn(
     ``key_prefix``/``key_hash``: a cached key, checked by the open statement itself.
     ``client_tools``: tools the turn declares, which the client runs.
     """
+    # A first turn's title from the user's words is written by the open itself.
+    title = ctx.runner.titles.at_open(content) if ctx.runner.titles is not None else None
     opened = await ctx.store.open_turn(
         thread_id, user_id, turn_id, content,
         lease_owner=ctx.instance_id, lease_seconds=ctx.settings.lease_seconds,
         with_history=True, history_limit=ctx.settings.history_messages,
-        key_prefix=key_prefix, key_hash=key_hash,
+        key_prefix=key_prefix, key_hash=key_hash, title=title,
     )
     if opened.status in ("unavailable", "unauthorized", "thread_not_found"):
         raise Refused(opened.status)
@@ -145,7 +147,7 @@ async def open_turn(
         opened = await ctx.store.open_turn(
             thread_id, user_id, turn_id, content,
             lease_owner=ctx.instance_id, lease_seconds=ctx.settings.lease_seconds,
-            with_history=True, history_limit=ctx.settings.history_messages,
+            with_history=True, history_limit=ctx.settings.history_messages, title=title,
         )
         if opened.status == "unavailable":
             raise Refused("unavailable")
@@ -165,9 +167,11 @@ async def open_turn(
     history = history_messages(opened.history or [], turn_id)
     history.append(ChatMessage("user", content))
     live = LiveTurn(thread_id, turn_id, user_id, opened.assistant_message_id)
-    response = _launch(ctx, live, adapter, AdapterRequest(model=model, messages=history),
-                       opened.user_message_id, model_string, started,
-                       Toolbox(ctx.runner.tools, client_tools or {}))
+    request = AdapterRequest(model=model, messages=history)
+    response = _launch(ctx, live, adapter, request, opened.user_message_id, model_string,
+                       started, Toolbox(ctx.runner.tools, client_tools or {}))
+    if ctx.runner.titles is not None:  # after the reply's task: it starts first
+        ctx.runner.titles.launched(ctx.runner, live, request, title if opened.titled else None)
     # The generation runs up to its first wait (a provider's request is sent) before
     # this response writes its head: the provider works on it meanwhile. Shielded: a
     # launched turn always gets its response.

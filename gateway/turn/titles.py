@@ -1,23 +1,25 @@
-"""A new thread's title, given after its first turn without delaying the reply.
+"""A new thread's title, given on its first turn without delaying the reply.
 
-``Titler.after_turn`` is called by the lifecycle once a turn's row is final, before
-its closing chunks. For a thread's first turn (its request has no earlier
-messages) it titles the thread:
+For a thread's first turn (its request has no earlier messages):
 
-- with ``TURNGATE_TITLE_MODEL`` set: that model is asked for a short title from the
-  user's text and the start of the reply, in a task of the app's task group (the
-  stream ends without waiting for it); its tokens are stored as their own
-  ``token_usage`` row (``usage_type`` ``"title"``, ``message_id`` NULL), also when the
-  call fails or the title is not used. A failing model falls back to the first words.
-- else: the first words of the user's text (of the reply when the message had no
-  text), written at once; the stream's end waits for that write at most
-  ``FALLBACK_WAIT_SECONDS``.
+- without ``TURNGATE_TITLE_MODEL``: the first words of the user's text, written by the
+  turn's open statement itself (``Store.open_turn(title=...)``: no round trip of its
+  own), and announced just before the turn's closing chunks. A message without text
+  is titled from the reply's first words once the turn's row is final (the stream's
+  end waits for that write at most ``FALLBACK_WAIT_SECONDS``).
+- with it: that model is asked for a short title from the user's text when the turn
+  launches, in a task of the app's task group beside the reply (the reply's first
+  token never waits for it, and the stream's end does not either). Its tokens are
+  stored as their own ``token_usage`` row (``usage_type`` ``"title"``, ``message_id``
+  NULL), also when the call fails, is cut or its title is not used. A failing model
+  gives the first words instead; a drain cuts the call short the same way.
 
-The write is conditional (``Store.set_title_if_untitled``): only an untitled thread
-whose first turn this is gets a title, so a title the user set meanwhile wins. A title
-written while the turn's stream is still open goes to its readers as a transient
-``data-title`` chunk (no SSE id, never replayed) before ``finish``; the thread list
-returns it in any case.
+The writes are conditional: only an untitled thread whose first turn this is gets a
+title, so a title the user set meanwhile wins. A title written while the turn's
+stream is open goes to its readers as a transient ``data-title`` chunk (no SSE id,
+never replayed) before ``finish``: the model's as soon as it is written, the first
+words just before the end. A model title that lands after the stream ended is only
+stored; the thread list returns it in any case.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import aclosing
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -117,8 +119,17 @@ def _reply_text(content: ContentBuilder) -> str:
     )
 
 
+class _FirstTurn:
+    """The title of one first turn, from its launch to the end of its stream."""
+
+    def __init__(self, title: str | None) -> None:
+        self.title = title  # written at open: announced just before the turn's end
+        self.done = anyio.Event()  # the title model's task has finished
+        self.scope = anyio.CancelScope()  # the title model's call (a drain cuts it)
+
+
 class Titler:
-    """Titles threads after their first turn; one per app, on its ``TurnRunner``."""
+    """Titles threads on their first turn; one per app, on its ``TurnRunner``."""
 
     def __init__(
         self, store: Store, adapters: AdapterRegistry, cost: CostFn, model: str | None
@@ -127,70 +138,123 @@ class Titler:
         self.adapters = adapters
         self.cost = cost
         self.model = model  # TURNGATE_TITLE_MODEL, "<adapter>:<model>"
+        # The first turns launched here whose stream has not ended, by message id.
+        self._turns: dict[int, _FirstTurn] = {}
 
-    async def after_turn(
+    def at_open(self, user_content: list[dict[str, Any]]) -> str | None:
+        """The title the open statement gives an untitled thread on its first turn:
+        the first words of the user's text, when no title model is set."""
+        if self.model is not None:
+            return None
+        return first_words(ChatMessage("user", user_content).text)
+
+    def launched(
         self, runner: TurnRunner, live: LiveTurn, request: AdapterRequest,
-        content: ContentBuilder,
+        titled: str | None,
     ) -> None:
-        """Title the thread if ``request`` was its first turn. Never raises.
+        """A new turn's generation started; ``titled``: the title its open wrote.
 
-        Called after the turn's final write, before its closing chunks: a title
-        written before they go out is sent ahead of them (``data-title``).
+        A first turn with ``TURNGATE_TITLE_MODEL`` set asks that model now, in a task
+        of the app's task group beside the reply's. Never raises.
         """
         try:
             users = [m for m in request.messages if m.role == "user"]
             if len(users) != 1 or runner.task_group is None:
                 return  # earlier turns in the history: not the first turn
-            user_text, reply_text = users[0].text, _reply_text(content)
-            fallback = first_words(user_text) or first_words(reply_text)
-            if fallback is None:
-                return  # no text on either side: nothing to title it with
-            written = anyio.Event()
-            # The model is not asked during a shutdown: its task would be cut short.
-            model = self.model if not runner.draining else None
-            runner.task_group.start_soon(
-                self._title, live, user_text, reply_text, fallback, model, written
-            )
-            if model is None:
-                with anyio.move_on_after(FALLBACK_WAIT_SECONDS):
-                    await written.wait()
+            if titled is not None:
+                self._turns[live.message_id] = _FirstTurn(titled)
+                return
+            user_text = users[0].text
+            if self.model is None or first_words(user_text) is None:
+                return  # titled at its end (from the reply), or titled already
+            turn = self._turns[live.message_id] = _FirstTurn(None)
+            runner.task_group.start_soon(self._from_model, live, user_text, turn, self.model)
         except Exception:
             logger.exception("title_failed thread_id=%s", live.thread_id)
 
-    async def _title(
-        self, live: LiveTurn, user_text: str, reply_text: str, fallback: str,
-        model: str | None, written: anyio.Event,
+    async def after_turn(
+        self, runner: TurnRunner, live: LiveTurn, request: AdapterRequest,
+        content: ContentBuilder,
     ) -> None:
-        """Make the title, write it if the thread is still untitled, tell the readers."""
+        """Called after the turn's final write, before its closing chunks. Never raises.
+
+        A title written at open is announced now (``data-title``). A draining gateway
+        cuts a title model's call short (the first words instead, its tokens booked),
+        waiting at most ``FALLBACK_WAIT_SECONDS``. A first turn whose user message
+        has no words is titled from the reply's, written now.
+        """
         try:
-            title, source, usage = fallback, "first_words", None
-            if model is not None:
-                if not await self.store.thread_needs_title(
-                    live.thread_id, live.owner_id, live.turn_id
-                ):
-                    return  # titled already (by its creator or the user): pay nothing
-                call = _ModelCall(model, _prompt(user_text, reply_text), TurnUsage(self.cost))
-                try:
-                    answer = await self._ask(call, live)
-                except anyio.get_cancelled_exc_class():
-                    # Shutdown: the tokens spent so far are still booked (estimated).
-                    with anyio.move_on_after(SHUTDOWN_WRITE_SECONDS, shield=True):
-                        await self._write(live, fallback, call.record(), attempts=1)
-                    raise
-                usage = call.record()
-                if answer is not None:
-                    title, source = answer, "model"
-            if await self._write(live, title, usage):
-                logger.info(
-                    "thread_titled thread_id=%s source=%s", live.thread_id, source,
-                    extra={"event": "thread_titled", "thread_id": live.thread_id,
-                           "turn_id": live.turn_id, "source": source},
-                )
-                live.publish_transient(title_chunk(live.thread_id, title))
+            turn = self._turns.pop(live.message_id, None)
+            if turn is not None:
+                if turn.title is not None:
+                    live.publish_transient(title_chunk(live.thread_id, turn.title))
+                elif runner.draining:
+                    turn.scope.cancel()
+                    with anyio.move_on_after(FALLBACK_WAIT_SECONDS):
+                        await turn.done.wait()
+                return
+            users = [m for m in request.messages if m.role == "user"]
+            if (
+                len(users) != 1 or runner.task_group is None
+                or first_words(users[0].text) is not None
+            ):
+                return  # not a first turn; or its open (or the model) titles it
+            fallback = first_words(_reply_text(content))
+            if fallback is None:
+                return  # no text on either side: nothing to title it with
+            written = anyio.Event()
+            runner.task_group.start_soon(self._from_reply, live, fallback, written)
+            with anyio.move_on_after(FALLBACK_WAIT_SECONDS):
+                await written.wait()
+        except Exception:
+            logger.exception("title_failed thread_id=%s", live.thread_id)
+
+    async def _from_reply(self, live: LiveTurn, title: str, written: anyio.Event) -> None:
+        try:
+            if await self._write(live, title, None):
+                self._titled(live, title, "first_words")
         except Exception:
             logger.exception("title_failed thread_id=%s", live.thread_id)
         finally:
             written.set()
+
+    async def _from_model(
+        self, live: LiveTurn, user_text: str, turn: _FirstTurn, model: str,
+    ) -> None:
+        """Ask the title model, write its title if the thread is still untitled, tell
+        the readers while the turn streams. Runs beside the reply."""
+        fallback = first_words(user_text) or ""
+        try:
+            if not await self.store.thread_needs_title(
+                live.thread_id, live.owner_id, live.turn_id
+            ):
+                return  # titled already (by its creator or the user): pay nothing
+            call = _ModelCall(model, _prompt(user_text, ""), TurnUsage(self.cost))
+            answer: str | None = None
+            try:
+                with turn.scope:
+                    answer = await self._ask(call, live)
+            except anyio.get_cancelled_exc_class():
+                # Shutdown: the tokens spent so far are still booked (estimated).
+                with anyio.move_on_after(SHUTDOWN_WRITE_SECONDS, shield=True):
+                    await self._write(live, fallback, call.record(), attempts=1)
+                raise
+            title, source = (answer, "model") if answer is not None else (
+                fallback, "first_words")
+            if await self._write(live, title, call.record()):
+                self._titled(live, title, source)
+        except Exception:
+            logger.exception("title_failed thread_id=%s", live.thread_id)
+        finally:
+            turn.done.set()
+
+    def _titled(self, live: LiveTurn, title: str, source: str) -> None:
+        logger.info(
+            "thread_titled thread_id=%s source=%s", live.thread_id, source,
+            extra={"event": "thread_titled", "thread_id": live.thread_id,
+                   "turn_id": live.turn_id, "source": source},
+        )
+        live.publish_transient(title_chunk(live.thread_id, title))
 
     async def _write(
         self, live: LiveTurn, title: str, usage: UsageRecord | None, attempts: int = 0
