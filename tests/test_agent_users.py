@@ -137,6 +137,14 @@ async def test_only_listed_users_are_offered_and_run_a_servers_tools(
                     assert again.text == "Again."
                     assert offered(fake.requests[-1].json) == sorted(tools)
                 assert len(fake.requests) == 7
+
+                # An unknown tool's error lists only the tools bob is offered.
+                fake.enqueue(FakeResponse.sse(openai_tool_call("call_u", "nope", {})))
+                fake.enqueue(FakeResponse.sse(openai_text("Unknown.")))
+                stream = await turn(bob, thread_b, "openai:gpt-4o", "call nope")
+                [error] = stream.of_type("tool-output-error")
+                assert error["errorText"] == (
+                    "unknown tool 'nope'; the tools are: " + ", ".join(OPEN_TOOLS))
     assert not bob_file.exists()
 
 

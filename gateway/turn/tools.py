@@ -340,6 +340,11 @@ class TurnSteps:
                 raise ToolError(f"unknown tool {name!r}: this gateway has no tools")
             if self.toolbox.withheld(name):
                 raise ToolError(withheld_text(name))
+            if hub.get(name) is None:
+                # The hub's own sentence would list every tool, those withheld too.
+                known = ", ".join(sorted(s.name for s in self.toolbox.specs
+                                         if hub.get(s.name) is not None)) or "none"
+                raise ToolError(f"unknown tool {name!r}; the tools are: {known}")
             output = await hub.call(name, call.get("args"))
         except ToolError as exc:
             logger.info("tool_failed turn_id=%s tool=%s: %s", self.live.turn_id, name, exc,
