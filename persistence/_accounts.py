@@ -55,6 +55,13 @@ class _AccountsMixin(_StoreBase):
 
         return await self._write("create_user", op, user_name=name)
 
+    async def user_name(self, user_id: int) -> str | None:
+        """The name of user ``user_id``, or None if there is none."""
+        name = await self._run(
+            lambda c: c.fetch_val("SELECT name FROM users WHERE id = :id", {"id": user_id})
+        )
+        return None if name is None else str(name)
+
     async def count_users(self) -> int:
         """How many users exist (the CLI creates a local user on an empty database)."""
         return int(await self._run(lambda c: c.fetch_val("SELECT count(*) FROM users")))

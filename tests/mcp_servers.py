@@ -7,7 +7,7 @@ Tools: ``echo`` (text back), ``add`` (structured output), ``note`` (text
 content only), ``environ`` (a variable of the server's environment), ``look.up``
 (a name with a dot), ``fail`` (a tool error), ``crash`` (the process exits
 mid-call; stdio only), ``hang`` (never answers), ``pid`` (the server's process
-id, to see a restart).
+id, to see a restart), ``touch`` (creates a file: a call that ran leaves a trace).
 """
 
 from __future__ import annotations
@@ -67,6 +67,13 @@ def environ(name: str) -> str:
 @server.tool(name="look.up", description="A tool whose name has a dot")
 def look_up(q: str) -> str:
     return f"found {q}"
+
+
+@server.tool(description="Create the file at path (a call that ran leaves it)")
+def touch(path: str) -> str:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("touched\n")
+    return f"touched {path}"
 
 
 @server.tool(description="The server's process id")

@@ -4,18 +4,25 @@ tests/js/browser_page.mjs drives Debian's headless Chromium (playwright-core)
 through Markdown, hostile HTML, copy, regenerate, rename, the model picker, a
 failed reply after reload, images (button and paste), Escape to stop, rejected
 sends, layout at 360 and 1280 px, dark mode and delete, on a real gateway on
-both databases. Screenshots land in test-artifacts/page-*-<db>.png.
+both databases. tests/js/browser_approval.mjs approves and denies a tool call
+waiting for approval (the test MCP server over stdio). Screenshots land in
+test-artifacts/page-*-<db>.png.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import pytest
 
+from gateway.turn.events import DENIED_TEXT
 from gateway.turn.titles import first_words
-from tests.fixtures_server import GatewayServer
+from tests.fixtures_server import GatewayServer, run_gateway
 from tests.js_support import ARTIFACTS, require_chromium, run_node
 
 pytestmark = [pytest.mark.anyio, pytest.mark.browser]
@@ -211,3 +218,79 @@ async def test_chat_page_features_end_to_end(gateway: GatewayServer) -> None:
     for name in ("markdown", "failed", "w360", "w1280", "w360-sidebar", "w360-dark"):
         path = ARTIFACTS / f"page-{name}-{db}.png"
         assert path.exists() and path.stat().st_size > 5_000, path
+
+
+# -- a tool call waiting for approval: Approve / Deny ------------------------------------
+
+APPROVAL_SERVERS = {"t": {"command": sys.executable, "args": ["-m", "tests.mcp_servers"],
+                          "cwd": str(Path(__file__).resolve().parent.parent),
+                          "approval": ["touch"]}}
+
+
+async def approval_in_page(database_url: str, tmp_path: Path, approve: bool
+                           ) -> tuple[dict[str, Any], Path, GatewayServer, list[Any]]:
+    chromium = require_chromium()
+    ARTIFACTS.mkdir(exist_ok=True)
+    db = "postgresql" if database_url.startswith("postgresql") else "sqlite"
+    target = tmp_path / "touched"
+    env = {"TURNGATE_MCP_CONFIG": json.dumps({"mcpServers": APPROVAL_SERVERS})}
+    async with run_gateway(database_url, **env) as gw:
+        out = await run_node("browser_approval.mjs", json.dumps({
+            "url": gw.url, "key": gw.key, "chromium": chromium, "db": db,
+            "artifacts": str(ARTIFACTS), "approve": approve, "text": "touch the file",
+            "model": f"scripted:call=t__touch,arg.path={quote(str(target), safe='')}",
+        }), limit=90)
+        rows = await gw.store.list_messages(out["threadId"], gw.user_id)
+        assert rows is not None
+        usage, _ = await gw.store.list_usage(gw.user_id, thread_id=out["threadId"])
+    assert out["pageErrors"] == [], out["pageErrors"]
+    # Paused: one reply, its call waiting, with the two buttons.
+    [paused] = out["paused"]
+    assert paused["status"] == "requires_action" and paused["badge"] == "Waiting for you"
+    [tool] = paused["tools"]
+    assert tool["name"] == "Tool: t__touch" and tool["state"] == "waiting for your approval"
+    assert tool["result"] is None
+    assert tool["buttons"] == [
+        {"text": "Approve", "label": "Approve the call of t__touch", "disabled": False},
+        {"text": "Deny", "label": "Deny the call of t__touch", "disabled": False}]
+    # The click POSTed the answer to .../continue, once.
+    assistant = [r for r in rows if r.role == "assistant"]
+    [reply] = assistant
+    approval_id = reply.content[0]["approval"]["id"]
+    assert out["continues"] == [{
+        "method": "POST",
+        "path": f"/v1/threads/{out['threadId']}/turns/{reply.turn_id}/continue",
+        "body": {"approvals": [{"approvalId": approval_id, "approved": approve}]}}]
+    # The continued stream went into the same message: never a second reply on screen.
+    assert out["seen"]["maxReplies"] == 1
+    for view in (out["after"], out["reloaded"]):
+        [shown] = view
+        assert shown["id"] == paused["id"] == str(reply.id)
+        assert shown["status"] == "complete" and shown["tools"][0]["buttons"] == []
+    assert len(usage) == 1 and len(usage[0].call_details) == 2
+    return out, target, reply, rows
+
+
+async def test_page_approves_a_tool_call(database_url: str, tmp_path: Path) -> None:
+    out, target, reply, _ = await approval_in_page(database_url, tmp_path, approve=True)
+    assert target.read_text() == "touched\n"  # it ran, once
+    result = f"touched {target}"
+    assert reply.status == "complete" and reply.content[0]["result"] == {"result": result}
+    assert result in out["seen"]["continuedText"]  # streamed into the paused reply's node
+    assert "t__touch answered: " in out["seen"]["continuedText"]
+    for view in (out["after"], out["reloaded"]):
+        tool = view[0]["tools"][0]
+        assert tool["state"] == "done" and result in tool["result"]
+        assert view[0]["text"].startswith("t__touch answered: ")
+
+
+async def test_page_denies_a_tool_call(database_url: str, tmp_path: Path) -> None:
+    out, target, reply, _ = await approval_in_page(database_url, tmp_path, approve=False)
+    assert not target.exists()  # it never ran
+    call = reply.content[0]
+    assert reply.status == "complete" and call["denied"] is True and "result" not in call
+    assert DENIED_TEXT in out["seen"]["continuedText"]
+    for view in (out["after"], out["reloaded"]):
+        tool = view[0]["tools"][0]
+        assert tool["state"] == "denied" and tool["result"].startswith("Denied: " + DENIED_TEXT)
+        assert view[0]["text"].startswith("t__touch answered: Error: ")

@@ -7,6 +7,7 @@ it), a port something already listens on."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -144,6 +145,16 @@ async def test_bad_port_is_a_usage_error(tmp_path: Path) -> None:
     assert code == 2
     assert "70000" in err and "0..65535" in err, err
     assert not (tmp_path / "turngate.db").exists()
+
+
+async def test_bad_mcp_users_stop_serve_with_the_value(tmp_path: Path) -> None:
+    config = json.dumps({"mcpServers": {"team": {"command": "a", "users": "alice"}}})
+    code, _, err = await turngate(["serve", "--port", "0"], tmp_path,
+                                  TURNGATE_MCP_CONFIG=config)
+    assert code != 0
+    line = one_line(err, must_name=["TURNGATE_MCP_CONFIG", "'team'", '"users" is "alice"',
+                                    "list of user names"])
+    assert "e.g. [\"alice\", \"bob\"]" in line
 
 
 async def test_serve_help_shows_defaults_and_meaning(tmp_path: Path) -> None:

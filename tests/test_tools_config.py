@@ -106,6 +106,47 @@ def test_unreadable_file_and_bad_json_name_the_setting(tmp_path: Path) -> None:
         load_config("TURNGATE_MCP_CONFIG", str(tmp_path / "bad.json"))
 
 
+# -- "users" ---------------------------------------------------------------------------
+
+
+def test_users_say_who_may_use_a_server() -> None:
+    config = parse_config({"mcpServers": {
+        "open": {"command": "a"},
+        "team": {"command": "b", "users": ["alice", "Bob Smith"]},
+        "nobody": {"url": "http://h/mcp", "users": []},
+    }})
+    open_, team, nobody = config.servers
+    assert open_.users is None and team.users == {"alice", "Bob Smith"} and nobody.users == set()
+    assert open_.allows("anyone") and open_.allows(None)
+    assert team.allows("alice") and team.allows("Bob Smith")
+    assert not team.allows("bob smith") and not team.allows("carol") and not team.allows(None)
+    assert not nobody.allows("alice")
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    ("alice", '"alice"'),
+    (["alice", ""], '["alice", ""]'),
+    (["alice", "  "], '["alice", "  "]'),
+    (["alice", 7], '["alice", 7]'),
+    ({"alice": True}, '{"alice": true}'),
+    (None, "null"),
+    ([["alice"]], '[["alice"]]'),
+])
+def test_bad_users_show_the_value_and_what_was_expected(value: Any, shown: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"mcpServers": {"team": {"command": "a", "users": value}}})
+    assert str(info.value) == (
+        f"TURNGATE_MCP_CONFIG: server 'team': \"users\" is {shown}: it must be a list of "
+        "user names (non-empty strings), e.g. [\"alice\", \"bob\"]")
+
+
+def test_a_long_bad_users_value_is_cut_in_the_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"mcpServers": {"team": {"command": "a", "users": ["x" * 500, 1]}}})
+    assert len(str(info.value)) < 260 and '"users" is ["xxx' in str(info.value)
+    assert "...: it must be a list of user names" in str(info.value)
+
+
 # -- names -----------------------------------------------------------------------------
 
 

@@ -148,7 +148,7 @@ async def test_crash_mid_call_is_a_tool_error_and_the_server_restarts() -> None:
         assert await hub.call("t__echo", {"text": "back"}) == {"result": "back"}
         assert [t.name for t in hub.tools if t.server == "t"] == [
             "t__add", "t__crash", "t__echo", "t__environ", "t__fail", "t__hang", "t__look_up",
-            "t__note", "t__pid"]
+            "t__note", "t__pid", "t__touch"]
 
 
 async def test_a_killed_idle_server_is_restarted() -> None:

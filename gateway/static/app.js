@@ -135,6 +135,7 @@
   const STATUS_WORDS = {
     cancelled: ['stopped', 'Stopped'], interrupted: ['stopped', 'Interrupted'],
     error: ['failed', 'Failed'], streaming: ['', 'Writing…'],
+    requires_action: ['waiting', 'Waiting for you'],
   };
 
   function el(tag, className, text) {
@@ -193,6 +194,7 @@
       this.open = null; // {kind, id, node}
       this.tools = new Map();
       this.pending = false;
+      this.turnId = null;
     }
     setMessageId(id) { if (id !== undefined) this.root.dataset.messageId = String(id); }
     textPart(kind) {
@@ -260,7 +262,7 @@
         result.hidden = true;
         box.append(head, args, result);
         this.body.append(box);
-        view = { box, state, args, result, argsText: '' };
+        view = { box, state, args, result, argsText: '', name, approval: null };
         this.tools.set(id, view);
       }
       return view;
@@ -275,11 +277,39 @@
       view.args.textContent = 'Input: ' + pretty(input);
       view.state.textContent = 'waiting for the result…';
     }
-    toolOutput(id, output) {
+    toolOutput(id, output, { label = 'Result', state = 'done' } = {}) {
       const view = this.tool(id, '?');
       view.result.hidden = false;
-      view.result.textContent = 'Result: ' + pretty(output);
-      view.state.textContent = 'done';
+      view.result.textContent = `${label}: ${pretty(output)}`;
+      view.state.textContent = state;
+      this.endApproval(id);
+    }
+    // A call waiting for a person: Approve / Deny continue this same reply.
+    approvalRequest(id, approvalId) {
+      const view = this.tool(id, '?');
+      this.endApproval(id);
+      view.state.textContent = 'waiting for your approval';
+      const bar = el('div', 'approval');
+      const approve = button('approve', 'Approve', `Approve the call of ${view.name}`);
+      const deny = button('deny', 'Deny', `Deny the call of ${view.name}`);
+      approve.disabled = deny.disabled = Boolean(active);
+      approve.addEventListener('click', () => answerApproval(this, approvalId, true));
+      deny.addEventListener('click', () => answerApproval(this, approvalId, false));
+      bar.append(approve, deny);
+      view.box.append(bar);
+      view.approval = bar;
+    }
+    endApproval(id) {
+      const view = this.tools.get(id);
+      if (view?.approval) { view.approval.remove(); view.approval = null; }
+    }
+    // The reply goes on (a continuation): streaming again, answered calls lose their buttons.
+    reopen() {
+      for (const id of this.tools.keys()) this.endApproval(id);
+      for (const notice of this.body.querySelectorAll('.notice')) notice.remove();
+      this.root.dataset.status = 'streaming';
+      this.meta.textContent = '';
+      return this;
     }
     error(text) {
       this.endText();
@@ -290,7 +320,7 @@
     finish(status, usage, info = {}) {
       this.endText();
       for (const view of this.tools.values()) {
-        if (view.result.hidden && status !== 'streaming') view.state.textContent = 'no result';
+        if (view.result.hidden && !view.approval && status !== 'streaming') view.state.textContent = 'no result';
       }
       this.root.dataset.status = status;
       this.meta.textContent = '';
@@ -327,6 +357,7 @@
     // Stored content parts (docs/API.md, "Stored content parts").
     renderStored(row, usage) {
       this.setMessageId(row.id);
+      this.turnId = row.turn_id ?? null;
       let errorText = null;
       (row.content ?? []).forEach((part, index) => {
         this.endText();
@@ -338,6 +369,9 @@
           this.tool(part.toolCallId, part.toolName);
           this.toolInput(part.toolCallId, part.toolName, part.args ?? part.argsText ?? {});
           if ('result' in part) this.toolOutput(part.toolCallId, part.result);
+          else if (part.denied) this.toolOutput(part.toolCallId, part.errorText ?? '', { label: 'Denied', state: 'denied' });
+          else if ('errorText' in part) this.toolOutput(part.toolCallId, part.errorText, { label: 'Error', state: 'failed' });
+          else if (part.approval?.id && row.status === 'requires_action') this.approvalRequest(part.toolCallId, part.approval.id);
         } else if (part.type === 'status') this.body.append(el('div', 'notice muted', part.text));
         else if (part.type === 'error') errorText = part.errorText;
       });
@@ -418,7 +452,9 @@
         case 'tool-input-delta': view.toolArgs(chunk.toolCallId, chunk.inputTextDelta); break;
         case 'tool-input-available': view.toolInput(chunk.toolCallId, chunk.toolName, chunk.input); break;
         case 'tool-output-available': view.toolOutput(chunk.toolCallId, chunk.output); break;
-        case 'tool-output-error': view.toolOutput(chunk.toolCallId, chunk.errorText); break;
+        case 'tool-output-error': view.toolOutput(chunk.toolCallId, chunk.errorText, { label: 'Error', state: 'failed' }); break;
+        case 'tool-output-denied': view.toolOutput(chunk.toolCallId, chunk.errorText ?? 'denied', { label: 'Denied', state: 'denied' }); break;
+        case 'tool-approval-request': view.approvalRequest(chunk.toolCallId, chunk.approvalId); break;
         case 'message-metadata': usage = chunk.messageMetadata?.usage ?? usage; break;
         // The server titled a new chat (transient: sent once, never replayed).
         case 'data-title': setTitle(chunk.data?.threadId, chunk.data?.title); break;
@@ -580,7 +616,7 @@
   function setBusy(busy) {
     els.send.disabled = busy;
     els.stop.hidden = !busy;
-    for (const again of els.messages.querySelectorAll('.regenerate')) again.disabled = busy;
+    for (const node of els.messages.querySelectorAll('.regenerate, .approve, .deny')) node.disabled = busy;
   }
 
   function newId() {
@@ -588,8 +624,9 @@
     return Array.from(crypto.getRandomValues(new Uint8Array(16)), b => b.toString(16).padStart(2, '0')).join('');
   }
 
-  // Start (request), regenerate or resume a turn; the reply shows once the server took it.
-  async function follow(threadId, turnId, request, { regenerateOf = null, onAccepted = null } = {}) {
+  // Start (request), regenerate, continue (continueOf: the paused reply's view, which the
+  // continued stream goes on filling) or resume a turn; the reply shows once the server took it.
+  async function follow(threadId, turnId, request, { regenerateOf = null, continueOf = null, onAccepted = null } = {}) {
     const controller = new AbortController();
     const state = { stopped: false };
     active = { threadId, turnId, controller, state };
@@ -598,7 +635,10 @@
     let view = null;
     try {
       const path = `${threadPath(threadId)}/turns`;
-      const response = regenerateOf
+      const response = continueOf
+        ? await api(`${path}/${encodeURIComponent(turnId)}/continue`,
+          { method: 'POST', json: request, signal: controller.signal })
+        : regenerateOf
         ? await api(`${path}/${encodeURIComponent(turnId)}/regenerate`,
           { method: 'POST', json: request, signal: controller.signal })
         : request
@@ -607,7 +647,8 @@
       if (response.status === 204) return 'none';
       if (onAccepted) onAccepted();
       if (regenerateOf) regenerateOf.root.remove();
-      view = new ReplyView(els.messages);
+      view = continueOf ? continueOf.reopen() : new ReplyView(els.messages);
+      view.turnId = turnId;
       scrollToEnd();
       const { status, usage } = await streamInto(response, view, state);
       view.finish(status, usage, { model: request?.model });
@@ -702,6 +743,14 @@
     const replaces = Number(view.root.dataset.messageId);
     const request = { ...(model ? { model } : {}), ...(Number.isFinite(replaces) ? { replaces } : {}) };
     await follow(currentThread, turnId, request, { regenerateOf: view });
+  }
+
+  // A person's answer to a tool call waiting for approval: the same reply continues.
+  async function answerApproval(view, approvalId, approved) {
+    if (active || !currentThread || !view.turnId) return;
+    showBanner('');
+    await follow(currentThread, view.turnId, { approvals: [{ approvalId, approved }] },
+      { continueOf: view });
   }
 
   async function stop() {

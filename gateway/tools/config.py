@@ -13,8 +13,10 @@ HTTP (``url``, optional ``headers``); ``type`` may say which (``"stdio"``,
 ``"http"`` or ``"streamable-http"``) and must agree with the keys given.
 turngate's own optional keys: ``approval`` (``"never"``, the default, ``"always"``,
 or a list of the server's tool names that need a person's approval),
-``timeoutSeconds`` (per call, default 30) and ``disabled`` (``true`` skips the
-server). Any other key is an error, so a typo does not pass silently.
+``users`` (the names of the users whose turns are offered the server's tools;
+absent, every user's), ``timeoutSeconds`` (per call, default 30) and ``disabled``
+(``true`` skips the server). Any other key is an error, so a typo does not pass
+silently.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ DEFAULT_TIMEOUT_SECONDS = 30.0
 
 _STDIO_KEYS = frozenset({"command", "args", "env", "cwd"})
 _HTTP_KEYS = frozenset({"url", "headers"})
-_OWN_KEYS = frozenset({"type", "approval", "timeoutSeconds", "disabled"})
+_OWN_KEYS = frozenset({"type", "approval", "users", "timeoutSeconds", "disabled"})
 _TYPES = {"stdio": "stdio", "http": "http", "streamable-http": "http", "streamableHttp": "http"}
 
 Approval = Literal["always", "never"] | frozenset[str]
@@ -54,6 +56,13 @@ class ServerConfig:
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     approval: Approval = "never"
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
+    #: The users (by name) whose turns may use this server's tools; None: every user.
+    users: frozenset[str] | None = None
+
+    def allows(self, user: str | None) -> bool:
+        """Whether the turns of the user named ``user`` are offered this server's tools
+        (``None``, a user not known by name, only when the server is open to all)."""
+        return self.users is None or (user is not None and user in self.users)
 
     def needs_approval(self, tool: str) -> bool:
         """Whether a call of this server's tool ``tool`` waits for a person's approval."""
@@ -81,6 +90,25 @@ def _strings(where: str, key: str, value: Any) -> dict[str, str]:
     ):
         raise _fail(where, f"\"{key}\" must be an object of strings, e.g. {{\"NAME\": \"value\"}}")
     return dict(value)
+
+
+def _shown(value: Any) -> str:
+    """``value`` as the config file spells it, cut short enough for one error line."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _users(where: str, raw: Mapping[str, Any]) -> frozenset[str] | None:
+    if "users" not in raw:
+        return None
+    users = raw["users"]
+    if not isinstance(users, list) or not all(isinstance(u, str) and u.strip() for u in users):
+        raise _fail(where, f"\"users\" is {_shown(users)}: it must be a list of user names "
+                           "(non-empty strings), e.g. [\"alice\", \"bob\"]")
+    return frozenset(users)
 
 
 def _server(name: str, raw: Any) -> ServerConfig | None:
@@ -129,7 +157,8 @@ def _server(name: str, raw: Any) -> ServerConfig | None:
     ):
         raise _fail(where, "\"timeoutSeconds\" must be a positive number of seconds, e.g. 30")
 
-    common: dict[str, Any] = {"approval": approval, "timeout_seconds": float(timeout)}
+    common: dict[str, Any] = {"approval": approval, "timeout_seconds": float(timeout),
+                              "users": _users(where, raw)}
     if has_command:
         command = raw["command"]
         if not isinstance(command, str) or not command.strip():

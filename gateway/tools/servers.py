@@ -207,6 +207,8 @@ class ToolHub:
         self.ping_timeout = ping_timeout
         self._servers = {s.name: _Server(s) for s in config.servers}
         self._tools: dict[str, HubTool] = {}
+        #: User names by user id, for the servers' ``users`` (``turn.tools.toolbox_for``).
+        self.user_names: dict[int, str] = {}
         self._tg: anyio.abc.TaskGroup | None = None
 
     # -- the tools -------------------------------------------------------------------
@@ -223,6 +225,21 @@ class ToolHub:
 
     def get(self, name: str) -> HubTool | None:
         return self._tools.get(name)
+
+    @property
+    def restricted(self) -> bool:
+        """Whether some server lists its ``users`` (a turn then needs its user's name)."""
+        return any(s.config.users is not None for s in self._servers.values())
+
+    def allows(self, name: str, user: str | None) -> bool:
+        """Whether the tool ``name`` exists and its server's ``users`` admit ``user``."""
+        tool = self._tools.get(name)
+        return tool is not None and self._servers[tool.server].config.allows(user)
+
+    def specs_for(self, user: str | None) -> tuple[ToolSpec, ...]:
+        """The tools offered to the turns of the user named ``user`` (``specs`` less the
+        tools of the servers whose ``users`` do not list them)."""
+        return tuple(t.spec for t in self.tools if self._servers[t.server].config.allows(user))
 
     def needs_approval(self, name: str) -> bool:
         """Whether a call of the tool ``name`` waits for a person (its server's ``approval``);

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,7 @@ from gateway.turn.tools import (
     client_tools_json,
     client_tools_of,
     keep_pending,
+    toolbox_for,
 )
 from llm_adapters.base import Adapter, AdapterRequest, ChatMessage, ToolSpec
 from llm_adapters.events import FinishReason
@@ -128,6 +130,8 @@ async def open_turn(
     ``key_prefix``/``key_hash``: a cached key, checked by the open statement itself.
     ``client_tools``: tools the turn declares, which the client runs.
     """
+    # The user's tools are known before anything is written (a failed read writes nothing).
+    toolbox = await toolbox_for(ctx.runner.tools, ctx.store, user_id, client_tools)
     # A first turn's title from the user's words is written by the open itself.
     title = ctx.runner.titles.at_open(content) if ctx.runner.titles is not None else None
     opened = await ctx.store.open_turn(
@@ -169,7 +173,7 @@ async def open_turn(
     live = LiveTurn(thread_id, turn_id, user_id, opened.assistant_message_id)
     request = AdapterRequest(model=model, messages=history)
     response = _launch(ctx, live, adapter, request, opened.user_message_id, model_string,
-                       started, Toolbox(ctx.runner.tools, client_tools or {}))
+                       started, toolbox)
     if ctx.runner.titles is not None:  # after the reply's task: it starts first
         ctx.runner.titles.launched(ctx.runner, live, request, title if opened.titled else None)
     # The generation runs up to its first wait (a provider's request is sent) before
@@ -213,6 +217,7 @@ async def open_regenerate(
 
     The flag says whether a generation started here (as ``open_turn``'s).
     """
+    toolbox = await toolbox_for(ctx.runner.tools, ctx.store, user_id)
     opened = await ctx.store.regenerate_turn(
         thread_id, user_id, turn_id, replaces=replaces,
         lease_owner=ctx.instance_id, lease_seconds=ctx.settings.lease_seconds,
@@ -240,7 +245,7 @@ async def open_regenerate(
     history.append(ChatMessage("user", opened.user_content or []))
     live = LiveTurn(thread_id, turn_id, user_id, opened.assistant_message_id)
     return _launch(ctx, live, adapter, AdapterRequest(model=model, messages=history),
-                   opened.user_message_id, model_string, started), True
+                   opened.user_message_id, model_string, started, toolbox), True
 
 
 def _launch(
@@ -286,6 +291,8 @@ async def continue_turn(
         raise Refused("invalid_answer", problem)
     model_string = str(peek.resume_with.get("model") or settings.default_model)
     adapter, model = resolve(model_string)
+    toolbox = await toolbox_for(ctx.runner.tools, store, user_id,
+                                client_tools_of(peek.resume_with.get("clientTools")))
     claimed = await store.continue_turn(
         thread_id, user_id, turn_id, lease_owner=ctx.instance_id,
         lease_seconds=settings.lease_seconds, history_limit=settings.history_messages,
@@ -301,7 +308,7 @@ async def continue_turn(
     ctx.runner.launch(
         live, adapter, AdapterRequest(model=model, messages=history),
         user_message_id=claimed.user_message_id, model_string=model_string, started=started,
-        toolbox=Toolbox(ctx.runner.tools, client_tools_of(claimed.resume_with.get("clientTools"))),
+        toolbox=replace(toolbox, client=client_tools_of(claimed.resume_with.get("clientTools"))),
         content=content, usage=TurnUsage.resumed(ctx.prices.cost_micros, claimed.call_details),
         answers=answers,
     )

@@ -48,12 +48,15 @@ from llm_adapters.events import Usage
 
 if TYPE_CHECKING:
     from gateway.tools.servers import ToolHub
+    from persistence.store import Store
 
 logger = logging.getLogger("turngate.tools")
 
 #: The most characters of one tool output given to the model and stored; a longer
 #: output is cut and says so (a tool's output is untrusted and unbounded).
 MAX_OUTPUT_CHARS = 32_000
+#: The most user names a tool hub remembers (by user id) before it starts afresh.
+USER_NAMES_CACHED = 10_000
 #: What a tool call still running when its turn ended is stored with.
 STOPPED_TEXT = "The reply was stopped while this tool was running; its outcome is unknown."
 
@@ -62,6 +65,12 @@ def max_steps_text(steps: int) -> str:
     """The error the user sees when the model still called tools after ``steps`` calls."""
     return (f"The reply stopped after {steps} model calls without a final answer "
             f"(the limit, TURNGATE_MAX_STEPS, is {steps}).")
+
+
+def withheld_text(name: str) -> str:
+    """The error of a call of the tool ``name``, which this turn's user may not use."""
+    return (f"tool {name!r} is not available to this user (its MCP server's \"users\" "
+            "do not list them); it was not called")
 
 
 def cap_output(output: Any) -> Any:
@@ -82,12 +91,39 @@ class Toolbox:
 
     hub: ToolHub | None = None
     client: Mapping[str, ToolSpec] = field(default_factory=dict)
+    #: The turn's user by name, for the servers whose ``users`` say who may use them
+    #: (None: only the servers open to every user).
+    user: str | None = None
 
     @property
     def specs(self) -> tuple[ToolSpec, ...]:
         """Every tool offered to the model."""
-        hub = self.hub.specs if self.hub is not None else ()
+        hub = self.hub.specs_for(self.user) if self.hub is not None else ()
         return (*hub, *self.client.values())
+
+    def withheld(self, name: str) -> bool:
+        """Whether ``name`` is an MCP server's tool that this turn's user may not use:
+        never offered, and a call of it fails without running."""
+        return (name not in self.client and self.hub is not None
+                and self.hub.get(name) is not None and not self.hub.allows(name, self.user))
+
+
+async def toolbox_for(
+    hub: ToolHub | None, store: Store, user_id: int,
+    client: Mapping[str, ToolSpec] | None = None,
+) -> Toolbox:
+    """The tools of a turn of ``user_id``: the user's name is read (once per user and
+    process: names do not change) only when some server lists its ``users``."""
+    if hub is None or not hub.restricted:
+        return Toolbox(hub, client or {})
+    name = hub.user_names.get(user_id)
+    if name is None:
+        name = await store.user_name(user_id)
+        if name is not None:
+            if len(hub.user_names) >= USER_NAMES_CACHED:
+                hub.user_names.clear()
+            hub.user_names[user_id] = name
+    return Toolbox(hub, client or {}, name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,10 +255,12 @@ class TurnSteps:
         while True:
             await self._model_call()
             calls = self.content.unanswered()
-            if not calls or not self.toolbox.specs:
+            if not calls or not (self.toolbox.specs or any(
+                    self.toolbox.withheld(str(c["toolName"])) for c in calls)):
                 # With no tools of the gateway's own offered, a call is to a tool the
                 # caller passed in the provider's options: the turn ends with it, for
-                # the caller to run.
+                # the caller to run (a call of a tool withheld from this user is
+                # answered with an error below).
                 return "complete", None
             if await self._answer(calls, None):
                 return "requires_action", None
@@ -264,6 +302,10 @@ class TurnSteps:
             approval = call.get("approval")
             if answers is not None and call_id in answers.outputs:
                 self.emit(answers.outputs[call_id])
+            elif self.toolbox.withheld(name):
+                # Never offered to this user (or no longer, after an approval): it
+                # does not run, not even once approved.
+                self.emit(ToolFailed(call_id, withheld_text(name)))
             elif isinstance(approval, dict):
                 decision = answers.approvals.get(approval["id"]) if answers else None
                 if decision is None:
@@ -296,6 +338,13 @@ class TurnSteps:
         try:
             if hub is None:
                 raise ToolError(f"unknown tool {name!r}: this gateway has no tools")
+            if self.toolbox.withheld(name):
+                raise ToolError(withheld_text(name))
+            if hub.get(name) is None:
+                # The hub's own sentence would list every tool, those withheld too.
+                known = ", ".join(sorted(s.name for s in self.toolbox.specs
+                                         if hub.get(s.name) is not None)) or "none"
+                raise ToolError(f"unknown tool {name!r}; the tools are: {known}")
             output = await hub.call(name, call.get("args"))
         except ToolError as exc:
             logger.info("tool_failed turn_id=%s tool=%s: %s", self.live.turn_id, name, exc,
@@ -320,6 +369,6 @@ class TurnSteps:
 
 __all__ = [
     "MAX_OUTPUT_CHARS", "STOPPED_TEXT", "Answers", "Decision", "Toolbox", "TurnSteps",
-    "cap_output", "check_answers", "client_tools_json", "client_tools_of", "keep_pending",
-    "max_steps_text",
+    "USER_NAMES_CACHED", "cap_output", "check_answers", "client_tools_json", "client_tools_of",
+    "keep_pending", "max_steps_text", "toolbox_for", "withheld_text",
 ]
