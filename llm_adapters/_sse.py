@@ -68,6 +68,40 @@ class SSEDecoder:
             self._started = True
         events: list[SSEEvent] = []
         buf = self._buf
+        if b"\r" not in buf:
+            self._feed_lf(buf, events)
+        else:
+            self._feed_any(buf, events)
+        if len(buf) + self._data_size > self._max:
+            raise UpstreamProtocolError("upstream stream event exceeds the size limit")
+        return events
+
+    def _feed_lf(self, buf: bytearray, events: list[SSEEvent]) -> None:
+        """The complete lines of ``buf``, which ends its lines with ``\\n`` only (as
+        every provider does): split at once, ``data:`` lines handled inline."""
+        end = buf.rfind(b"\n")
+        if end == -1:
+            return
+        lines = buf[:end].split(b"\n")
+        del buf[: end + 1]
+        data = self._data
+        for raw in lines:
+            if raw.startswith(b"data:"):
+                value = raw[6:] if raw.startswith(b" ", 5) else raw[5:]
+                data.append(value.decode("utf-8", errors="replace"))
+                self._data_size += len(raw)
+            elif not raw:
+                if data:
+                    events.append(SSEEvent(self._event or "message",
+                                           data[0] if len(data) == 1 else "\n".join(data)))
+                    data.clear()
+                    self._data_size = 0
+                self._event = ""
+            else:
+                self._line(bytes(raw))
+
+    def _feed_any(self, buf: bytearray, events: list[SSEEvent]) -> None:
+        """The complete lines of ``buf``, whatever their endings."""
         start = 0
         n = len(buf)
         while start < n:
@@ -88,9 +122,6 @@ class SSEDecoder:
                 events.append(event)
             start = nxt
         del buf[:start]
-        if len(buf) + self._data_size > self._max:
-            raise UpstreamProtocolError("upstream stream event exceeds the size limit")
-        return events
 
     def flush(self) -> list[SSEEvent]:
         """End of stream: dispatch a last event left without its blank line."""
