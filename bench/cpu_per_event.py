@@ -1,24 +1,28 @@
 """Gateway CPU per 1,000 events of one long turn, for two source trees side by side.
 
-The deterministic part of the throughput figures: the server's own CPU seconds (psutil,
-user + system, of the ``turngate serve`` process) spent on one long turn, divided by
-the text deltas the client read. Wall-clock events/s moves with whatever else runs on
-the machine; the CPU a turn costs the gateway moves far less.
+The server's own CPU seconds (psutil, user + system, of the ``turngate serve``
+process) spent on one long turn, divided by the text deltas the client read: the
+gateway's cost per event, without the client's and the upstream's share of the
+machine that wall-clock events/s includes.
 
-For every round, for every tree (``name=path``, each with its own ``.venv``; the order
-alternates every round) and every database (PostgreSQL: database ``turngate_cpu``,
-made again for each server; SQLite: a fresh file), one ``turngate serve`` is started
-from that tree, migrated, warmed up (short turns of each kind), and then measures, on
-a quiet server, one turn of each kind:
+For every database (PostgreSQL: a database per tree, ``turngate_cpu_<name>``, made
+again; SQLite: a fresh file), one ``turngate serve`` per tree (``name=path``, each run
+from its own ``.venv``) is started, migrated and warmed up (short turns of each kind).
+Then, ``--rounds`` times, for each kind, each server in turn (the order flipped every
+round, so whatever else runs on the machine weighs on every tree alike) runs, once it
+is quiet, one turn of that kind:
 
 - ``scripted``: ``scripted:tokens=N,delay_ms=0`` (the ``throughput`` long turn of
   ``run_all.py``);
 - ``openai``: ``openai:fake-tN-d0`` against ``fake_llm_upstream.py`` (the ``long``
-  phase of ``providers.py``).
+  phase of ``providers.py``);
+- ``conc`` (not run by default): 100 ``openai:`` streams at once, 2,000 tokens each
+  2 ms apart (``--conc``; the ``conc`` phase of ``providers.py``).
 
-    .venv/bin/python bench/cpu_per_event.py --trees before=/work/wt/before,after=. --rounds 5
+    .venv/bin/python bench/cpu_per_event.py --trees before=../before,after=. --rounds 5
+    .venv/bin/python bench/cpu_per_event.py --kinds openai,conc --rounds 2
 
-Prints one line per measurement and the medians per tree, database and kind; writes
+Prints one line per turn and the medians per tree, database and kind; writes
 ``bench/results/cpu-per-event-<stamp>.json``.
 """
 
@@ -33,27 +37,27 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import PG_ADMIN, ROOT, gateway_env, raise_nofile  # noqa: E402
-from bench.providers import Proc, _spawn, free_port, start_fake  # noqa: E402
+from bench.common import PG_ADMIN, ROOT, free_port, gateway_env, raise_nofile  # noqa: E402
+from bench.providers import Proc, _spawn, start_fake  # noqa: E402
 from bench.sqlite_burst import _make_threads  # noqa: E402
 
 PG_DB = "turngate_cpu"
-PG_URL = f"postgresql://postgres@127.0.0.1:5432/{PG_DB}"
 DELTA = b'"text-delta"'
 DONE = b"data: [DONE]"
 
 
-async def _fresh_pg() -> None:
+async def _fresh_pg(db: str) -> None:
     conn = await asyncpg.connect(PG_ADMIN, timeout=10)
     try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {PG_DB} WITH (FORCE)")
-        await conn.execute(f"CREATE DATABASE {PG_DB}")
+        await conn.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        await conn.execute(f"CREATE DATABASE {db}")
     finally:
         await conn.close()
 
@@ -116,11 +120,20 @@ async def _quiet(proc: Proc, limit: float = 20.0) -> None:
             return
 
 
-async def measure(tree: Path, db: str, upstream: int, logdir: Path, kinds: list[str],
-                  tokens: int, repeat: int) -> dict[str, list[float]]:
+@dataclass
+class Gateway:
+    name: str
+    proc: Proc
+    key: str
+    threads: list[str]
+
+
+async def start(name: str, tree: Path, db: str, upstream: int, logdir: Path,
+                n_threads: int) -> Gateway:
     if db == "pg":
-        await _fresh_pg()
-        url = PG_URL
+        pg_db = f"{PG_DB}_{name}"
+        await _fresh_pg(pg_db)
+        url = f"postgresql://postgres@127.0.0.1:5432/{pg_db}"
     else:
         url = f"sqlite:///{logdir / (uuid.uuid4().hex + '.db')}"
     env = _env(tree, url, upstream)
@@ -128,52 +141,66 @@ async def measure(tree: Path, db: str, upstream: int, logdir: Path, kinds: list[
     port = free_port()
     cmd = [str(tree / ".venv" / "bin" / "turngate"), "serve", "--host", "127.0.0.1",
            "--port", str(port)]
-    proc = _spawn(f"{tree.name}-{db}", cmd, env, logdir, port, b"/healthz")
-    models = {"scripted": f"scripted:tokens={tokens},delay_ms=0",
-              "openai": f"openai:fake-t{tokens}-d0"}
-    warm = {"scripted": "scripted:tokens=200,delay_ms=0", "openai": "openai:fake-t200-d0"}
-    out: dict[str, list[float]] = {k: [] for k in kinds}
-    try:
-        threads = await _make_threads(port, key, 20 * len(kinds) + repeat * len(kinds))
-        for kind in kinds:
-            for _ in range(10):
-                st, _n, ok = await one_turn(port, key, threads.pop(), warm[kind])
-                if st != 200 or not ok:
-                    raise RuntimeError(f"warm-up {kind}: status {st}, done {ok}")
-        for _ in range(repeat):
-            for kind in kinds:
-                await _quiet(proc)
-                c0 = proc.cpu()
-                st, n, ok = await one_turn(port, key, threads.pop(), models[kind])
-                cpu = proc.cpu() - c0
-                if st != 200 or not ok or n != tokens:
-                    raise RuntimeError(f"{kind}: status {st}, deltas {n}, done {ok}")
-                out[kind].append(cpu * 1e6 / n)  # ms per 1,000 events
-    finally:
-        proc.stop()
-    return out
+    proc = _spawn(f"{name}-{db}", cmd, env, logdir, port, b"/healthz")
+    return Gateway(name, proc, key, await _make_threads(port, key, n_threads))
+
+
+async def measure(gw: Gateway, model: str, streams: int, want: int) -> float:
+    """Gateway CPU ms per 1,000 text deltas of ``streams`` turns of ``model`` at once."""
+    await _quiet(gw.proc)
+    c0 = gw.proc.cpu()
+    got = await asyncio.gather(*(one_turn(gw.proc.port, gw.key, gw.threads.pop(), model)
+                                 for _ in range(streams)))
+    cpu = gw.proc.cpu() - c0
+    bad = [g for g in got if g[0] != 200 or not g[2] or g[1] != want]
+    if bad:
+        raise RuntimeError(f"{gw.name} {model}: {len(bad)} streams failed, e.g. {bad[0]}")
+    return cpu * 1e6 / sum(g[1] for g in got)
 
 
 async def amain(args: argparse.Namespace, trees: list[tuple[str, Path]]) -> int:
     raise_nofile()
     kinds = args.kinds.split(",")
     dbs = args.dbs.split(",")
+    streams, conc_tokens, delay = (int(x) for x in args.conc.split(":"))
+    # kind -> (model, streams at once, text deltas per stream)
+    models = {"scripted": (f"scripted:tokens={args.tokens},delay_ms=0", 1, args.tokens),
+              "openai": (f"openai:fake-t{args.tokens}-d0", 1, args.tokens),
+              "conc": (f"openai:fake-t{conc_tokens}-d{delay}", streams, conc_tokens)}
+    warm = {"scripted": "scripted:tokens=200,delay_ms=0", "openai": "openai:fake-t200-d0",
+            "conc": "openai:fake-t200-d0"}
+    n_threads = 10 * len(kinds) + args.rounds * sum(models[k][1] for k in kinds)
     logdir = Path(tempfile.mkdtemp(prefix="tg-cpu-"))
     print(f"# logs in {logdir}", flush=True)
     fake = start_fake(logdir)
     results: dict[str, dict[str, dict[str, list[float]]]] = {
         n: {d: {k: [] for k in kinds} for d in dbs} for n, _ in trees}
     try:
-        for rnd in range(args.rounds):
-            order = trees if rnd % 2 == 0 else list(reversed(trees))
-            for name, tree in order:
-                for db in dbs:
-                    got = await measure(tree, db, fake.port, logdir, kinds, args.tokens,
-                                        args.repeat)
-                    for kind, vals in got.items():
-                        results[name][db][kind].extend(vals)
-                        print(f"round {rnd} {name:>8} {db:>6} {kind:>8}: "
-                              + " ".join(f"{v:.2f}" for v in vals) + " ms/1k", flush=True)
+        for db in dbs:
+            gws: list[Gateway] = []
+            try:
+                for name, tree in trees:
+                    gws.append(await start(name, tree, db, fake.port, logdir, n_threads))
+                for gw in gws:
+                    for kind in kinds:
+                        for _ in range(10):
+                            st, _n, ok = await one_turn(gw.proc.port, gw.key, gw.threads.pop(),
+                                                        warm[kind])
+                            if st != 200 or not ok:
+                                raise RuntimeError(f"{gw.name} warm-up {kind}: {st}, {ok}")
+                for rnd in range(args.rounds):
+                    for kind in kinds:
+                        model, n_streams, want = models[kind]
+                        # The trees take turns, the order flipped every round: whatever
+                        # else runs on the machine weighs on each alike.
+                        for gw in (gws if rnd % 2 == 0 else gws[::-1]):
+                            v = await measure(gw, model, n_streams, want)
+                            results[gw.name][db][kind].append(v)
+                            print(f"{db:>6} {kind:>8} round {rnd:>2} {gw.name:>8}: "
+                                  f"{v:6.2f} ms/1k", flush=True)
+            finally:
+                for gw in gws:
+                    gw.proc.stop()
     finally:
         fake.stop()
     print("\nmedians, gateway CPU ms per 1,000 events:")
@@ -184,7 +211,7 @@ async def amain(args: argparse.Namespace, trees: list[tuple[str, Path]]) -> int:
             print(f"  {db:>6} {kind:>8}: " + "  ".join(row))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = ROOT / "bench" / "results" / f"cpu-per-event-{stamp}.json"
-    path.write_text(json.dumps({"tokens": args.tokens, "trees": dict(
+    path.write_text(json.dumps({"tokens": args.tokens, "conc": args.conc, "trees": dict(
         (n, str(p)) for n, p in trees), "results": results}, indent=1))
     print(f"# {path}")
     return 0
@@ -196,8 +223,9 @@ def main() -> int:
     ap.add_argument("--dbs", default="pg,sqlite")
     ap.add_argument("--kinds", default="scripted,openai")
     ap.add_argument("--tokens", type=int, default=20000)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--repeat", type=int, default=2, help="turns of each kind per server")
+    ap.add_argument("--conc", default="100:2000:2",
+                    help="kind conc: STREAMS:TOKENS:DELAY_MS of openai: streams at once")
+    ap.add_argument("--rounds", type=int, default=7, help="turns of each kind per server")
     args = ap.parse_args()
     trees = [(n, Path(p).resolve()) for n, p in (t.split("=", 1) for t in args.trees.split(","))]
     return asyncio.run(amain(args, trees))
