@@ -146,15 +146,19 @@ async def start(name: str, tree: Path, db: str, upstream: int, logdir: Path,
 
 
 async def measure(gw: Gateway, model: str, streams: int, want: int) -> float:
-    """Gateway CPU ms per 1,000 text deltas of ``streams`` turns of ``model`` at once."""
+    """Gateway CPU ms per 1,000 text deltas read of ``streams`` turns of ``model`` at
+    once (a failed stream's deltas count as far as they came)."""
     await _quiet(gw.proc)
     c0 = gw.proc.cpu()
     got = await asyncio.gather(*(one_turn(gw.proc.port, gw.key, gw.threads.pop(), model)
                                  for _ in range(streams)))
     cpu = gw.proc.cpu() - c0
     bad = [g for g in got if g[0] != 200 or not g[2] or g[1] != want]
-    if bad:
-        raise RuntimeError(f"{gw.name} {model}: {len(bad)} streams failed, e.g. {bad[0]}")
+    if len(bad) == len(got):
+        raise RuntimeError(f"{gw.name} {model}: every stream failed, e.g. {bad[0]}")
+    if bad:  # counted, not fatal: an older tree may refuse some of a burst (a 503)
+        print(f"# {gw.name} {model}: {len(bad)} of {len(got)} streams failed, e.g. {bad[0]}",
+              flush=True)
     return cpu * 1e6 / sum(g[1] for g in got)
 
 
