@@ -184,7 +184,8 @@ async def test_wait_for_a_reply_skips_the_one_it_replaces() -> None:
 
 async def test_a_burst_wakes_every_reader_and_a_cancelled_wait_is_uncounted() -> None:
     """Chunks published in one go (an upstream read's events) reach every reader
-    waiting then, in one batch each; a waiter cancelled before a wake, or at the
+    waiting then, in one batch each, and only the first of them makes a new event to
+    wait on; a waiter cancelled before a wake, or at the
     same time as one, leaves the count of waiters true (the count decides whether a
     publish wakes anyone: one too low loses a wake)."""
     live = LiveTurn("th", "t1", 1, 10)
@@ -220,8 +221,11 @@ async def test_a_burst_wakes_every_reader_and_a_cancelled_wait_is_uncounted() ->
         await until(lambda: live._changed.statistics().tasks_waiting == 3)
         assert counted_right()
         burst = [b"%d" % i for i in range(50)]
-        for chunk in burst:
+        live.publish(burst[:1])
+        after_wake = live._changed
+        for chunk in burst[1:]:
             live.publish([chunk])
+        assert live._changed is after_wake  # the rest of the burst made no new event
         at_wake.cancel()  # woken and cancelled before it runs again
         await until(lambda: len(got["a"]) == 1 and len(got["b"]) == 1
                     and live._changed.statistics().tasks_waiting == 2)
