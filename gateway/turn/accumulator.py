@@ -91,6 +91,9 @@ class ContentBuilder:
         if type(event) is TextDelta and self._open_kind == "text":
             if event.text:  # the per-token path: one more fragment of the open text
                 self._fragments.append(event.text)
+        elif type(event) is ReasoningDelta and self._open_kind == "reasoning":
+            if event.text:
+                self._fragments.append(event.text)
         elif isinstance(event, TextDelta):
             if event.text:
                 self._append_text("text", event.text)

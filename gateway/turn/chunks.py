@@ -107,10 +107,15 @@ class ChunkEncoder:
     def feed(self, event: TurnEvent) -> list[bytes]:
         """The chunks for one event (possibly none)."""
         if type(event) is TextDelta and self._open == "text" and event.text:
-            # The per-token path: one more delta of the open text part.
+            # The per-token path: one more delta of the open text (or reasoning) part.
             seq = self.seq
             self.seq = seq + 1
             return [b'id: %d\ndata: {"type":"text-delta","id":"%s","delta":%s}\n\n'
+                    % (seq, self._open_id.encode(), _dumps_str(event.text).encode())]
+        if type(event) is ReasoningDelta and self._open == "reasoning" and event.text:
+            seq = self.seq
+            self.seq = seq + 1
+            return [b'id: %d\ndata: {"type":"reasoning-delta","id":"%s","delta":%s}\n\n'
                     % (seq, self._open_id.encode(), _dumps_str(event.text).encode())]
         if isinstance(event, TextDelta):
             return self._delta("text", event.text) if event.text else []
