@@ -68,6 +68,66 @@ class SSEDecoder:
             self._started = True
         events: list[SSEEvent] = []
         buf = self._buf
+        if b"\r" not in buf:
+            self._feed_lf(buf, events)
+        else:
+            self._feed_any(buf, events)
+        if len(buf) + self._data_size > self._max:
+            raise UpstreamProtocolError("upstream stream event exceeds the size limit")
+        return events
+
+    def _feed_lf(self, buf: bytearray, events: list[SSEEvent]) -> None:
+        """The complete lines of ``buf``, which ends its lines with ``\\n`` only (as
+        every provider does): whole events first, each ``data: <one line>``, alone or
+        after ``event: <type>`` (the shapes of nearly every chunk), taken as it is, then
+        the lines after the last."""
+        end = buf.rfind(b"\n")
+        if end == -1:
+            return
+        block = buf[: end + 1]
+        del buf[: end + 1]
+        rest = 0
+        if not self._data and not self._event:  # no event under way: events start here
+            stop = block.rfind(b"\n\n")
+            if stop != -1:
+                for piece in block[:stop].split(b"\n\n"):
+                    if piece.startswith(b"data: ") and b"\n" not in piece:
+                        events.append(SSEEvent("message",
+                                               piece[6:].decode("utf-8", errors="replace")))
+                        continue
+                    if piece.startswith(b"event: "):  # Anthropic's: its type, then its data
+                        head, _, body = piece.partition(b"\n")
+                        if body.startswith(b"data: ") and b"\n" not in body:
+                            events.append(SSEEvent(
+                                head[7:].decode("utf-8", errors="replace") or "message",
+                                body[6:].decode("utf-8", errors="replace")))
+                            continue
+                    # Anything else: its lines, then the blank line that ends it.
+                    self._lines([*piece.split(b"\n"), bytearray()], events)
+                rest = stop + 2
+        if rest < len(block):
+            self._lines(block[rest:-1].split(b"\n"), events)
+
+    def _lines(self, lines: list[bytearray], events: list[SSEEvent]) -> None:
+        """Complete lines, ``data:`` lines and blank lines handled inline."""
+        data = self._data
+        for raw in lines:
+            if raw.startswith(b"data:"):
+                value = raw[6:] if raw.startswith(b" ", 5) else raw[5:]
+                data.append(value.decode("utf-8", errors="replace"))
+                self._data_size += len(raw)
+            elif not raw:
+                if data:
+                    events.append(SSEEvent(self._event or "message",
+                                           data[0] if len(data) == 1 else "\n".join(data)))
+                    data.clear()
+                    self._data_size = 0
+                self._event = ""
+            else:
+                self._line(bytes(raw))
+
+    def _feed_any(self, buf: bytearray, events: list[SSEEvent]) -> None:
+        """The complete lines of ``buf``, whatever their endings."""
         start = 0
         n = len(buf)
         while start < n:
@@ -88,9 +148,6 @@ class SSEDecoder:
                 events.append(event)
             start = nxt
         del buf[:start]
-        if len(buf) + self._data_size > self._max:
-            raise UpstreamProtocolError("upstream stream event exceeds the size limit")
-        return events
 
     def flush(self) -> list[SSEEvent]:
         """End of stream: dispatch a last event left without its blank line."""

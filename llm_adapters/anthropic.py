@@ -312,6 +312,13 @@ class AnthropicAdapter(HTTPAdapter):
                             f"({summary or 'no details'})"
                         )
                     if kind == "content_block_delta":
+                        delta = payload.get("delta")
+                        if type(delta) is dict and delta.get("type") == "text_delta":
+                            # The per-token event: text, whatever its block.
+                            text = delta.get("text")
+                            if isinstance(text, str) and text:
+                                yield TextDelta(text)
+                            continue
                         for out in self._block_delta(payload, blocks):
                             produced = True
                             yield out

@@ -168,7 +168,9 @@ def to_openai_messages(
 
 def _is_done(event: SSEEvent) -> bool:
     """The ``data: [DONE]`` that ends a Chat Completions stream."""
-    return event.data.strip() == "[DONE]"
+    data = event.data
+    # A chunk (a JSON object) is no [DONE]: told by its first character, not a strip.
+    return data == "[DONE]" or (data[:1] != "{" and data.strip() == "[DONE]")
 
 
 @dataclass
@@ -250,7 +252,7 @@ class OpenAIAdapter(HTTPAdapter):
                             f"openai stream sent an error event ({summary or 'no details'})"
                         )
                     data = event.data
-                    if data == "[DONE]" or _is_done(event):
+                    if _is_done(event):
                         done = True
                         break
                     if not data or data.isspace():
@@ -282,7 +284,12 @@ class OpenAIAdapter(HTTPAdapter):
                         if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                             continue  # n > 1 is not supported: follow the first choice
                         delta = choice.get("delta")
-                        if isinstance(delta, dict):
+                        if type(delta) is dict and len(delta) == 1 and "content" in delta:
+                            # The per-token chunk: text only.
+                            text = delta["content"]
+                            if isinstance(text, str) and text:
+                                yield TextDelta(text)
+                        elif isinstance(delta, dict):
                             for out in self._delta_events(delta, calls):
                                 produced = True
                                 yield out

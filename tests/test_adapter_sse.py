@@ -8,6 +8,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llm_adapters._sse import SSEDecoder, SSEEvent, aiter_sse
 from llm_adapters.pricing import PriceTable
@@ -186,3 +188,38 @@ def test_bad_tables_are_rejected(bad: str) -> None:
 def test_missing_file_is_a_value_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot be read"):
         PriceTable.load(str(tmp_path / "nope.json"))
+
+
+# Pieces of a stream written with "\n" line endings only (the decoder's fast path),
+# including what that path must still hand to the general one: comments, other fields,
+# "data" without a colon or without the space, invalid and split UTF-8.
+_LF_PIECES = [b"data: ", b"data:", b"data", b"data:  two spaces", b"event: e", b"event:",
+              b"id: 4", b"retry: 9", b": comment", b"other: x", b'{"a":"\\u00e9"}',
+              b"caf\xc3\xa9", b"\xf0\x9f", b"\x98\x8a", b"\xff", b" ", b"\n", b"\n", b"\n\n"]
+
+
+@given(st.lists(st.sampled_from(_LF_PIECES), max_size=40), st.data())
+@settings(max_examples=400, deadline=None)
+def test_lf_only_streams_parse_as_their_crlf_twins(pieces: list[bytes],
+                                                   data: st.DataObject) -> None:
+    """A stream whose lines end in "\\n" only gives the same events, ``id`` and
+    ``retry`` as the same stream with "\\r\\n" endings, however either is split
+    across reads (the two take different paths through the decoder)."""
+    body = b"".join(pieces)
+
+    def run(stream: bytes) -> tuple[list[SSEEvent], str, int | None]:
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+        decoder = SSEDecoder()
+        events: list[SSEEvent] = []
+        for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+            events += decoder.feed(stream[a:b])
+        return events + decoder.flush(), decoder.last_event_id, decoder.retry_ms
+
+    assert run(body) == run(body.replace(b"\n", b"\r\n"))
+
+
+def test_lf_only_stream_over_the_size_limit_is_a_protocol_error() -> None:
+    decoder = SSEDecoder(max_event_bytes=100)
+    decoder.feed(b"data: " + b"x" * 60 + b"\n")
+    with pytest.raises(UpstreamProtocolError):
+        decoder.feed(b"data: " + b"x" * 60 + b"\n")

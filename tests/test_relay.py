@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import aclosing
 
 import anyio
@@ -178,3 +179,61 @@ async def test_wait_for_a_reply_skips_the_one_it_replaces() -> None:
         relay.add(new)
     assert got["live"] is new
     assert await relay.wait_for("th", "t1", within=0.0, message_id=10) is None
+
+
+
+async def test_a_burst_wakes_every_reader_and_a_cancelled_wait_is_uncounted() -> None:
+    """Chunks published in one go (an upstream read's events) reach every reader
+    waiting then, in one batch each, and only the first of them makes a new event to
+    wait on; a waiter cancelled before a wake, or at the
+    same time as one, leaves the count of waiters true (the count decides whether a
+    publish wakes anyone: one too low loses a wake)."""
+    live = LiveTurn("th", "t1", 1, 10)
+    got: dict[str, list[list[bytes]]] = {"a": [], "b": []}
+
+    def counted_right() -> bool:
+        return live._waiting == live._changed.statistics().tasks_waiting
+
+    async def reader(name: str) -> None:
+        async for _, chunks in live.batches():
+            got[name].append(list(chunks))
+
+    async def until(cond: Callable[[], bool]) -> None:
+        with anyio.fail_after(5):
+            while not cond():
+                await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader, "a")
+        tg.start_soon(reader, "b")
+        early = anyio.CancelScope()
+        at_wake = anyio.CancelScope()
+
+        async def waiter(scope: anyio.CancelScope) -> None:
+            with scope:
+                await live.wait_done()
+
+        tg.start_soon(waiter, early)
+        tg.start_soon(waiter, at_wake)
+        await until(lambda: live._changed.statistics().tasks_waiting == 4)
+        assert live._waiting == 4
+        early.cancel()
+        await until(lambda: live._changed.statistics().tasks_waiting == 3)
+        assert counted_right()
+        burst = [b"%d" % i for i in range(50)]
+        live.publish(burst[:1])
+        after_wake = live._changed
+        for chunk in burst[1:]:
+            live.publish([chunk])
+        assert live._changed is after_wake  # the rest of the burst made no new event
+        at_wake.cancel()  # woken and cancelled before it runs again
+        await until(lambda: len(got["a"]) == 1 and len(got["b"]) == 1
+                    and live._changed.statistics().tasks_waiting == 2)
+        for _ in range(5):  # let the cancelled one finish too
+            await anyio.lowlevel.checkpoint()
+        assert counted_right() and live._waiting == 2
+        assert got["a"] == got["b"] == [burst]  # one batch each, nothing lost
+        live.publish([b"late"])
+        await until(lambda: len(got["a"]) == 2 and len(got["b"]) == 2)
+        live.finish("complete")
+    assert got["a"] == got["b"] == [burst, [b"late"]]

@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import pytest
 from httpx_sse import EventSource
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sse_starlette import ServerSentEvent
 
 from gateway.replicas.follow import RESUME_CHUNK
@@ -186,3 +188,37 @@ def test_the_check_finds_a_malformed_frame(broken: bytes) -> None:
     expected = reference({"type": "start-step"}, 1)
     with pytest.raises((AssertionError, json.JSONDecodeError)):
         assert_same_events([broken], [expected])
+
+
+@given(st.lists(st.tuples(st.sampled_from([TextDelta, ReasoningDelta]),
+                          st.text(min_size=1, max_size=12)), min_size=1, max_size=12))
+@settings(max_examples=300, deadline=None)
+def test_delta_frames_are_compact_json_byte_for_byte(
+    deltas: list[tuple[type[TextDelta] | type[ReasoningDelta], str]],
+) -> None:
+    """Every delta frame (the first of a part, and the per-token ones after it) is
+    exactly ``id: N`` and the chunk as compact, non-ASCII-preserving JSON; the bytes,
+    not only the parsed event, since a replay must write the same ones."""
+    encoder = ChunkEncoder()
+    expected: list[bytes] = []
+    seq, part, open_kind = 0, 0, ""
+
+    def frame(chunk: dict[str, str]) -> bytes:
+        nonlocal seq
+        body = json.dumps(chunk, separators=(",", ":"), ensure_ascii=False).encode()
+        seq += 1
+        return b"id: %d\ndata: %s\n\n" % (seq - 1, body)
+
+    frames: list[bytes] = []
+    for cls, text in deltas:
+        frames += encoder.feed(cls(text))
+        kind = "text" if cls is TextDelta else "reasoning"
+        if kind != open_kind:
+            if open_kind:
+                expected.append(frame({"type": f"{open_kind}-end", "id": f"{open_kind[0]}{part}"}))
+            part += 1
+            open_kind = kind
+            expected.append(frame({"type": f"{kind}-start", "id": f"{kind[0]}{part}"}))
+        expected.append(frame({"type": f"{kind}-delta", "id": f"{kind[0]}{part}",
+                               "delta": text}))
+    assert frames == expected

@@ -73,14 +73,20 @@ class LiveTurn:
         drop is rare, not one per chunk); only the newest chunk is kept whatever
         its size.
         """
-        if not chunks:
+        if len(chunks) == 1:  # one chunk per event: the per-token path
+            chunk = chunks[0]
+            self.events.append(chunk)
+            self.size += len(chunk)
+        elif chunks:
+            self.events.extend(chunks)
+            self.size += sum(map(len, chunks))
+        else:
             return
-        self.events.extend(chunks)
-        self.size += sum(len(chunk) for chunk in chunks)
         if self.size > self.max_bytes:
             self.overflowed = True
             self._drop_oldest(self.max_bytes // 2)
-        self._wake()
+        if self._waiting:
+            self._wake()
 
     def publish_transient(self, chunk: bytes) -> bool:
         """Hand ``chunk`` (an SSE event without an id) to the readers following now.
@@ -119,9 +125,25 @@ class LiveTurn:
         return self.events[: last + 1] if self.first_id == 0 else None
 
     def _wake(self) -> None:
+        # The readers waiting now are all on ``_changed``: set it and start a new one
+        # with no one counted on it, so the next publishes before they run (a burst
+        # of an upstream read's events) wake nobody again and make no new event.
         if self._waiting:
             self._changed.set()
-            self._changed = anyio.Event()
+            # The running backend's own Event class: ``anyio.Event()`` would look the
+            # backend up again on every wake.
+            self._changed = type(self._changed)()
+            self._waiting = 0
+
+    async def _wait_changed(self) -> None:
+        """Wait for the next publish, finish, or transient chunk (``_wake``)."""
+        changed = self._changed
+        self._waiting += 1
+        try:
+            await changed.wait()
+        finally:
+            if changed is self._changed:  # left without a wake (cancelled): uncount
+                self._waiting -= 1
 
     def finish(self, status: str) -> None:
         """Mark the turn ended with its final status; readers drain and stop."""
@@ -183,11 +205,7 @@ class LiveTurn:
     async def wait_done(self) -> None:
         """Wait until the turn is finalized."""
         while not self.done:
-            self._waiting += 1
-            try:
-                await self._changed.wait()
-            finally:
-                self._waiting -= 1
+            await self._wait_changed()
 
     async def batches(
         self, after: int = -1, *, transient: bool = False
@@ -220,11 +238,7 @@ class LiveTurn:
                 continue
             if self.done:
                 return
-            self._waiting += 1
-            try:
-                await self._changed.wait()
-            finally:
-                self._waiting -= 1
+            await self._wait_changed()
             # One scheduler tick (no timer): a producer mid-burst adds its next chunk
             # and both go out in one write (bench/: the long-turn events/s).
             await anyio.lowlevel.checkpoint()

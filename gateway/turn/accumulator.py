@@ -88,7 +88,13 @@ class ContentBuilder:
     def feed(self, event: TurnEvent) -> None:
         """Add one event (events that carry no content are ignored)."""
         self._version += 1
-        if isinstance(event, TextDelta):
+        if type(event) is TextDelta and self._open_kind == "text":
+            if event.text:  # the per-token path: one more fragment of the open text
+                self._fragments.append(event.text)
+        elif type(event) is ReasoningDelta and self._open_kind == "reasoning":
+            if event.text:
+                self._fragments.append(event.text)
+        elif isinstance(event, TextDelta):
             if event.text:
                 self._append_text("text", event.text)
         elif isinstance(event, ReasoningDelta):

@@ -10,6 +10,7 @@ dict. ``None`` is never sent for an optional field and NaN never appears
 from __future__ import annotations
 
 import json
+from json.encoder import encode_basestring
 from typing import Any
 
 from gateway.turn.accumulator import parse_tool_args
@@ -34,6 +35,9 @@ from llm_adapters.events import (
 )
 
 _dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
+# What ``_dumps`` does with a str (JSONEncoder.encode's own branch for one), without
+# the method call and type test per token.
+_dumps_str = encode_basestring
 
 DONE_DATA = b"data: [DONE]\n\n"
 
@@ -95,13 +99,24 @@ class ChunkEncoder:
             out.append(self.chunk({"type": f"{kind}-start", "id": self._open_id}))
         out.append(
             b'id: %d\ndata: {"type":"%s-delta","id":"%s","delta":%s}\n\n'
-            % (self.seq, kind.encode(), self._open_id.encode(), _dumps(text).encode())
+            % (self.seq, kind.encode(), self._open_id.encode(), _dumps_str(text).encode())
         )
         self.seq += 1
         return out
 
     def feed(self, event: TurnEvent) -> list[bytes]:
         """The chunks for one event (possibly none)."""
+        if type(event) is TextDelta and self._open == "text" and event.text:
+            # The per-token path: one more delta of the open text (or reasoning) part.
+            seq = self.seq
+            self.seq = seq + 1
+            return [b'id: %d\ndata: {"type":"text-delta","id":"%s","delta":%s}\n\n'
+                    % (seq, self._open_id.encode(), _dumps_str(event.text).encode())]
+        if type(event) is ReasoningDelta and self._open == "reasoning" and event.text:
+            seq = self.seq
+            self.seq = seq + 1
+            return [b'id: %d\ndata: {"type":"reasoning-delta","id":"%s","delta":%s}\n\n'
+                    % (seq, self._open_id.encode(), _dumps_str(event.text).encode())]
         if isinstance(event, TextDelta):
             return self._delta("text", event.text) if event.text else []
         if isinstance(event, ReasoningDelta):

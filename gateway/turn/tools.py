@@ -280,6 +280,8 @@ class TurnSteps:
         self.current = replace(self.base, messages=messages)
         self.usage.start_call()
         self._call_chars = self.content.text_length()
+        # ``emit``, with its three steps looked up once per call, not once per event.
+        feed, encode, publish = self.content.feed, self.encoder.feed, self.live.publish
         async with aclosing(self.adapter.stream(self.current)) as events:
             async for event in events:
                 if type(event) is Usage:
@@ -288,7 +290,8 @@ class TurnSteps:
                 if self._on_first_event is not None:
                     self._on_first_event()
                     self._on_first_event = None
-                self.emit(event)
+                feed(event)
+                publish(encode(event))
         self.usage.end_call(self.model_string, *self.estimates())
 
     async def _answer(self, calls: list[dict[str, Any]], answers: Answers | None) -> bool:
