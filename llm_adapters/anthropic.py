@@ -317,6 +317,7 @@ class AnthropicAdapter(HTTPAdapter):
                             # The per-token event: text, whatever its block.
                             text = delta.get("text")
                             if isinstance(text, str) and text:
+                                produced = True
                                 yield TextDelta(text)
                             continue
                         for out in self._block_delta(payload, blocks):

@@ -288,6 +288,7 @@ class OpenAIAdapter(HTTPAdapter):
                             # The per-token chunk: text only.
                             text = delta["content"]
                             if isinstance(text, str) and text:
+                                produced = True
                                 yield TextDelta(text)
                         elif isinstance(delta, dict):
                             for out in self._delta_events(delta, calls):
