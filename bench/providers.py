@@ -37,6 +37,7 @@ answer, or a stream that ended without its last event).
     .venv/bin/python bench/providers.py            # ~10 min on 2 cores
     .venv/bin/python bench/providers.py --quick    # ~3 min
     .venv/bin/python bench/providers.py --quick --before main --servers direct,turngate-pg
+    .venv/bin/python bench/providers.py --only idle --servers turngate-pg --before main
 
 Results: ``bench/results/providers-<stamp>[-quick].json`` and a Markdown table on
 stdout. Needs PostgreSQL on 127.0.0.1:5432 (trust, user ``postgres``).
@@ -391,12 +392,14 @@ async def phase_idle(target: Target, n: int, settle: bool) -> dict[str, Any]:
         await asyncio.sleep(1.5)
         c0 = proc.cpu()
         await asyncio.sleep(4.0)
-        out["idle_cores"] = (proc.cpu() - c0) / 4.0
+        out["idle_cpu_s"] = proc.cpu() - c0
+        out["idle_cores"] = out["idle_cpu_s"] / 4.0
         if settle:
             await asyncio.sleep(14.0)
             c0 = proc.cpu()
             await asyncio.sleep(4.0)
-            out["idle_cores_settled"] = (proc.cpu() - c0) / 4.0
+            out["idle_cpu_s_settled"] = proc.cpu() - c0
+            out["idle_cores_settled"] = out["idle_cpu_s_settled"] / 4.0
     hold.set()
     await asyncio.gather(*tasks)
     out["failed"] = n - ok
@@ -509,7 +512,8 @@ def _fmt(v: Any, spec: str = ",.1f") -> str:
 
 
 def _med(rows: list[dict[str, Any]], key: str) -> float | None:
-    return median([r[key] for r in rows if r.get(key) is not None])
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return median(values) if values else None
 
 
 def summarize(res: dict[str, Any]) -> str:
@@ -563,14 +567,17 @@ def summarize(res: dict[str, Any]) -> str:
 
 async def amain(args: argparse.Namespace) -> None:
     raise_nofile()
-    sizes = SIZES["quick" if args.quick else "full"]
-    rounds = args.rounds or sizes["rounds"]
+    sizes = dict(SIZES["quick" if args.quick else "full"])
+    if args.idle:
+        sizes["idle"] = args.idle
+    rounds = 0 if args.only == "idle" else args.rounds or sizes["rounds"]
     wanted = args.servers.split(",")
     before = export_ref(args.before) if args.before else None
     if before is not None and "turngate-pg-before" not in wanted:
         wanted.append("turngate-pg-before")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = ROOT / "bench" / "results" / f"providers-{stamp}{'-quick' if args.quick else ''}.json"
+    suffix = ("-quick" if args.quick else "") + (f"-{args.only}" if args.only else "")
+    path = ROOT / "bench" / "results" / f"providers-{stamp}{suffix}.json"
     conc = sizes["conc"]
     models = sorted({fake_model(1, None), fake_model(3, 0), fake_model(sizes["long"], 0),
                      fake_model(conc[1], conc[2])})
@@ -632,7 +639,8 @@ async def amain(args: argparse.Namespace) -> None:
                 path.write_text(json.dumps(res, indent=1))
 
             for name, t in targets.items():
-                out = await phase_idle(t, sizes["idle"], settle=not args.quick)
+                out = await phase_idle(t, sizes["idle"],
+                                       settle=not args.quick or args.only == "idle")
                 per[name]["idle"] = out
                 count(name, out, sizes["idle"] + 20)
                 print(f"{name} idle {json.dumps(out)}", flush=True)
@@ -678,6 +686,9 @@ def main() -> None:
     ap.add_argument("--servers", default="direct,turngate-pg,turngate-sqlite,litellm")
     ap.add_argument("--before", default="", help="also run the gateway at this git ref")
     ap.add_argument("--table", default="", help="print the table of a stored result and exit")
+    ap.add_argument("--only", default="", choices=["", "idle"],
+                    help="run only this phase (idle: with its settled CPU, also with --quick)")
+    ap.add_argument("--idle", type=int, default=0, help="idle streams to hold (default: by size)")
     args = ap.parse_args()
     if args.table:
         print(summarize(json.loads(Path(args.table).read_text())))
