@@ -22,7 +22,8 @@ import anyio
 import pytest
 
 from gateway.streaming.relay import LiveTurn
-from gateway.streaming.sse import SSEResponse, StreamSet
+from gateway.streaming.responses import STREAM_HEADERS
+from gateway.streaming.sse import SSEResponse, StreamSet, encode_headers
 from tests.fixtures_server import GatewayServer, run_gateway
 from tests.tracing import trace_turns
 from tests.waiting import until
@@ -379,3 +380,12 @@ async def test_watchers_take_their_timers_back_when_the_app_timer_stops() -> Non
         peer.leave.set()
     for i in _pings(peer):
         assert ping <= peer.stamps[i] - peer.stamps[i - 1] <= ping + SLACK
+
+
+def test_encoded_headers_are_starlettes_and_shared_by_every_stream() -> None:
+    raw = encode_headers(STREAM_HEADERS)
+    one, two = (SSEResponse(_Body().gen(), headers=raw) for _ in range(2))
+    assert one.raw_headers == SSEResponse(_Body().gen(), headers=STREAM_HEADERS).raw_headers
+    # Each stream has its own list (middleware may add to it), of the same pairs.
+    assert one.raw_headers is not two.raw_headers
+    assert all(a is b for a, b in zip(one.raw_headers, two.raw_headers, strict=True))

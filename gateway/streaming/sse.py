@@ -62,6 +62,16 @@ PING_MESSAGE: Message = {"type": "http.response.body", "body": b": ping\n\n", "m
 END_MESSAGE: Message = {"type": "http.response.body", "body": b"", "more_body": False}
 
 
+def encode_headers(headers: Mapping[str, str]) -> tuple[tuple[bytes, bytes], ...]:
+    """``headers`` as ASGI sends them, with the SSE content type: encode them once and
+    pass the result to every ``SSEResponse``, which then shares them (a stream's own
+    copy of five header pairs is 15 objects, 0.7 KiB, held as long as it is open)."""
+    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    if not any(key == b"content-type" for key, _ in raw):
+        raw.append((b"content-type", b"text/event-stream; charset=utf-8"))
+    return tuple(raw)
+
+
 #: The app timer's period is this fraction of the shorter of the ping interval and
 #: the send timeout, and at most ``MAX_TICK`` seconds.
 TICK_FRACTION = 0.1
@@ -148,7 +158,7 @@ class SSEResponse(Response):
         body: AsyncIterator[bytes],
         *,
         status_code: int = 200,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | tuple[tuple[bytes, bytes], ...] | None = None,
         ping_seconds: float = 15.0,
         send_timeout: float = 10.0,
         streams: StreamSet | None = None,
@@ -157,7 +167,10 @@ class SSEResponse(Response):
         self.body_iterator = body
         self.status_code = status_code
         self.background = None
-        self.init_headers(headers)
+        if isinstance(headers, tuple):  # encoded by encode_headers: shared, not copied
+            self.raw_headers = list(headers)
+        else:
+            self.init_headers(headers)
         self.ping_seconds = ping_seconds
         self.send_timeout = send_timeout
         self.cleanup_timeout = cleanup_timeout
@@ -327,4 +340,6 @@ class SSEResponse(Response):
             logger.warning("stream body did not close within %gs", self.cleanup_timeout)
 
 
-__all__ = ["END_MESSAGE", "PING_MESSAGE", "SSEResponse", "StreamSet", "tick_seconds"]
+__all__ = [
+    "END_MESSAGE", "PING_MESSAGE", "SSEResponse", "StreamSet", "encode_headers", "tick_seconds",
+]
