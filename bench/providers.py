@@ -6,7 +6,8 @@ one run on this machine:
 - ``direct``: the client talks to the fake upstream itself (the floor);
 - ``turngate-pg`` / ``turngate-sqlite``: ``turngate serve`` (one worker) with the
   ``openai:`` adapter pointed at the fake, on PostgreSQL (database
-  ``turngate_providers``, made again) and on SQLite (a file in a temporary directory);
+  ``turngate_providers_<pid>``, made for the run and dropped after it) and on SQLite
+  (a file in a temporary directory);
 - ``litellm``: the LiteLLM proxy, installed by this script into its own virtualenv
   (``bench/.litellm-venv``, not a project dependency), one worker, no database,
   least logging: its cheapest setup;
@@ -79,7 +80,8 @@ from bench.common import (  # noqa: E402
 )
 from bench.sqlite_burst import _make_threads  # noqa: E402
 
-PG_DB = "turngate_providers"
+# One database per run (dropped at its end): two runs at once must not drop each other's.
+PG_DB = f"turngate_providers_{os.getpid()}"
 PG_URL = f"postgresql://postgres@127.0.0.1:5432/{PG_DB}"
 LITELLM_VENV = ROOT / "bench" / ".litellm-venv"
 TOKEN = b"Zq"
@@ -462,6 +464,18 @@ async def _fresh_pg() -> None:
         await conn.close()
 
 
+async def _drop_pg(*names: str) -> None:
+    try:
+        conn = await asyncpg.connect(PG_ADMIN, timeout=10)
+    except (OSError, asyncpg.PostgresError):
+        return
+    try:
+        for name in names:
+            await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
 def _migrate_and_key(url: str, pythonpath: Path | None = None) -> str:
     env = gateway_env(url)
     if pythonpath is not None:
@@ -670,6 +684,7 @@ async def amain(args: argparse.Namespace) -> None:
         finally:
             for p in reversed(procs):
                 p.stop()
+            await _drop_pg(PG_DB, PG_DB + "_before")
         table = summarize(res)
         res["table"] = table
         path.write_text(json.dumps(res, indent=1))
