@@ -366,7 +366,7 @@ async def _drain(content: aiohttp.StreamReader) -> None:
 
 def _exact(data: bytes) -> bytes:
     """``data`` in a buffer of its own size (orjson's result keeps the buffer it grew
-    in: at least 4 KiB, even for a short body)."""
+    in: about 4 KiB, even for a short body)."""
     return bytes(memoryview(data))
 
 
