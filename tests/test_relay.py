@@ -178,3 +178,33 @@ async def test_wait_for_a_reply_skips_the_one_it_replaces() -> None:
         relay.add(new)
     assert got["live"] is new
     assert await relay.wait_for("th", "t1", within=0.0, message_id=10) is None
+
+
+@pytest.mark.anyio
+async def test_a_turn_keeps_no_join_event_or_lock_it_is_not_using() -> None:
+    live = LiveTurn("th", "t1", 1, 1)
+    assert live._joined is None and live._db_lock is None
+    live.reader_joined()  # nobody waits: nothing to make or wake
+    assert live._joined is None
+
+    result: list[bool] = []
+
+    async def waiter() -> None:
+        result.append(await live.wait_for_reader(10))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        while live._joined is None:  # the waiter made the event it waits on
+            await anyio.lowlevel.checkpoint()
+        live.reader_joined()
+    assert result == [True] and live._joined is None
+    assert not await live.wait_for_reader(0.01)  # no reader joined: times out
+
+    lock = live.db_lock
+    assert live.db_lock is lock  # one lock while it exists
+    async with lock:
+        live.drop_idle_lock()  # held: kept
+        assert live._db_lock is lock
+    live.drop_idle_lock()
+    assert live._db_lock is None
+    assert live.db_lock is not lock  # the next use makes another

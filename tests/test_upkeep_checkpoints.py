@@ -148,6 +148,8 @@ async def test_changed_turns_share_a_checkpoint_statement(database_url: str) -> 
             assert lives[t].checkpointed_version > 0  # type: ignore[union-attr]
         for t in idle:
             assert lives[t].checkpointed_version == 0  # type: ignore[union-attr]
+        # Their locks were released and dropped: a turn between checkpoints keeps none.
+        assert all(live._db_lock is None for live in lives.values())  # type: ignore[union-attr]
         rows = [(await gw.store.get_turn(t, "t")).assistant for t in busy]
         assert all(r is not None and r.status == "streaming" and r.content for r in rows)
         tg.cancel_scope.cancel()

@@ -95,6 +95,7 @@ async def _checkpoint_batch(runner: TurnRunner, turns: list[LiveTurn]) -> None:
     finally:
         for live, _, _ in held:
             live.db_lock.release()
+            live.drop_idle_lock()
     for live, content, version in held:
         if live.message_id in written:
             live.checkpointed_version = version
