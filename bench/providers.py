@@ -6,7 +6,8 @@ one run on this machine:
 - ``direct``: the client talks to the fake upstream itself (the floor);
 - ``turngate-pg`` / ``turngate-sqlite``: ``turngate serve`` (one worker) with the
   ``openai:`` adapter pointed at the fake, on PostgreSQL (database
-  ``turngate_providers``, made again) and on SQLite (a file in a temporary directory);
+  ``turngate_providers_<pid>``, made for the run and dropped after it) and on SQLite
+  (a file in a temporary directory);
 - ``litellm``: the LiteLLM proxy, installed by this script into its own virtualenv
   (``bench/.litellm-venv``, not a project dependency), one worker, no database,
   least logging: its cheapest setup;
@@ -37,6 +38,7 @@ answer, or a stream that ended without its last event).
     .venv/bin/python bench/providers.py            # ~10 min on 2 cores
     .venv/bin/python bench/providers.py --quick    # ~3 min
     .venv/bin/python bench/providers.py --quick --before main --servers direct,turngate-pg
+    .venv/bin/python bench/providers.py --only idle --servers turngate-pg --before main
 
 Results: ``bench/results/providers-<stamp>[-quick].json`` and a Markdown table on
 stdout. Needs PostgreSQL on 127.0.0.1:5432 (trust, user ``postgres``).
@@ -78,7 +80,8 @@ from bench.common import (  # noqa: E402
 )
 from bench.sqlite_burst import _make_threads  # noqa: E402
 
-PG_DB = "turngate_providers"
+# One database per run (dropped at its end): two runs at once must not drop each other's.
+PG_DB = f"turngate_providers_{os.getpid()}"
 PG_URL = f"postgresql://postgres@127.0.0.1:5432/{PG_DB}"
 LITELLM_VENV = ROOT / "bench" / ".litellm-venv"
 TOKEN = b"Zq"
@@ -399,12 +402,14 @@ async def phase_idle(target: Target, n: int, settle: bool) -> dict[str, Any]:
         await asyncio.sleep(1.5)
         c0 = proc.cpu()
         await asyncio.sleep(4.0)
-        out["idle_cores"] = (proc.cpu() - c0) / 4.0
+        out["idle_cpu_s"] = proc.cpu() - c0
+        out["idle_cores"] = out["idle_cpu_s"] / 4.0
         if settle:
             await asyncio.sleep(14.0)
             c0 = proc.cpu()
             await asyncio.sleep(4.0)
-            out["idle_cores_settled"] = (proc.cpu() - c0) / 4.0
+            out["idle_cpu_s_settled"] = proc.cpu() - c0
+            out["idle_cores_settled"] = out["idle_cpu_s_settled"] / 4.0
     hold.set()
     await asyncio.gather(*tasks)
     out["failed"] = n - ok
@@ -467,6 +472,18 @@ async def _fresh_pg() -> None:
         await conn.close()
 
 
+async def _drop_pg(*names: str) -> None:
+    try:
+        conn = await asyncpg.connect(PG_ADMIN, timeout=10)
+    except (OSError, asyncpg.PostgresError):
+        return
+    try:
+        for name in names:
+            await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
 def _migrate_and_key(url: str, pythonpath: Path | None = None) -> str:
     env = gateway_env(url)
     if pythonpath is not None:
@@ -520,7 +537,8 @@ def _fmt(v: Any, spec: str = ",.1f") -> str:
 
 
 def _med(rows: list[dict[str, Any]], key: str) -> float | None:
-    return median([r[key] for r in rows if r.get(key) is not None])
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return median(values) if values else None
 
 
 def summarize(res: dict[str, Any]) -> str:
@@ -583,7 +601,8 @@ async def amain(args: argparse.Namespace) -> None:
     if before is not None and "turngate-pg-before" not in wanted:
         wanted.append("turngate-pg-before")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = ROOT / "bench" / "results" / f"providers-{stamp}{'-quick' if args.quick else ''}.json"
+    suffix = ("-quick" if args.quick else "") + (f"-{args.only}" if args.only else "")
+    path = ROOT / "bench" / "results" / f"providers-{stamp}{suffix}.json"
     conc = sizes["conc"]
     models = sorted({fake_model(1, None), fake_model(3, 0), fake_model(sizes["long"], 0),
                      fake_model(conc[1], conc[2])})
@@ -647,7 +666,8 @@ async def amain(args: argparse.Namespace) -> None:
             for name, t in targets.items():
                 if "idle" not in args.phases:
                     break
-                out = await phase_idle(t, sizes["idle"], settle=not args.quick)
+                settle = not args.quick or args.phases == {"idle"}
+                out = await phase_idle(t, sizes["idle"], settle=settle)
                 per[name]["idle"] = out
                 count(name, out, sizes["idle"] + 20)
                 print(f"{name} idle {json.dumps(out)}", flush=True)
@@ -682,6 +702,7 @@ async def amain(args: argparse.Namespace) -> None:
         finally:
             for p in reversed(procs):
                 p.stop()
+            await _drop_pg(PG_DB, PG_DB + "_before")
         table = summarize(res)
         res["table"] = table
         path.write_text(json.dumps(res, indent=1))

@@ -159,7 +159,7 @@ def create_app(
             await prepare_database(settings)
         await store.connect()
         ctx.shutdown_event = anyio.Event()
-        ctx.streams = StreamSet()
+        ctx.streams = StreamSet(settings.ping_seconds, settings.send_timeout)
         shared: RedisRelay | None = None
         try:
             # With REDIS_URL: Redis must answer now (RelayError stops start-up).
@@ -184,6 +184,8 @@ def create_app(
                     await store.recover_expired_turns()
                     tg.start_soon(maintain, runner)
                     tg.start_soon(_drain_on_signal, ctx.shutdown_event)
+                    # One timer for the pings and send timeouts of every open stream.
+                    tg.start_soon(ctx.streams.run)
                     # Streams still open after the drain's deadline are ended before uvicorn's.
                     tg.start_soon(
                         end_streams_at_shutdown, ctx.shutdown_event, ctx.streams,

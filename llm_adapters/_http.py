@@ -1,11 +1,13 @@
 """What the HTTP adapters share: one lazy ``httpx.AsyncClient``, error mapping, retry.
 
 :meth:`HTTPAdapter._sse_batches` posts a JSON body and yields the response's
-server-sent events, those of one network read together. It runs inside ``async
-with client.stream(...)``, so closing the generator (``aclose()`` or cancellation)
+server-sent events, those of one network read together. It sends on the aiohttp
+session under the client's transport (the same connection pool) and releases the
+answer in its ``finally``, so closing the generator (``aclose()`` or cancellation)
 before the last event closes the upstream connection at once; an answer read to its
 last event is read to its end, so its connection is reused. Failures become the
-:class:`~turngate.exceptions.UpstreamError` tree:
+:class:`~turngate.exceptions.UpstreamError` tree (classified as the httpx exception
+that says what happened, see ``_httpx_error``):
 
 - no API key where the provider's own endpoint needs one -> ``UpstreamNotConfigured``
   naming the variable, before anything is sent;
@@ -26,9 +28,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
-from contextlib import aclosing
-from typing import Any, cast
+from collections.abc import AsyncGenerator, Callable, Mapping
+from typing import Any
 
 import aiohttp
 import anyio
@@ -117,7 +118,7 @@ def dumps(body: Mapping[str, Any]) -> bytes:
         return json.dumps(body, ensure_ascii=False).encode()
 
 
-def _retry_after(response: httpx.Response, default: float, cap: float) -> float:
+def _retry_after(response: aiohttp.ClientResponse, default: float, cap: float) -> float:
     raw = response.headers.get("retry-after", "")
     try:
         return max(0.0, min(float(raw), cap))
@@ -198,33 +199,42 @@ class HTTPAdapter(BaseAdapter):
             )
         return self._client
 
-    def _get_transport(self) -> httpx.AsyncBaseTransport:
-        """The client's transport: a streamed turn is sent on it directly, since it needs
-        none of the client's layers (auth flows, redirects, cookies, URL merging)."""
+    def _get_session(self) -> aiohttp.ClientSession:
+        """The aiohttp session under the client's transport (its connection pool).
+
+        A streamed turn is sent on it directly: it needs none of httpx's layers (auth
+        flows, redirects, cookies, URL merging), and an idle stream then holds only
+        aiohttp's response, not httpx's request and response around it (4–5 KiB
+        each stream, BENCHMARKS.md).
+        """
         self._get_client()
-        assert self._transport is not None
-        return self._transport
+        transport = self._transport
+        assert isinstance(transport, AiohttpTransport)
+        if not isinstance(transport.client, aiohttp.ClientSession):
+            transport.client = transport.get_client()
+        return transport.client
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
 
-    async def _status_error(self, response: httpx.Response) -> UpstreamStatusError:
+    async def _status_error(self, response: aiohttp.ClientResponse) -> UpstreamStatusError:
         body = bytearray()
         try:
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) >= MAX_ERROR_BODY:
+            while len(body) < MAX_ERROR_BODY:
+                chunk = await response.content.readany()
+                if not chunk:
                     break
-        except httpx.HTTPError:
+                body += chunk
+        except (aiohttp.ClientError, TimeoutError):
             pass
         summary = ""
         try:
             summary = error_summary(json.loads(bytes(body[:MAX_ERROR_BODY])), self._secrets())
         except ValueError:
             pass
-        status = response.status_code
+        status = response.status
         message = f"{self.name} upstream answered HTTP {status}"
         error = UpstreamStatusError(f"{message} ({summary})" if summary else message, status)
         if status in (401, 403) and not self.api_key and self.api_key_env:
@@ -250,61 +260,68 @@ class HTTPAdapter(BaseAdapter):
         the next turn instead of being closed.
         """
         self.check_configured()
-        transport = self._get_transport()
-        payload = dumps(body)
+        session = self._get_session()
+        # Only the encoded body is kept, and only until the answer's head is in: an idle
+        # stream should not hold its whole request (with the history) for hours.
+        payload: bytes | None = _exact(dumps(body))
+        del body
         send_headers = {
             **headers,
             "content-type": "application/json",
             "accept": "text/event-stream",
         }
+        t = self.timeout
+        timeout = aiohttp.ClientTimeout(sock_connect=t.connect, sock_read=t.read, connect=t.pool)
         yielded = False
         for attempt in (1, 2):
             try:
-                request = httpx.Request(
-                    "POST", url, content=payload, headers=send_headers,
-                    extensions={"timeout": self.timeout.as_dict()},
+                resp = await session.request(
+                    "POST", url, data=payload, headers=send_headers, timeout=timeout,
+                    allow_redirects=False, compress=False,
                 )
-                resp = await transport.handle_async_request(request)
                 try:
-                    if resp.status_code >= 400:
+                    if resp.status >= 400:
                         error = await self._status_error(resp)
                         if attempt == 1 and error.retryable:
                             delay = _retry_after(resp, self.retry_delay, self.max_retry_delay)
                             logger.warning(
                                 "upstream_retry adapter=%s status=%s delay=%.2f",
-                                self.name, resp.status_code, delay,
+                                self.name, resp.status, delay,
                             )
-                            await resp.aclose()
+                            resp.release()
                             await anyio.sleep(delay)
                             continue
                         logger.warning(
-                            "upstream_status adapter=%s status=%s", self.name, resp.status_code
+                            "upstream_status adapter=%s status=%s", self.name, resp.status
                         )
                         raise error
+                    payload = None  # no retry once the answer is here
                     decoder = SSEDecoder()
-                    reads = cast(AsyncGenerator[bytes, None], resp.aiter_bytes())
-                    async with aclosing(reads) as chunks:
-                        async for chunk in chunks:
-                            events = decoder.feed(chunk)
-                            if not events:
-                                continue
-                            for i, event in enumerate(events):
-                                if last(event):
-                                    if i:  # what came before it, without waiting
-                                        yielded = True
-                                        yield events[:i]
-                                    await _drain(chunks)
+                    content = resp.content
+                    while chunk := await content.readany():
+                        events = decoder.feed(chunk)
+                        chunk = b""  # not held while the stream waits for its next read
+                        if not events:
+                            continue
+                        for i, event in enumerate(events):
+                            if last(event):
+                                if i:  # what came before it, without waiting
                                     yielded = True
-                                    yield [event]
-                                    return
-                            yielded = True
-                            yield events
+                                    yield events[:i]
+                                await _drain(content)
+                                yielded = True
+                                yield [event]
+                                return
+                        yielded = True
+                        yield events
                     events = decoder.flush()
                     if events:
                         yield events
                     return
                 finally:
-                    await resp.aclose()
+                    # Back to the pool if the answer was read to its end, else closed.
+                    resp.release()
+                    await resp.wait_for_close()
             except UpstreamError:
                 raise
             except Exception as exc:
@@ -312,7 +329,7 @@ class HTTPAdapter(BaseAdapter):
                 if http_error is None:
                     raise
                 if isinstance(http_error, httpx.ConnectError):
-                    if attempt == 1 and not yielded:
+                    if attempt == 1 and not yielded and payload is not None:
                         logger.warning("upstream_retry adapter=%s reason=connect", self.name)
                         await anyio.sleep(self.retry_delay)
                         continue
@@ -332,19 +349,25 @@ class HTTPAdapter(BaseAdapter):
         raise UpstreamError(f"{self.name} upstream: retries exhausted")  # pragma: no cover
 
 
-async def _drain(chunks: AsyncIterator[bytes]) -> None:
+async def _drain(content: aiohttp.StreamReader) -> None:
     """Read what is left of an answer whose last event has arrived, within bounds; a
     failure here changes nothing (the events are complete), the connection is then
     closed instead of reused."""
     size = 0
     with anyio.move_on_after(DRAIN_SECONDS):
         try:
-            async for chunk in chunks:
+            while chunk := await content.readany():
                 size += len(chunk)
                 if size > DRAIN_BYTES:
                     return
-        except (httpx.HTTPError, aiohttp.ClientError, TimeoutError):
+        except (aiohttp.ClientError, TimeoutError):
             return
+
+
+def _exact(data: bytes) -> bytes:
+    """``data`` in a buffer of its own size (orjson's result keeps the buffer it grew
+    in: about 4 KiB, even for a short body)."""
+    return bytes(memoryview(data))
 
 
 def _httpx_error(exc: BaseException) -> httpx.HTTPError | None:

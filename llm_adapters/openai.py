@@ -238,6 +238,7 @@ class OpenAIAdapter(HTTPAdapter):
         events = self._sse_batches(
             f"{self.base_url}/chat/completions", self._headers(), body, last=_is_done
         )
+        del body  # an idle stream keeps no copy of its request (the history)
         async with aclosing(events) as batches:
             async for batch in batches:
                 for event in batch:

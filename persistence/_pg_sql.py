@@ -246,6 +246,17 @@ WHERE id = :message_id AND status = 'streaming' AND lease_owner = :lease_owner
 RETURNING id
 """
 
+# ``checkpoint_many``: the rows named, each with its own content, in one statement; only
+# those still ``streaming`` under our lease are written (RETURNING says which).
+CHECKPOINT_MANY = f"""
+UPDATE messages m SET content = CAST(v.content AS jsonb), updated_at = now(),
+    event_map = v.event_map, lease_expires_at = {_LEASE_END}
+FROM unnest(CAST(:ids AS bigint[]), CAST(:contents AS text[]), CAST(:event_maps AS text[]))
+    AS v(id, content, event_map)
+WHERE m.id = v.id AND m.status = 'streaming' AND m.lease_owner = CAST(:lease_owner AS text)
+RETURNING m.id
+"""
+
 # ``checkpoint(reclaim=True)``: the owner found its lease lost (a checkpoint or renewal
 # missed its row). A row a reaper marked ``interrupted`` (lease_owner NULL) goes back to
 # ``streaming`` under our lease with our content, if no other turn streams on its thread

@@ -151,6 +151,57 @@ class _WritersMixin(_StoreBase):
             "reclaim" if reclaim else "checkpoint", op, message_id=message_id
         )
 
+    async def checkpoint_many(
+        self,
+        items: Sequence[tuple[int, list[dict[str, Any]], list[Any] | None]],
+        *,
+        lease_owner: str,
+        lease_seconds: float,
+    ) -> set[int]:
+        """``checkpoint`` for many rows in one statement; returns the ids it wrote.
+
+        ``items``: ``(message_id, content, event_map)``. Each named row that is still
+        ``streaming`` under ``lease_owner`` gets its content and event map, and its
+        lease extended; a row missing from the result is no longer ours (the
+        caller acts on that, as on a ``checkpoint`` that returned False). No
+        reclaim here: taking a row back is ``checkpoint(reclaim=True)``, one turn at
+        a time. Raises ``DatabaseUnavailable``.
+        """
+        if lease_seconds <= 0:
+            raise ValueError("lease_seconds must be positive")
+        if not items:
+            return set()
+        ids = [int(i) for i, _, _ in items]
+        contents = [_dump_json(c) for _, c, _ in items]
+        maps = [None if m is None else _dump_json(m) for _, _, m in items]
+
+        async def op(conn: Conn) -> tuple[set[int], str]:
+            if self._is_pg:
+                rows = await conn.fetch_all(
+                    _pg_sql.CHECKPOINT_MANY,
+                    {"ids": ids, "contents": contents, "event_maps": maps,
+                     "lease_owner": lease_owner, "lease_seconds": float(lease_seconds)},
+                )
+            else:
+                now = utcnow_text()
+                rows = await conn.fetch_all(
+                    "UPDATE messages SET content = v.content, event_map = v.event_map, "
+                    "updated_at = :now, lease_expires_at = :expires "
+                    "FROM (SELECT json_extract(value, '$[0]') AS id, "
+                    "json_extract(value, '$[1]') AS content, "
+                    "json_extract(value, '$[2]') AS event_map FROM json_each(:rows)) AS v "
+                    "WHERE messages.id = v.id AND messages.status = 'streaming' "
+                    "AND messages.lease_owner = :lease_owner RETURNING messages.id",
+                    {"rows": _dump_json([list(r) for r in zip(ids, contents, maps,
+                                                              strict=True)]),
+                     "lease_owner": lease_owner, "now": now,
+                     "expires": _plus_seconds(now, lease_seconds)},
+                )
+            written = {int(r["id"]) for r in rows}
+            return written, "ok" if len(written) == len(ids) else "row_missing"
+
+        return await self._write("checkpoint", op, lease_owner=lease_owner, count=len(ids))
+
     async def renew_leases(
         self, lease_owner: str, lease_seconds: float, message_ids: Sequence[int]
     ) -> set[int]:

@@ -1,4 +1,4 @@
-"""open_turn(with_history=True), renew_leases, pool_size and the bounded pool wait."""
+"""open_turn(with_history=True), renew_leases, checkpoint_many, pool_size, the pool wait."""
 
 from __future__ import annotations
 
@@ -182,6 +182,52 @@ async def test_renew_leases_extends_only_this_owners_streaming_rows(
     assert a.assistant_message_id is not None and b.assistant_message_id is not None
     with pytest.raises(ValueError):
         await store.renew_leases("proc-1", 0, [1])
+
+
+@pytest.mark.anyio
+async def test_checkpoint_many_writes_only_this_owners_streaming_rows_in_one_statement(
+    store: Store, user_id: int, make_thread: MakeThread
+) -> None:
+    seen: list[tuple[str, str]] = []
+    store.on_operation = lambda op, outcome, _s: seen.append((op, outcome))
+    t1, t2, t3, t4 = [await make_thread() for _ in range(4)]
+    a = await _open(store, t1, user_id, "a", lease_seconds=0.4)
+    b = await _open(store, t2, user_id, "b", lease_seconds=0.4)
+    c = await _open(store, t3, user_id, "c", lease_owner="proc-2", lease_seconds=0.4)
+    d = await _open(store, t4, user_id, "d", lease_seconds=0.4)
+    ids = [x.assistant_message_id for x in (a, b, c, d)]
+    assert all(isinstance(i, int) for i in ids)
+    ia, ib, ic, id_ = (int(i) for i in ids)  # type: ignore[arg-type]
+    await store.finalize_turn(id_, t4, user_id, [], "complete", USAGE)
+    d_before = await store.get_turn(t4, "d")
+    c_before = await store.get_turn(t3, "c")
+
+    def text(t: str) -> list[dict[str, object]]:
+        return [{"type": "text", "text": t}]
+
+    seen.clear()
+    written = await store.checkpoint_many(
+        [(ia, text("A é \"q\""), [[0, 1]]), (ib, text("B"), None), (ic, text("C"), [[9, 9]]),
+         (id_, text("D"), None)],
+        lease_owner="proc-1", lease_seconds=60,
+    )
+    # Only this owner's streaming rows: c is another process's, d is finished.
+    assert written == {ia, ib}
+    assert seen == [("checkpoint", "row_missing")]  # one statement for the four
+    ta, tb = await store.get_turn(t1, "a"), await store.get_turn(t2, "b")
+    assert ta.assistant is not None and tb.assistant is not None
+    assert ta.assistant.content == text("A é \"q\"") and ta.assistant.event_map == [[0, 1]]
+    assert tb.assistant.content == text("B") and tb.assistant.event_map is None
+    assert ta.assistant.status == tb.assistant.status == "streaming"
+    assert await store.get_turn(t3, "c") == c_before
+    assert await store.get_turn(t4, "d") == d_before
+    # Their leases were extended (60 s), the other owner's was not (0.4 s).
+    await lease_lapsed(store, ic)
+    assert await store.recover_expired_turns() == [ic]
+    assert await store.checkpoint_many([], lease_owner="proc-1", lease_seconds=60) == set()
+    assert seen == [("checkpoint", "row_missing"), ("recover_expired_turns", "ok")]
+    with pytest.raises(ValueError):
+        await store.checkpoint_many([(ia, [], None)], lease_owner="proc-1", lease_seconds=0)
 
 
 @pytest.mark.anyio

@@ -237,3 +237,33 @@ async def test_a_burst_wakes_every_reader_and_a_cancelled_wait_is_uncounted() ->
         await until(lambda: len(got["a"]) == 2 and len(got["b"]) == 2)
         live.finish("complete")
     assert got["a"] == got["b"] == [burst, [b"late"]]
+
+
+@pytest.mark.anyio
+async def test_a_turn_keeps_no_join_event_or_lock_it_is_not_using() -> None:
+    live = LiveTurn("th", "t1", 1, 1)
+    assert live._joined is None and live._db_lock is None
+    live.reader_joined()  # nobody waits: nothing to make or wake
+    assert live._joined is None
+
+    result: list[bool] = []
+
+    async def waiter() -> None:
+        result.append(await live.wait_for_reader(10))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        while live._joined is None:  # the waiter made the event it waits on
+            await anyio.lowlevel.checkpoint()
+        live.reader_joined()
+    assert result == [True] and live._joined is None
+    assert not await live.wait_for_reader(0.01)  # no reader joined: times out
+
+    lock = live.db_lock
+    assert live.db_lock is lock  # one lock while it exists
+    async with lock:
+        live.drop_idle_lock()  # held: kept
+        assert live._db_lock is lock
+    live.drop_idle_lock()
+    assert live._db_lock is None
+    assert live.db_lock is not lock  # the next use makes another

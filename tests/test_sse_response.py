@@ -5,8 +5,8 @@ through httpx.ASGITransport): pings on an idle stream, a reader that stops
 reading is dropped after the send timeout, a departed client cancels an idle
 generation within 1 s, and two tasks per open stream. Then the response alone,
 called with a hand-made ``receive``/``send``: shutdown cut, HEAD, closing the
-body. The response does not touch the database, so the server tests run on
-SQLite only.
+body, and the bounds of the app's stream timer (pings, stalled readers). The
+response does not touch the database, so the server tests run on SQLite only.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import anyio
 import pytest
 
 from gateway.streaming.relay import LiveTurn
-from gateway.streaming.sse import SSEResponse, StreamSet
+from gateway.streaming.responses import STREAM_HEADERS
+from gateway.streaming.sse import SSEResponse, StreamSet, encode_headers
 from tests.fixtures_server import GatewayServer, run_gateway
 from tests.tracing import trace_turns
 from tests.waiting import until
@@ -262,3 +263,129 @@ async def test_head_sends_headers_only() -> None:
     assert [m["type"] for m in peer.sent] == ["http.response.start", "http.response.body"]
     assert peer.sent[-1]["more_body"] is False
     assert not body.started
+
+
+# -- the app's stream timer (StreamSet.run) -------------------------------------------
+
+
+class _TimedPeer(_Asgi):
+    """Records when each message was sent and how often ``receive`` was called; a
+    ``send`` of the ``block_at``-th message never completes (a reader that stopped)."""
+
+    def __init__(self, block_at: int | None = None) -> None:
+        super().__init__()
+        self.stamps: list[float] = []
+        self.receives = 0
+        self.block_at = block_at
+        self.blocked_at: float | None = None
+
+    async def receive(self) -> dict[str, object]:
+        self.receives += 1
+        return await super().receive()
+
+    async def send(self, message: dict[str, object]) -> None:
+        if self.block_at is not None and len(self.sent) + 1 == self.block_at:
+            self.blocked_at = time.monotonic()
+            await anyio.sleep_forever()
+        self.stamps.append(time.monotonic())
+        await super().send(message)
+
+
+def _pings(peer: _TimedPeer) -> list[int]:
+    return [i for i, m in enumerate(peer.sent) if m.get("body") == b": ping\n\n"]
+
+
+# Scheduling slack on a shared 2-core machine, on top of the documented bound.
+SLACK = 0.15
+
+
+@pytest.mark.parametrize("app_timer", [True, False], ids=["app-timer", "own-timers"])
+async def test_pings_follow_silence_within_one_tick(app_timer: bool) -> None:
+    """A ping goes out between ping_seconds and ping_seconds + tick after the last write;
+    with the app's timer the watcher is woken only to ping (never every send timeout)."""
+    ping, send_timeout = 0.3, 0.1  # the old watcher woke every 0.1 s; the tick is 0.01 s
+    streams = StreamSet(ping, send_timeout)
+    tick = streams.tick
+    assert tick == pytest.approx(0.01)
+    peer, body = _TimedPeer(), _Body()
+    response = SSEResponse(body.gen(), ping_seconds=ping, send_timeout=send_timeout,
+                           streams=streams)
+    async with anyio.create_task_group() as tg:
+        if app_timer:
+            tg.start_soon(streams.run)
+        tg.start_soon(response, SCOPE, peer.receive, peer.send)
+        await until(lambda: len(_pings(peer)) >= 4, within=5, what="four pings",
+                    shown=lambda: peer.sent)
+        peer.leave.set()
+        await until(lambda: response.outcome != "open", within=2, what="the stream ended")
+        tg.cancel_scope.cancel()
+    pings = _pings(peer)
+    for i in pings:
+        silence = peer.stamps[i] - peer.stamps[i - 1]
+        assert ping <= silence <= ping + tick + SLACK, (i, silence)
+    if app_timer:
+        # One wait for the stream, then one more after each ping: nothing periodic.
+        assert peer.receives <= len(pings) + 2, (peer.receives, len(pings))
+
+
+async def test_the_app_timer_drops_a_stalled_reader_within_one_tick() -> None:
+    ping, send_timeout = 60.0, 0.3
+    streams = StreamSet(ping, send_timeout)
+    peer = _TimedPeer(block_at=3)  # the head and the first chunk go; the second never does
+
+    async def two_chunks() -> AsyncIterator[bytes]:
+        yield b"id: 0\ndata: {}\n\n"
+        yield b"id: 1\ndata: {}\n\n"
+        await anyio.sleep_forever()
+
+    response = SSEResponse(two_chunks(), ping_seconds=ping, send_timeout=send_timeout,
+                           streams=streams)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(streams.run)
+        with anyio.fail_after(5):
+            await response(SCOPE, peer.receive, peer.send)
+        ended = time.monotonic()
+        tg.cancel_scope.cancel()
+    assert response.outcome == "send_timeout"
+    assert peer.blocked_at is not None
+    waited = ended - peer.blocked_at
+    assert send_timeout <= waited <= send_timeout + streams.tick + SLACK, waited
+    assert len(streams) == 0
+
+
+async def test_watchers_take_their_timers_back_when_the_app_timer_stops() -> None:
+    ping = 0.2
+    streams = StreamSet(ping, 10.0)
+    peer, body = _TimedPeer(), _Body()
+    response = SSEResponse(body.gen(), ping_seconds=ping, send_timeout=10.0, streams=streams)
+    timer = anyio.CancelScope()
+
+    async def run_timer() -> None:
+        with timer:
+            await streams.run()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_timer)
+        await until(lambda: streams.running, within=2, what="the timer running")
+        tg.start_soon(response, SCOPE, peer.receive, peer.send)
+        # The watcher waits on the app's timer (no deadline of its own) ...
+        await until(lambda: len(peer.sent) >= 2 and response._wake is not None, within=2,
+                    what="the watcher waiting on the app's timer")
+        timer.cancel()
+        await until(lambda: not streams.running, within=2, what="the timer stopped")
+        pinged = len(_pings(peer))
+        # ... and pings on its own once that timer is gone.
+        await until(lambda: len(_pings(peer)) >= pinged + 2, within=3,
+                    what="pings without the timer", shown=lambda: peer.sent)
+        peer.leave.set()
+    for i in _pings(peer):
+        assert ping <= peer.stamps[i] - peer.stamps[i - 1] <= ping + SLACK
+
+
+def test_encoded_headers_are_starlettes_and_shared_by_every_stream() -> None:
+    raw = encode_headers(STREAM_HEADERS)
+    one, two = (SSEResponse(_Body().gen(), headers=raw) for _ in range(2))
+    assert one.raw_headers == SSEResponse(_Body().gen(), headers=STREAM_HEADERS).raw_headers
+    # Each stream has its own list (middleware may add to it), of the same pairs.
+    assert one.raw_headers is not two.raw_headers
+    assert all(a is b for a, b in zip(one.raw_headers, two.raw_headers, strict=True))

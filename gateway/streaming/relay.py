@@ -56,15 +56,30 @@ class LiveTurn:
     # The row was taken from us (a reaper marked it interrupted) and could not be
     # taken back: the generation is stopped and its stream says so.
     lease_gone: bool = False
-    # Serialises this turn's checkpoint/reclaim with its final write, so a reclaim
-    # can never put a row back to ``streaming`` after its final write began.
-    db_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    # ``db_lock``'s lock while one is in use (made on demand: ~0.9 KiB each).
+    _db_lock: anyio.Lock | None = None
     # Chunks for the readers following at the time only: ``(SSE id of the chunk they
     # precede, chunk)``; they carry no SSE id and are never replayed (``publish_transient``).
     transient: list[tuple[int, bytes]] = field(default_factory=list)
     _changed: anyio.Event = field(default_factory=anyio.Event)
-    _joined: anyio.Event = field(default_factory=anyio.Event)
+    _joined: anyio.Event | None = None  # only while ``wait_for_reader`` waits
     _waiting: int = 0
+
+    @property
+    def db_lock(self) -> anyio.Lock:
+        """Serialises this turn's checkpoint/reclaim with its final write, so a reclaim
+        can never put a row back to ``streaming`` after its final write began."""
+        lock = self._db_lock
+        if lock is None:
+            lock = self._db_lock = anyio.Lock()
+        return lock
+
+    def drop_idle_lock(self) -> None:
+        """Forget ``db_lock`` if nobody holds it or waits for it (the next use makes
+        another): an idle turn between checkpoints keeps none."""
+        lock = self._db_lock
+        if lock is not None and not lock.locked() and not lock.statistics().tasks_waiting:
+            self._db_lock = None
 
     def publish(self, chunks: list[bytes]) -> None:
         """Append encoded chunks and wake the readers.
@@ -152,7 +167,8 @@ class LiveTurn:
         self.finished_at = time.monotonic()
         self.cancel_scope = None
         self._wake()
-        self._joined.set()
+        if self._joined is not None:
+            self._joined.set()
 
     def cancel(self, reason: str, *, keep_upto: int | None = None) -> bool:
         """Stop the generation (it is finalized with ``reason``); False if not running.
@@ -171,8 +187,9 @@ class LiveTurn:
         """A reader follows the turn (here, or on another replica)."""
         self.subscribers += 1
         self.joins += 1
-        self._joined.set()
-        self._joined = anyio.Event()
+        if self._joined is not None:
+            self._joined.set()
+            self._joined = None
 
     def reader_left(self, delivered: int) -> None:
         """A reader left after chunk ``delivered``; the last one out applies the policy."""
@@ -199,6 +216,8 @@ class LiveTurn:
         joins = self.joins
         with anyio.move_on_after(seconds):
             while self.joins == joins and not self.done:
+                if self._joined is None:
+                    self._joined = anyio.Event()
                 await self._joined.wait()
         return self.joins != joins or self.done
 

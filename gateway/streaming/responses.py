@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from gateway.streaming.relay import LiveTurn
-from gateway.streaming.sse import SSEResponse, StreamSet
+from gateway.streaming.sse import SSEResponse, StreamSet, encode_headers
 
 if TYPE_CHECKING:
     from gateway.context import AppContext
@@ -25,6 +25,7 @@ STREAM_HEADERS = {
     "x-vercel-ai-ui-message-stream": "v1",
     "x-accel-buffering": "no",
 }
+_RAW_STREAM_HEADERS = encode_headers(STREAM_HEADERS)
 
 
 def sse_response(ctx: AppContext, body: AsyncIterator[bytes], status: int = 200) -> SSEResponse:
@@ -32,7 +33,7 @@ def sse_response(ctx: AppContext, body: AsyncIterator[bytes], status: int = 200)
     return SSEResponse(
         body,
         status_code=status,
-        headers=STREAM_HEADERS,
+        headers=_RAW_STREAM_HEADERS,
         ping_seconds=ctx.settings.ping_seconds,
         send_timeout=ctx.settings.send_timeout,
         streams=ctx.streams,  # None without a lifespan: nothing to end at shutdown

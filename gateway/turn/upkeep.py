@@ -23,19 +23,26 @@ if TYPE_CHECKING:
 logger = logging.getLogger("turngate.turns")
 
 
+# Rows per checkpoint statement: bounds one statement's size (and how long the turns in
+# it wait for their locks) while a pass over 1,000 changed turns is 10 round trips.
+CHECKPOINT_BATCH = 100
+
+
 async def checkpoint_running(runner: TurnRunner) -> None:
     """Save the partial content of running turns that changed; renew the other leases.
 
     Leases belong to generations that are running or whose final write is
     being retried, nothing else: the renewal names exactly those rows. Turns
     whose content did not change since their last checkpoint (idle streams,
-    slow upstreams) and turns that are finalizing cost nothing per turn: one
-    statement renews them all. A row missing from a checkpoint or a renewal
-    (a reaper marked it ``interrupted`` after a stall longer than the lease) is
-    taken back at once, or, if that is refused, its generation is stopped
-    (``_lease_lost``).
+    slow upstreams) and turns that are finalizing have nothing written but their
+    lease: one statement renews them all. The turns that changed are written
+    ``CHECKPOINT_BATCH`` to a statement (``Store.checkpoint_many``). A row missing
+    from a checkpoint or a renewal (a reaper marked it ``interrupted`` after a
+    stall longer than the lease) is taken back at once, or, if that is refused,
+    its generation is stopped (``_lease_lost``).
     """
     renew: list[LiveTurn] = []
+    changed: list[LiveTurn] = []
     for live in runner.relay.running():
         content = live.content
         if live.done:
@@ -46,8 +53,10 @@ async def checkpoint_running(runner: TurnRunner) -> None:
             or content.version == live.checkpointed_version
         ):
             renew.append(live)
-            continue
-        await _checkpoint(runner, live, content)
+        else:
+            changed.append(live)
+    for i in range(0, len(changed), CHECKPOINT_BATCH):
+        await _checkpoint_batch(runner, changed[i : i + CHECKPOINT_BATCH])
     if not renew:
         return
     renewed = await runner.store.renew_leases(
@@ -56,27 +65,52 @@ async def checkpoint_running(runner: TurnRunner) -> None:
     for live in renew:
         if live.message_id not in renewed and not live.finalizing and not live.done:
             content = live.content
-            await _checkpoint(
-                runner, live, content if isinstance(content, ContentBuilder) else None,
-                lost=True,
+            await _reclaim(
+                runner, live, content if isinstance(content, ContentBuilder) else None
             )
 
 
-async def _checkpoint(
-    runner: TurnRunner, live: LiveTurn, content: ContentBuilder | None, *, lost: bool = False
-) -> None:
+async def _checkpoint_batch(runner: TurnRunner, turns: list[LiveTurn]) -> None:
+    """One statement for ``turns``, each under its lock (so its final write waits).
+
+    A turn whose lock is taken is having its final write: the row is no longer a
+    checkpoint's, and waiting for it would hold up the others.
+    """
+    held: list[tuple[LiveTurn, ContentBuilder, int]] = []
+    items: list[tuple[int, list[dict[str, Any]], list[Any] | None]] = []
+    try:
+        for live in turns:
+            content = live.content
+            if live.finalizing or live.done or not isinstance(content, ContentBuilder):
+                continue
+            try:
+                live.db_lock.acquire_nowait()
+            except anyio.WouldBlock:
+                continue
+            held.append((live, content, content.version))
+            items.append((live.message_id, content.snapshot(), content.event_map()))
+        written = await runner.store.checkpoint_many(
+            items, lease_owner=runner.instance_id, lease_seconds=runner.settings.lease_seconds
+        )
+    finally:
+        for live, _, _ in held:
+            live.db_lock.release()
+            live.drop_idle_lock()
+    for live, content, version in held:
+        if live.message_id in written:
+            live.checkpointed_version = version
+        else:
+            await _reclaim(runner, live, content)
+
+
+async def _reclaim(runner: TurnRunner, live: LiveTurn, content: ContentBuilder | None) -> None:
+    """A checkpoint or renewal missed the row: ``_lease_lost``, under the turn's lock."""
     async with live.db_lock:
         if live.finalizing or live.done:
             return  # its final write has begun: the row is no longer a checkpoint's
         version = content.version if content is not None else live.checkpointed_version
         parts = content.snapshot() if content is not None else list(ASSISTANT_SHELL)
         stream_map = content.event_map() if content is not None else []
-        if not lost and await runner.store.checkpoint(
-            live.message_id, parts, lease_owner=runner.instance_id,
-            lease_seconds=runner.settings.lease_seconds, event_map=stream_map,
-        ):
-            live.checkpointed_version = version
-            return
         await _lease_lost(runner, live, parts, stream_map, version)
 
 
@@ -137,4 +171,4 @@ async def maintain(runner: TurnRunner) -> None:
                            extra={"event": "maintenance_failed"})
 
 
-__all__ = ["checkpoint_running", "maintain"]
+__all__ = ["CHECKPOINT_BATCH", "checkpoint_running", "maintain"]
