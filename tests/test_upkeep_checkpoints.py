@@ -17,7 +17,9 @@ from tests.fixtures_server import GatewayServer, run_gateway
 pytestmark = pytest.mark.anyio
 
 CHECKPOINT = 0.2
-FAST = {"TURNGATE_CHECKPOINT_SECONDS": str(CHECKPOINT), "TURNGATE_LEASE_SECONDS": "3"}
+# A reader that leaves cancels its turn: the test's end does not wait out a grace period.
+FAST = {"TURNGATE_CHECKPOINT_SECONDS": str(CHECKPOINT), "TURNGATE_LEASE_SECONDS": "3",
+        "TURNGATE_ON_DISCONNECT": "cancel"}
 
 
 class Ops:
@@ -121,14 +123,15 @@ async def test_changed_turns_share_a_checkpoint_statement(database_url: str) -> 
     # Passes by hand: the maintenance loop's own would come after an hour.
     async with run_gateway(database_url, TURNGATE_CHECKPOINT_SECONDS="3600",
                            TURNGATE_LEASE_SECONDS="7200",
-                           TURNGATE_MAX_STREAMS_PER_USER="1000") as gw, \
+                           TURNGATE_MAX_STREAMS_PER_USER="1000",
+                           TURNGATE_ON_DISCONNECT="cancel") as gw, \
             gw.client(limits=httpx.Limits(max_connections=None)) as client, \
             anyio.create_task_group() as tg:
         ops = Ops(gw)
         busy = [await gw.new_thread(client) for _ in range(busy_n)]
         idle = [await gw.new_thread(client) for _ in range(idle_n)]
         for thread in busy:
-            tg.start_soon(_read, client, thread, "t", "scripted:tokens=2000,delay_ms=20", [])
+            tg.start_soon(_read, client, thread, "t", "scripted:tokens=2000,delay_ms=200", [])
         for thread in idle:
             tg.start_soon(_read, client, thread, "t", "scripted:tokens=1,delay_ms=60000", [])
         for thread in busy + idle:
