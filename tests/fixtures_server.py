@@ -54,7 +54,13 @@ class GatewayServer:
 
 @asynccontextmanager
 async def run_gateway(database_url: str, **env: str) -> AsyncIterator[GatewayServer]:
-    """Start a gateway on a free port with settings from ``env``; stop it on exit."""
+    """Start a gateway on a free port with settings from ``env``; stop it on exit.
+
+    Its shutdown waits at most 2 s for turns still generating (the product's default
+    is 10 s): a test that leaves turns running would otherwise wait that out at its
+    end. Tests of the shutdown grace set ``TURNGATE_SHUTDOWN_GRACE_SECONDS`` themselves.
+    """
+    env.setdefault("TURNGATE_SHUTDOWN_GRACE_SECONDS", "2")
     async with live_server(database_url, env=env) as live:
         yield GatewayServer(live)
 
