@@ -25,6 +25,16 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+async def fresh_pg_database(name: str) -> None:
+    """Drop (with its connections) and create the PostgreSQL database ``name``."""
+    conn = await asyncpg.connect(PG_ADMIN, timeout=10)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
 BENCH_DB = os.environ.get("TURNGATE_BENCH_DB", "turngate_bench")
 # The same schema in a database with synchronous_commit=off: separates the gateway's
 # own cost from the disk's commit flush (fdatasync) in the latency benchmarks.

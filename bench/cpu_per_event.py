@@ -40,26 +40,21 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import PG_ADMIN, ROOT, free_port, gateway_env, raise_nofile  # noqa: E402
+from bench.common import (  # noqa: E402
+    ROOT,
+    free_port,
+    fresh_pg_database,
+    gateway_env,
+    raise_nofile,
+)
 from bench.providers import Proc, _spawn, start_fake  # noqa: E402
 from bench.sqlite_burst import _make_threads  # noqa: E402
 
 PG_DB = "turngate_cpu"
 DELTA = b'"text-delta"'
 DONE = b"data: [DONE]"
-
-
-async def _fresh_pg(db: str) -> None:
-    conn = await asyncpg.connect(PG_ADMIN, timeout=10)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
-        await conn.execute(f"CREATE DATABASE {db}")
-    finally:
-        await conn.close()
 
 
 def _env(tree: Path, db_url: str, upstream: int) -> dict[str, str]:
@@ -132,7 +127,7 @@ async def start(name: str, tree: Path, db: str, upstream: int, logdir: Path,
                 n_threads: int) -> Gateway:
     if db == "pg":
         pg_db = f"{PG_DB}_{name}"
-        await _fresh_pg(pg_db)
+        await fresh_pg_database(pg_db)
         url = f"postgresql://postgres@127.0.0.1:5432/{pg_db}"
     else:
         url = f"sqlite:///{logdir / (uuid.uuid4().hex + '.db')}"

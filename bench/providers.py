@@ -463,15 +463,6 @@ async def phase_conc(target: Target, streams: int, tokens: int, delay_ms: int) -
 # --------------------------------------------------------------------------- setup
 
 
-async def _fresh_pg() -> None:
-    conn = await asyncpg.connect(PG_ADMIN, timeout=10)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {PG_DB} WITH (FORCE)")
-        await conn.execute(f"CREATE DATABASE {PG_DB}")
-    finally:
-        await conn.close()
-
-
 async def _drop_pg(*names: str) -> None:
     try:
         conn = await asyncpg.connect(PG_ADMIN, timeout=10)

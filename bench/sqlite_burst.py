@@ -54,10 +54,10 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
-    PG_ADMIN,
     ROOT,
     VENV_BIN,
     TurnResult,
+    fresh_pg_database,
     gateway_env,
     median,
     pct,
@@ -68,15 +68,6 @@ from bench.common import (  # noqa: E402
 
 PG_DB = "turngate_burst"
 PG_URL = f"postgresql://postgres@127.0.0.1:5432/{PG_DB}"
-
-
-async def _fresh_pg() -> None:
-    conn = await asyncpg.connect(PG_ADMIN, timeout=10)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {PG_DB} WITH (FORCE)")
-        await conn.execute(f"CREATE DATABASE {PG_DB}")
-    finally:
-        await conn.close()
 
 
 def _migrate_and_key(url: str) -> str:
@@ -167,7 +158,7 @@ async def burst(db: str, n: int, tokens: int, delay_ms: int, workdir: Path, *,
         sqlite_file = workdir / f"burst-{n}.db"
         url = f"sqlite:///{sqlite_file}"
     else:
-        await _fresh_pg()
+        await fresh_pg_database(PG_DB)
         url = PG_URL
     key = _migrate_and_key(url)
     extra = {} if pool_size is None else {"TURNGATE_DB_POOL_SIZE": str(pool_size)}
