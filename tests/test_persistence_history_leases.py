@@ -141,17 +141,31 @@ async def test_history_shows_an_expired_holder_as_interrupted(
     assert opened.history == everything[:2]
 
 
+def _operations(store: Store) -> list[tuple[str, str]]:
+    """The store's operations from now on, as ``(name, outcome)``."""
+    seen: list[tuple[str, str]] = []
+    store.on_operation = lambda op, outcome, _s: seen.append((op, outcome))
+    return seen
+
+
+async def _four_streaming(
+    store: Store, user_id: int, make_thread: MakeThread
+) -> list[tuple[str, TurnOpened]]:
+    """Four turns opened with 0.4 s leases, "a", "b" and "d" by proc-1, "c" by proc-2."""
+    out = []
+    for turn, owner in (("a", "proc-1"), ("b", "proc-1"), ("c", "proc-2"), ("d", "proc-1")):
+        thread = await make_thread()
+        out.append((thread, await _open(store, thread, user_id, turn, lease_owner=owner,
+                                        lease_seconds=0.4)))
+    return out
+
+
 @pytest.mark.anyio
 async def test_renew_leases_extends_only_this_owners_streaming_rows(
     store: Store, user_id: int, make_thread: MakeThread
 ) -> None:
-    seen: list[tuple[str, str]] = []
-    store.on_operation = lambda op, outcome, _s: seen.append((op, outcome))
-    t1, t2, t3, t4 = [await make_thread() for _ in range(4)]
-    a = await _open(store, t1, user_id, "a", lease_seconds=0.4)
-    b = await _open(store, t2, user_id, "b", lease_seconds=0.4)
-    c = await _open(store, t3, user_id, "c", lease_owner="proc-2", lease_seconds=0.4)
-    d = await _open(store, t4, user_id, "d", lease_seconds=0.4)
+    seen = _operations(store)
+    (t1, a), (t2, b), (t3, c), (t4, d) = await _four_streaming(store, user_id, make_thread)
     assert d.assistant_message_id is not None
     await store.finalize_turn(d.assistant_message_id, t4, user_id, [], "complete", USAGE)
     before = await store.get_turn(t1, "a")
@@ -188,13 +202,8 @@ async def test_renew_leases_extends_only_this_owners_streaming_rows(
 async def test_checkpoint_many_writes_only_this_owners_streaming_rows_in_one_statement(
     store: Store, user_id: int, make_thread: MakeThread
 ) -> None:
-    seen: list[tuple[str, str]] = []
-    store.on_operation = lambda op, outcome, _s: seen.append((op, outcome))
-    t1, t2, t3, t4 = [await make_thread() for _ in range(4)]
-    a = await _open(store, t1, user_id, "a", lease_seconds=0.4)
-    b = await _open(store, t2, user_id, "b", lease_seconds=0.4)
-    c = await _open(store, t3, user_id, "c", lease_owner="proc-2", lease_seconds=0.4)
-    d = await _open(store, t4, user_id, "d", lease_seconds=0.4)
+    seen = _operations(store)
+    (t1, a), (t2, b), (t3, c), (t4, d) = await _four_streaming(store, user_id, make_thread)
     ids = [x.assistant_message_id for x in (a, b, c, d)]
     assert all(isinstance(i, int) for i in ids)
     ia, ib, ic, id_ = (int(i) for i in ids)  # type: ignore[arg-type]
