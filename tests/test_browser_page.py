@@ -104,7 +104,7 @@ async def test_chat_page_features_end_to_end(gateway: GatewayServer) -> None:
     assert reply["raw"] == MARKDOWN and reply["status"] == "complete"
     stored = by_id[int(reply["id"])]
     assert "".join(p["text"] for p in stored.content if p["type"] == "text") == MARKDOWN
-    assert reply["model"] == "scripted:chunk=9,delay_ms=5" and reply["when"] == stored.created_at
+    assert reply["model"] == "scripted:chunk=9,delay_ms=50" and reply["when"] == stored.created_at
     assert reply["cost"] == "$0 (free model)"
 
     # -- copy --

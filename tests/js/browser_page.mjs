@@ -108,7 +108,7 @@ async function main() {
     await idle(page);
 
     // -- Markdown, verbatim from the scripted adapter, rendered while it streams --
-    await page.fill('#model', 'scripted:chunk=9,delay_ms=5');
+    await page.fill('#model', 'scripted:chunk=9,delay_ms=50');
     await page.fill('#input', opts.markdown);
     const beforeMarkdown = await ended(page);
     await page.press('#input', 'Enter');
