@@ -1,9 +1,53 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs into .venv, start the services it
-# uses if they are down, and run the whole suite (under CI=true: the recording
-# tests here, then the whole suite from a bare copy). `.ci/run` calls this script.
+# uses if they are down, and run the whole suite (under CI=true: from a bare copy of
+# the repository, with ../shared/recordings passed in). `.ci/run` calls this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+case "${CI:-}" in 1|true|TRUE|True|yes) ci=1 ;; *) ci=0 ;; esac
+
+if [ "$ci" -eq 1 ] && [ -z "${TURNGATE_TEST_BARE_COPY:-}" ]; then
+    # Under CI the whole suite runs once, from a bare copy of the repository: the
+    # tracked (and untracked, not ignored) files only, in a fresh temporary folder with
+    # no ../shared beside it. That is what a fresh clone sees, so a test that still
+    # needs something outside the repository fails there.
+    #
+    # The provider recordings in ../shared/recordings (an extra corpus, required under
+    # CI when they are there) are handed to that run by path, the one way a test may
+    # reach outside the copy; without ../shared/recordings they become optional.
+    #
+    # The copy runs its own scripts/test.sh, so it builds its own .venv and runs its own
+    # `npm ci`: this tree's editable install points at this tree, so the copy's imports,
+    # entry points and `turngate` script would load this tree's code, not the copy's. CI
+    # stays true, so PostgreSQL, Redis, Node and Chromium are still required and a
+    # skipped test still fails the run (tests/conftest.py).
+    recordings=$(cd .. && pwd)/shared/recordings
+    if [ -d "$recordings" ]; then
+        recordings_env=(TURNGATE_TEST_RECORDINGS_DIR="$recordings" TURNGATE_TEST_RECORDINGS=required)
+    else
+        recordings_env=(TURNGATE_TEST_RECORDINGS=optional)
+    fi
+    bare=$(mktemp -d "${TMPDIR:-/tmp}/turngate-bare.XXXXXX")
+    trap 'rm -rf "$bare"' EXIT
+    mkdir "$bare/turngate"
+    if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+        git ls-files -z --cached --others --exclude-standard \
+            | while IFS= read -r -d '' f; do if [ -e "$f" ]; then printf '%s\0' "$f"; fi; done \
+            | rsync -a --from0 --files-from=- ./ "$bare/turngate/"
+    else
+        rsync -a --exclude .venv --exclude node_modules --exclude test-artifacts \
+            --exclude __pycache__ --exclude '*.db' ./ "$bare/turngate/"
+    fi
+    if [ -e "$bare/shared" ] || [ -e "$bare/turngate/.venv" ]; then
+        echo "the bare copy in $bare is not bare" >&2
+        exit 1
+    fi
+    echo "--- the whole suite, from a bare copy of the repository in $bare/turngate"
+    (cd "$bare/turngate" && env -u TURNGATE_TEST_RECORDINGS_DIR -u TURNGATE_TEST_RECORDINGS \
+        TURNGATE_TEST_BARE_COPY=1 "${recordings_env[@]}" bash scripts/test.sh "$@")
+    exit $?
+fi
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
@@ -40,7 +84,6 @@ if [ -f tests/js/package-lock.json ]; then
     fi
 fi
 
-case "${CI:-}" in 1|true|TRUE|True|yes) ci=1 ;; *) ci=0 ;; esac
 
 # pytest "$@", with its exit code 5 (no tests collected) counted as a failure.
 run_pytest() {
@@ -55,48 +98,11 @@ run_pytest() {
     return "$rc"
 }
 
-if [ "$ci" -eq 1 ] && [ -z "${TURNGATE_TEST_BARE_COPY:-}" ]; then
-    # Under CI the whole suite runs once, from a bare copy of the repository: the
-    # tracked (and untracked, not ignored) files only, in a fresh temporary folder with
-    # no ../shared beside it. That is what a fresh clone sees, so a test that still
-    # needs something outside the repository fails there.
-    #
-    # Here, in this tree, run first what only this tree can: the tests over the real
-    # provider recordings in ../shared/recordings (their ids say "recording:"), which
-    # are required under CI. Running the whole suite twice would take CI past 20 min.
-    echo "--- the provider recordings in ../shared/recordings (an extra corpus)"
-    run_pytest -k "recording:" tests/
 
-    # The copy runs its own scripts/test.sh, so it builds its own .venv. This tree's
-    # .venv cannot be reused: its editable install points at this tree, so the copy's
-    # imports, entry points and `turngate` script would load this tree's code, not the
-    # copy's. It also runs its own `npm ci`. CI stays true, so PostgreSQL, Redis, Node
-    # and Chromium are still required and a skipped test still fails the run
-    # (tests/conftest.py). The recordings alone become optional, because their absence
-    # is the point of this run.
-    bare=$(mktemp -d "${TMPDIR:-/tmp}/turngate-bare.XXXXXX")
-    trap 'rm -rf "$bare"' EXIT
-    mkdir "$bare/turngate"
-    if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-        git ls-files -z --cached --others --exclude-standard \
-            | while IFS= read -r -d '' f; do if [ -e "$f" ]; then printf '%s\0' "$f"; fi; done \
-            | rsync -a --from0 --files-from=- ./ "$bare/turngate/"
-    else
-        rsync -a --exclude .venv --exclude node_modules --exclude test-artifacts \
-            --exclude __pycache__ --exclude '*.db' ./ "$bare/turngate/"
-    fi
-    if [ -e "$bare/shared" ] || [ -e "$bare/turngate/.venv" ]; then
-        echo "the bare copy in $bare is not bare" >&2
-        exit 1
-    fi
-    echo "--- the whole suite, from a bare copy of the repository in $bare/turngate"
-    (cd "$bare/turngate" && env -u TURNGATE_TEST_RECORDINGS_DIR \
-        TURNGATE_TEST_BARE_COPY=1 TURNGATE_TEST_RECORDINGS=optional \
-        bash scripts/test.sh "$@")
-    exit $?
-fi
-
-run_pytest "$@"
+# Two pytest-xdist workers: a test spends much of its time waiting on servers,
+# databases and browsers. TURNGATE_TEST_WORKERS sets another count (0: no workers,
+# the suite runs in this process).
+run_pytest -n "${TURNGATE_TEST_WORKERS:-2}" "$@"
 
 # The example adapter's own suite (on turngate.testing), when the whole suite runs.
 if [ "$#" -eq 0 ]; then

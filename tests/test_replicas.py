@@ -28,7 +28,8 @@ pytestmark = pytest.mark.anyio
 
 REDIS_HOST = os.environ.get("TURNGATE_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("TURNGATE_TEST_REDIS_PORT", "6379"))
-REDIS_DB = 15
+# One Redis database per pytest-xdist worker (gw0 → 15, gw1 → 14, ...): each test flushes its own.
+REDIS_DB = 15 - int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
 CHECKPOINT = 0.3
 LEASE = 1.5
 
