@@ -206,6 +206,19 @@ def text_of(message: dict[str, Any]) -> str:
     return "".join(p.get("text", "") for p in message["content"] if p["type"] == "text")
 
 
+# Deltas the gateway had handed to the connection when Stop closed it, but the page never
+# showed (they crossed the Stop on the way): a few on a loaded machine, at 30 ms a delta.
+IN_FLIGHT_AT_STOP = 8
+
+
+def assert_stored_as_stopped(stored: str, shown: str, wire: str) -> None:
+    """A stopped reply is stored as the gateway sent it up to the Stop: what the page
+    showed, plus at most the few deltas that were in flight, never what it generated after."""
+    assert stored.startswith(shown), (stored, shown, wire)
+    extra = len(stored.split()) - len(shown.split())
+    assert 0 <= extra <= IN_FLIGHT_AT_STOP, (extra, stored, shown, wire)
+
+
 async def settled(gw: GatewayServer, chat_id: str, include: str = "") -> list[dict[str, Any]]:
     """The thread's messages once no row is still ``streaming``."""
     with anyio.fail_after(15):
@@ -280,8 +293,7 @@ async def test_stop_then_send_at_once(driver: Driver, database_url: str) -> None
         assert [(r["role"], r["status"]) for r in rows] == [
             ("user", "complete"), ("assistant", "cancelled"),
             ("user", "complete"), ("assistant", "complete")], rows
-        assert text_of(rows[1]) == shown_at_stop, (
-            text_of(rows[1]), shown_at_stop, await page.wire_at_stop())
+        assert_stored_as_stopped(text_of(rows[1]), shown_at_stop, await page.wire_at_stop())
         assert str(rows[1]["id"]) == state["messages"][1]["id"]
         assert text_of(rows[3]) == words(5)
         assert str(rows[3]["id"]) == state["messages"][3]["id"]
@@ -427,7 +439,7 @@ async def _stop_then_regenerate(driver: Driver, database_url: str, click: str) -
         await _regenerate_to(page, chat_id, stopped, "scripted:tokens=4", words(4), click)
         rows = await settled(page.gw, chat_id, "superseded")
         stored_text = text_of(next(r for r in rows if str(r["id"]) == stopped["id"]))
-        assert stored_text == shown_at_stop, (stored_text, shown_at_stop, await page.wire_at_stop())
+        assert_stored_as_stopped(stored_text, shown_at_stop, await page.wire_at_stop())
         usage, _ = await page.gw.store.list_usage(page.gw.user_id, thread_id=chat_id)
         # one usage row per reply, the superseded one's included
         assert sorted(str(u.message_id) for u in usage) == sorted(
