@@ -135,8 +135,13 @@ async def test_wait_final_times_out_naming_the_status() -> None:
         thread = await server.new_thread()
         turn_id, _ = await start_turn(server.client, thread, "go",
                                       model="scripted:tokens=500,delay_ms=20", leave_after=3)
-        with pytest.raises(TimeoutError, match="not final after 0.2 s \\(status 'streaming'\\)"):
-            await wait_final(server.client, thread, turn_id, within=0.2)
+        # 1 s: long enough to read the messages back on a loaded machine, far short of
+        # the turn's 10 s.
+        with pytest.raises(TimeoutError, match="not final after 1.0 s \\(status 'streaming'\\)"):
+            await wait_final(server.client, thread, turn_id, within=1.0)
+        # A deadline that ends before the messages were read back says so, not "no row".
+        with pytest.raises(TimeoutError, match="the messages were not read back in time"):
+            await wait_final(server.client, thread, turn_id, within=0)
         r = await server.client.post(f"/v1/threads/{thread}/turns/{turn_id}/cancel")
         assert r.status_code == 200, r.text
         assert (await wait_final(server.client, thread, turn_id)).status == "cancelled"

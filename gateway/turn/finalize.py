@@ -114,6 +114,15 @@ class FinalizeBatcher:
         logger.warning("finalize_batch_retry count=%d of=%d", len(retry), len(batch),
                        extra={"event": "finalize_batch_retry", "count": len(retry),
                               "of": len(batch)})
+        if len(retry) == len(batch):
+            # Every row failed: the database, most likely, not a row. One alone tells; if
+            # it fails too, the rest stay failed now and their turns retry with backoff,
+            # instead of each waiting out the database's deadline in turn (20 rows on a
+            # locked SQLite file: 50 s before the last one heard).
+            first, retry = retry[0], retry[1:]
+            first.outcome = await self._one(first.item)
+            if first.outcome == "failed":
+                return
         # One by one, a pool's worth at a time: a bad row fails alone.
         limiter = anyio.CapacityLimiter(max(1, self.store.pool_size // 2))
 

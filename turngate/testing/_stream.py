@@ -460,7 +460,7 @@ async def wait_final(
     ``turn_id`` picks the turn (default: the thread's last assistant row). Raises
     ``TimeoutError`` after ``within`` seconds, naming the status it saw.
     """
-    seen = "no assistant row"
+    seen = "the messages were not read back in time"
     try:
         with anyio.fail_after(within):
             while True:
@@ -471,6 +471,7 @@ async def wait_final(
                     m for m in messages
                     if m["role"] == "assistant" and (turn_id is None or m["turn_id"] == turn_id)
                 ]
+                seen = "no assistant row"
                 if rows:
                     seen = f"status {rows[-1]['status']!r}"
                     if rows[-1]["status"] in FINAL_STATUSES:
