@@ -72,6 +72,9 @@ LEASE_LOST_ERROR = (
     "The reply was stopped: this gateway lost its claim on the turn to another process."
 )
 NOT_SAVED_ERROR = "The reply could not be saved; reloading may show less of it."
+# The generation task's name, given as one string: anyio would otherwise build it
+# (module and qualified name) anew for every turn, and keep it while the turn runs.
+_GENERATE_TASK = "gateway.turn.lifecycle.TurnRunner._generate"
 
 
 # -- opening: what the routes call after parsing, authentication and limits ------------
@@ -495,7 +498,8 @@ class TurnRunner:
                                 "text": request.messages[-1].text})
         self.metrics.generations_started.inc()
         self.metrics.active_generations.inc()
-        self.task_group.start_soon(self._generate, live, steps, answers, model_string, started)
+        self.task_group.start_soon(self._generate, live, steps, answers, model_string, started,
+                                   name=_GENERATE_TASK)
 
     # -- generating -------------------------------------------------------
 
