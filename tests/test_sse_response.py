@@ -157,7 +157,7 @@ def _open_streams(gw: GatewayServer) -> float:
 @sqlite_only
 async def test_two_tasks_per_open_stream(database_url: str) -> None:
     """An open turn stream costs two tasks: the request's own and its watcher. Its
-    generation is one more, the turn's (a task of the app's task group), counted apart."""
+    generation is one more, the turn's (owned by the app's task group), counted apart."""
     streams = 20
     writers: list[asyncio.StreamWriter] = []
     async with run_gateway(database_url, TURNGATE_MAX_STREAMS_PER_USER="100",
