@@ -178,6 +178,7 @@ def create_app(
                     )
                 async with anyio.create_task_group() as tg:
                     runner.task_group = tg
+                    tg.start_soon(runner.own_generations)
                     tg.start_soon(runner.batcher.run)
                     if shared is not None:
                         tg.start_soon(shared.run, relay)

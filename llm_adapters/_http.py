@@ -314,6 +314,8 @@ class HTTPAdapter(BaseAdapter):
                                 return
                         yielded = True
                         yield events
+                        # Not held while the stream waits for its next read.
+                        del events, event
                     events = decoder.flush()
                     if events:
                         yield events

@@ -180,6 +180,108 @@ class _ToolCall:
     open: bool = True
 
 
+class _Reply:
+    """What one Chat Completions stream said so far. ``feed`` turns the events of one
+    read into adapter events in a call of its own, so that none of them (nor their
+    parsed chunks) stays referenced by the stream's frame while it waits."""
+
+    __slots__ = ("calls", "done", "error", "finish", "model", "produced", "secrets", "usage")
+
+    def __init__(self, model: str, secrets: tuple[str, ...]) -> None:
+        self.model = model
+        self.secrets = secrets
+        self.usage: tuple[int, int] | None = None
+        self.finish: str | None = None
+        self.done = False  # [DONE] arrived
+        self.produced = False  # an event other than usage or a call's end came out
+        # A failure the stream raises once the events before it are out (usage first).
+        self.error: UpstreamProtocolError | None = None
+        self.calls: dict[int, _ToolCall] = {}
+
+    def usage_event(self) -> Usage:
+        assert self.usage is not None
+        return Usage(self.model, self.usage[0], self.usage[1])
+
+    def close_calls(self) -> list[AdapterEvent]:
+        ends: list[AdapterEvent] = []
+        for call in self.calls.values():
+            if call.open:
+                call.open = False
+                ends.append(ToolCallEnd(call.id))
+        return ends
+
+    def _fail(self, out: list[AdapterEvent], error: UpstreamProtocolError) -> list[AdapterEvent]:
+        if self.usage is not None:
+            out.append(self.usage_event())
+        self.error = error
+        return out
+
+    def feed(self, batch: list[SSEEvent]) -> list[AdapterEvent]:
+        """The adapter events of ``batch``; stops at ``[DONE]`` (``done``) or at a
+        failure (``error``)."""
+        out: list[AdapterEvent] = []
+        for event in batch:
+            if event.event == "error":
+                try:
+                    summary = error_summary(json.loads(event.data), self.secrets)
+                except ValueError:
+                    summary = ""
+                return self._fail(out, UpstreamProtocolError(
+                    f"openai stream sent an error event ({summary or 'no details'})"
+                ))
+            data = event.data
+            if _is_done(event):
+                self.done = True
+                return out
+            if not data or data.isspace():
+                continue
+            try:
+                chunk = loads(data, "openai")
+            except UpstreamProtocolError as exc:
+                self.error = exc
+                return out
+            if not isinstance(chunk, dict):
+                self.error = UpstreamProtocolError("openai stream chunk is not a JSON object")
+                return out
+            chunk_model = chunk.get("model")
+            if chunk_model and isinstance(chunk_model, str):
+                self.model = chunk_model
+            raw_usage = chunk.get("usage")
+            if isinstance(raw_usage, dict):
+                self.usage = (
+                    as_int(raw_usage.get("prompt_tokens")) or 0,
+                    as_int(raw_usage.get("completion_tokens")) or 0,
+                )
+            if chunk.get("error") is not None:
+                summary = error_summary(chunk, self.secrets)
+                return self._fail(out, UpstreamProtocolError(
+                    f"openai stream chunk carried an error ({summary or 'no details'})"
+                ))
+            choices = chunk.get("choices")
+            if not isinstance(choices, list):
+                continue
+            for choice in choices:
+                if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                    continue  # n > 1 is not supported: follow the first choice
+                delta = choice.get("delta")
+                if type(delta) is dict and len(delta) == 1 and "content" in delta:
+                    # The per-token chunk: text only.
+                    text = delta["content"]
+                    if isinstance(text, str) and text:
+                        self.produced = True
+                        out.append(TextDelta(text))
+                elif isinstance(delta, dict):
+                    events = OpenAIAdapter._delta_events(delta, self.calls)
+                    if events:
+                        self.produced = True
+                        out += events
+                reason = choice.get("finish_reason")
+                if reason is not None:
+                    self.finish = str(reason)
+                    out += self.close_calls()
+        return out
+
+
 class OpenAIAdapter(HTTPAdapter):
     """Chat Completions streaming over one shared ``httpx.AsyncClient``."""
 
@@ -216,110 +318,40 @@ class OpenAIAdapter(HTTPAdapter):
 
     async def stream(self, request: AdapterRequest) -> AsyncGenerator[AdapterEvent, None]:
         body = self.build_body(request)
-        model: str = body["model"]
-        usage: tuple[int, int] | None = None
-        finish: str | None = None
-        done = False
-        produced = let_out = False  # an event was yielded; the readers had their turn
-        calls: dict[int, _ToolCall] = {}
-
-        def usage_event() -> Usage:
-            assert usage is not None
-            return Usage(model, usage[0], usage[1])
-
-        def close_calls() -> list[AdapterEvent]:
-            ends: list[AdapterEvent] = []
-            for call in calls.values():
-                if call.open:
-                    call.open = False
-                    ends.append(ToolCallEnd(call.id))
-            return ends
-
+        reply = _Reply(body["model"], self._secrets())
+        let_out = False  # the readers had their turn after the first events
         events = self._sse_batches(
             f"{self.base_url}/chat/completions", self._headers(), body, last=_is_done
         )
         del body  # an idle stream keeps no copy of its request (the history)
         async with aclosing(events) as batches:
             async for batch in batches:
-                for event in batch:
-                    if event.event == "error":
-                        try:
-                            summary = error_summary(json.loads(event.data), self._secrets())
-                        except ValueError:
-                            summary = ""
-                        if usage is not None:
-                            yield usage_event()
-                        raise UpstreamProtocolError(
-                            f"openai stream sent an error event ({summary or 'no details'})"
-                        )
-                    data = event.data
-                    if _is_done(event):
-                        done = True
-                        break
-                    if not data or data.isspace():
-                        continue
-                    chunk = loads(data, "openai")
-                    if not isinstance(chunk, dict):
-                        raise UpstreamProtocolError("openai stream chunk is not a JSON object")
-                    chunk_model = chunk.get("model")
-                    if chunk_model and isinstance(chunk_model, str):
-                        model = chunk_model
-                    raw_usage = chunk.get("usage")
-                    if isinstance(raw_usage, dict):
-                        usage = (
-                            as_int(raw_usage.get("prompt_tokens")) or 0,
-                            as_int(raw_usage.get("completion_tokens")) or 0,
-                        )
-                    if chunk.get("error") is not None:
-                        if usage is not None:
-                            yield usage_event()
-                        summary = error_summary(chunk, self._secrets())
-                        raise UpstreamProtocolError(
-                            "openai stream chunk carried an error "
-                            f"({summary or 'no details'})"
-                        )
-                    choices = chunk.get("choices")
-                    if not isinstance(choices, list):
-                        continue
-                    for choice in choices:
-                        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                            continue  # n > 1 is not supported: follow the first choice
-                        delta = choice.get("delta")
-                        if type(delta) is dict and len(delta) == 1 and "content" in delta:
-                            # The per-token chunk: text only.
-                            text = delta["content"]
-                            if isinstance(text, str) and text:
-                                produced = True
-                                yield TextDelta(text)
-                        elif isinstance(delta, dict):
-                            for out in self._delta_events(delta, calls):
-                                produced = True
-                                yield out
-                        reason = choice.get("finish_reason")
-                        if reason is not None:
-                            finish = str(reason)
-                            for out in close_calls():
-                                yield out
-                if produced and not let_out:
+                for out in reply.feed(batch):
+                    yield out
+                # The last read's events are not held while the stream waits for the next.
+                del batch
+                if reply.error is not None:
+                    raise reply.error
+                if reply.produced and not let_out:
                     # The first events are published: let the readers' streams write them
                     # before the rest of what this read brought is worked through (with
                     # a whole short answer in one read, that is its end and final write).
                     let_out = True
                     await anyio.lowlevel.checkpoint()
                     await anyio.lowlevel.checkpoint()
-                if done:
+                if reply.done:
                     break
-        if not done and finish is None:
-            for out in close_calls():
+        if not reply.done and reply.finish is None:
+            for out in reply.close_calls():
                 yield out
-            if usage is not None:
-                yield usage_event()
+            if reply.usage is not None:
+                yield reply.usage_event()
             raise UpstreamProtocolError("openai stream ended before it finished")
-        for out in close_calls():
+        for out in reply.close_calls():
             yield out
-        if usage is not None:
-            yield usage_event()
-        yield Finish(map_finish_reason(finish) if finish is not None else "stop")
+        if reply.usage is not None:
+            yield reply.usage_event()
+        yield Finish(map_finish_reason(reply.finish) if reply.finish is not None else "stop")
 
     @staticmethod
     def _delta_events(delta: dict[str, Any], calls: dict[int, _ToolCall]) -> list[AdapterEvent]:

@@ -1,5 +1,6 @@
-"""What an idle upstream stream keeps (llm_adapters/_http.py): aiohttp's answer only,
-not httpx's request and response around it, and no copy of the request body."""
+"""What an idle upstream stream keeps (llm_adapters/_http.py, llm_adapters/openai.py):
+aiohttp's answer only, not httpx's request and response around it, no copy of the
+request body, and nothing of the last read (its events, their parsed chunks)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import gc
 import tracemalloc
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 
@@ -54,15 +56,27 @@ async def test_an_idle_stream_keeps_neither_httpx_objects_nor_its_request_body()
             with anyio.fail_after(5):
                 event = await stream.__anext__()
             assert event == TextDelta("Hi")
-            # Held at its first token, the stream waits for the next read.
-            gc.collect()
-            alive = [o for o in gc.get_objects() if isinstance(o, httpx.Request | httpx.Response)]
-            assert alive == []
-            assert stream.ag_frame is not None
-            assert "body" not in stream.ag_frame.f_locals
-            upstream = stream.ag_frame.f_locals["events"]
-            local = upstream.ag_frame.f_locals
-            assert "body" not in local and local["payload"] is None
+            async with anyio.create_task_group() as tg:
+                # Asked for its next event (as the gateway does at once), the stream
+                # waits for the next read: that is how an idle stream sits.
+                tg.start_soon(stream.__anext__)
+                upstream = stream.ag_frame.f_locals["events"] if stream.ag_frame else None
+                with anyio.fail_after(5):
+                    while upstream is None or upstream.ag_await is None:
+                        await anyio.lowlevel.checkpoint()
+                gc.collect()
+                alive = [o for o in gc.get_objects()
+                         if isinstance(o, httpx.Request | httpx.Response)]
+                assert alive == []
+                assert stream.ag_frame is not None
+                outer = stream.ag_frame.f_locals
+                assert "body" not in outer
+                # Nor the last read's events, nor their parsed chunks (``_Reply.feed``'s).
+                assert "batch" not in outer and "chunk" not in outer
+                local = upstream.ag_frame.f_locals
+                assert "body" not in local and local["payload"] is None
+                assert "events" not in local and "event" not in local
+                tg.cancel_scope.cancel()
         finally:
             await stream.aclose()
             await adapter.aclose()

@@ -184,15 +184,17 @@ async def test_wait_for_a_reply_skips_the_one_it_replaces() -> None:
 
 async def test_a_burst_wakes_every_reader_and_a_cancelled_wait_is_uncounted() -> None:
     """Chunks published in one go (an upstream read's events) reach every reader
-    waiting then, in one batch each, and only the first of them makes a new event to
-    wait on; a waiter cancelled before a wake, or at the
-    same time as one, leaves the count of waiters true (the count decides whether a
-    publish wakes anyone: one too low loses a wake)."""
+    waiting then, in one batch each, and only the first of them wakes anyone; a waiter
+    cancelled before a wake, or at the same time as one, leaves the list of waiters
+    true (the list decides whether a publish wakes anyone: one missing loses a wake)."""
     live = LiveTurn("th", "t1", 1, 10)
     got: dict[str, list[list[bytes]]] = {"a": [], "b": []}
 
-    def counted_right() -> bool:
-        return live._waiting == live._changed.statistics().tasks_waiting
+    def waiting() -> int:
+        return sum(not w.done() for w in live._waiters or ())
+
+    def listed_right() -> bool:  # a woken or cancelled waiter is no longer listed
+        return len(live._waiters or ()) == waiting()
 
     async def reader(name: str) -> None:
         async for _, chunks in live.batches():
@@ -215,28 +217,26 @@ async def test_a_burst_wakes_every_reader_and_a_cancelled_wait_is_uncounted() ->
 
         tg.start_soon(waiter, early)
         tg.start_soon(waiter, at_wake)
-        await until(lambda: live._changed.statistics().tasks_waiting == 4)
-        assert live._waiting == 4
+        await until(lambda: waiting() == 4)
         early.cancel()
-        await until(lambda: live._changed.statistics().tasks_waiting == 3)
-        assert counted_right()
+        await until(lambda: waiting() == 3 and listed_right())
         burst = [b"%d" % i for i in range(50)]
         live.publish(burst[:1])
-        after_wake = live._changed
+        assert live._waiters is None  # all three woken
         for chunk in burst[1:]:
             live.publish([chunk])
-        assert live._changed is after_wake  # the rest of the burst made no new event
+        assert live._waiters is None  # the rest of the burst woke nobody again
         at_wake.cancel()  # woken and cancelled before it runs again
-        await until(lambda: len(got["a"]) == 1 and len(got["b"]) == 1
-                    and live._changed.statistics().tasks_waiting == 2)
+        await until(lambda: len(got["a"]) == 1 and len(got["b"]) == 1 and waiting() == 2)
         for _ in range(5):  # let the cancelled one finish too
             await anyio.lowlevel.checkpoint()
-        assert counted_right() and live._waiting == 2
+        assert waiting() == 2 and listed_right()
         assert got["a"] == got["b"] == [burst]  # one batch each, nothing lost
         live.publish([b"late"])
         await until(lambda: len(got["a"]) == 2 and len(got["b"]) == 2)
         live.finish("complete")
     assert got["a"] == got["b"] == [burst, [b"late"]]
+    assert live._waiters is None
 
 
 @pytest.mark.anyio

@@ -157,7 +157,7 @@ def _open_streams(gw: GatewayServer) -> float:
 @sqlite_only
 async def test_two_tasks_per_open_stream(database_url: str) -> None:
     """An open turn stream costs two tasks: the request's own and its watcher. Its
-    generation is one more, the turn's (a task of the app's task group), counted apart."""
+    generation is one more, the turn's (owned by the app's task group), counted apart."""
     streams = 20
     writers: list[asyncio.StreamWriter] = []
     async with run_gateway(database_url, TURNGATE_MAX_STREAMS_PER_USER="100",
@@ -263,6 +263,37 @@ async def test_head_sends_headers_only() -> None:
     assert [m["type"] for m in peer.sent] == ["http.response.start", "http.response.body"]
     assert peer.sent[-1]["more_body"] is False
     assert not body.started
+
+
+async def test_the_watcher_ends_with_the_stream() -> None:
+    """The watcher is the response's own task: when the body ends, its wait is
+    interrupted, and the response returns at once with no task left behind."""
+    peer = _Asgi()
+
+    async def one_chunk() -> AsyncIterator[bytes]:
+        yield b"id: 0\ndata: {}\n\n"
+
+    before = set(asyncio.all_tasks())
+    response = SSEResponse(one_chunk(), ping_seconds=60, send_timeout=10)
+    with anyio.fail_after(2):
+        await response(SCOPE, peer.receive, peer.send)
+    assert response.outcome == "complete" and peer.sent[-1]["more_body"] is False
+    assert set(asyncio.all_tasks()) - before == set()
+
+
+async def test_a_failing_watcher_ends_the_stream_with_its_error() -> None:
+    """A watcher that fails (here its ``receive``) stops the pump, the body is closed,
+    and the failure comes out of the response."""
+
+    class _BrokenPeer(_Asgi):
+        async def receive(self) -> dict[str, object]:
+            raise RuntimeError("receive failed")
+
+    peer, body = _BrokenPeer(), _Body()
+    response = SSEResponse(body.gen(), ping_seconds=60, send_timeout=10)
+    with anyio.fail_after(2), pytest.raises(RuntimeError, match="receive failed"):
+        await response(SCOPE, peer.receive, peer.send)
+    assert body.closed
 
 
 # -- the app's stream timer (StreamSet.run) -------------------------------------------

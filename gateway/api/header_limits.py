@@ -13,6 +13,7 @@ layer.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -30,13 +31,14 @@ class HeaderLimits:
         self.app = app
         self.max_header_bytes = max_header_bytes  # TURNGATE_MAX_HEADER_BYTES
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # The app's own awaitable is handed back, not awaited here: no frame of this
+        # middleware is held for as long as a request (a stream: hours) runs.
         if scope["type"] == "http":
             refusal = _refusal(scope["headers"], self.max_header_bytes)
             if refusal is not None:
-                await _answer(send, *refusal)
-                return
-        await self.app(scope, receive, send)
+                return _answer(send, *refusal)
+        return self.app(scope, receive, send)
 
 
 def _refusal(

@@ -12,10 +12,10 @@ import os
 import socket
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
 from dotenv import load_dotenv
@@ -157,6 +157,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app = create_app(settings, prepared=True)
         config = uvicorn.Config(
             _OneLineStartupFailure(app),
+            # Told, not guessed: uvicorn takes an app whose __call__ is no coroutine
+            # function for an ASGI 2 one.
+            interface="asgi3",
             host=args.host,
             port=port,
             loop="uvloop",
@@ -191,10 +194,14 @@ class _OneLineStartupFailure:
     def __init__(self, app: Any) -> None:
         self.app = app
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    def __call__(self, scope: Any, receive: Any, send: Any) -> Awaitable[None]:
+        # A request gets the app's own awaitable: no frame of this wrapper is held
+        # for as long as it runs (a stream: hours).
         if scope["type"] != "lifespan" or _debug():
-            await self.app(scope, receive, send)
-            return
+            return cast("Awaitable[None]", self.app(scope, receive, send))
+        return self._lifespan(scope, receive, send)
+
+    async def _lifespan(self, scope: Any, receive: Any, send: Any) -> None:
         failed = False
 
         async def quiet_send(message: Any) -> None:

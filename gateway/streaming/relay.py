@@ -12,6 +12,7 @@ periodic task.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -61,9 +62,11 @@ class LiveTurn:
     # Chunks for the readers following at the time only: ``(SSE id of the chunk they
     # precede, chunk)``; they carry no SSE id and are never replayed (``publish_transient``).
     transient: list[tuple[int, bytes]] = field(default_factory=list)
-    _changed: anyio.Event = field(default_factory=anyio.Event)
+    # The readers waiting for the next publish, a future each (``_wait_changed``); None
+    # while nobody waits. Not an event: an asyncio.Event keeps a deque of its own (0.6
+    # KiB), which every turn with a reader waiting would hold.
+    _waiters: list[asyncio.Future[None]] | None = None
     _joined: anyio.Event | None = None  # only while ``wait_for_reader`` waits
-    _waiting: int = 0
 
     @property
     def db_lock(self) -> anyio.Lock:
@@ -100,7 +103,7 @@ class LiveTurn:
         if self.size > self.max_bytes:
             self.overflowed = True
             self._drop_oldest(self.max_bytes // 2)
-        if self._waiting:
+        if self._waiters:
             self._wake()
 
     def publish_transient(self, chunk: bytes) -> bool:
@@ -140,25 +143,31 @@ class LiveTurn:
         return self.events[: last + 1] if self.first_id == 0 else None
 
     def _wake(self) -> None:
-        # The readers waiting now are all on ``_changed``: set it and start a new one
-        # with no one counted on it, so the next publishes before they run (a burst
-        # of an upstream read's events) wake nobody again and make no new event.
-        if self._waiting:
-            self._changed.set()
-            # The running backend's own Event class: ``anyio.Event()`` would look the
-            # backend up again on every wake.
-            self._changed = type(self._changed)()
-            self._waiting = 0
+        # Wake the readers waiting now and start the list anew, so the next publishes
+        # before they run (a burst of an upstream read's events) wake nobody again.
+        waiters = self._waiters
+        if waiters:
+            self._waiters = None
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def _wait_changed(self) -> None:
         """Wait for the next publish, finish, or transient chunk (``_wake``)."""
-        changed = self._changed
-        self._waiting += 1
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters
+        if waiters is None:
+            self._waiters = [waiter]
+        else:
+            waiters.append(waiter)
         try:
-            await changed.wait()
+            await waiter
         finally:
-            if changed is self._changed:  # left without a wake (cancelled): uncount
-                self._waiting -= 1
+            waiters = self._waiters
+            if waiters is not None and waiter in waiters:  # left without a wake (cancelled)
+                waiters.remove(waiter)
+                if not waiters:
+                    self._waiters = None
 
     def finish(self, status: str) -> None:
         """Mark the turn ended with its final status; readers drain and stop."""

@@ -11,7 +11,8 @@ is idle:
 - the request's own task pumps the body: one ``send`` per chunk;
 - one watcher task waits on ``receive()`` for ``http.disconnect`` (the only
   prompt sign that the client left, even while no bytes flow), and writes the
-  ``: ping`` comment when the app's timer wakes it for one.
+  ``: ping`` comment when the app's timer wakes it for one. It is the response's
+  own task, started, stopped and awaited by the response (``_stream``).
 
 The timers are the app's, not the stream's: :class:`StreamSet` runs one task per
 app that looks at every open stream each ``tick`` (a tenth of the shorter of
@@ -38,8 +39,9 @@ queue wait); cancelling the body's ``__anext__`` would not be (it kills an async
 generator), so the ping never touches the body and works for every body: a live
 turn, a replay, a Redis follower blocked in XREAD.
 
-Whichever side ends first cancels the other (as Starlette's StreamingResponse
-does). The body is closed in ``finally`` under a shield with a deadline, so
+Whichever side ends first ends the other (as Starlette's StreamingResponse
+does): a disconnect cancels the pump, the body's end interrupts the watcher's wait.
+The body is closed in ``finally`` under a shield with a deadline, so
 ``gateway.streaming.responses.follow_live``'s ``finally`` (the reader leaves, and
 the lifecycle's disconnect policy is applied) runs at once. Server shutdown ends
 streams through ``StreamSet`` too (``cut_all``).
@@ -47,6 +49,7 @@ streams through ``StreamSet`` too (``cut_all``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -60,6 +63,7 @@ logger = logging.getLogger("turngate.stream")
 
 PING_MESSAGE: Message = {"type": "http.response.body", "body": b": ping\n\n", "more_body": True}
 END_MESSAGE: Message = {"type": "http.response.body", "body": b"", "more_body": False}
+_WATCHER_TASK = "gateway.streaming.sse.SSEResponse._watch"
 
 
 def encode_headers(headers: Mapping[str, str]) -> tuple[tuple[bytes, bytes], ...]:
@@ -180,14 +184,14 @@ class SSEResponse(Response):
         self._sending = 0  # the watcher's own sends (start, pings, end) in flight
         self._pump_send_at = 0.0  # when the body's pending send began; 0.0 if none
         self._last_write = 0.0
-        self._wake: anyio.CancelScope | None = None  # the watcher's wait, while the app times it
+        self._wake: anyio.CancelScope | None = None  # the watcher's wait
+        self._stopping = False  # the stream has ended: the watcher returns
 
     def cut(self) -> None:
         """End the stream now (server shutdown); it still ends with ``more_body: False``."""
         if self.outcome == "open":
             self.outcome = "cut"
-        if self._scope is not None:
-            self._scope.cancel()
+        self._cancel_pump()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = {"type": "http.response.start", "status": self.status_code,
@@ -198,14 +202,7 @@ class SSEResponse(Response):
             if scope.get("method") == "HEAD":  # headers only: never start an endless body
                 self.outcome = "complete"
             else:
-                async with anyio.create_task_group() as tg:
-                    self._scope = tg.cancel_scope
-                    if self._streams is not None:
-                        self._streams.add(self)
-                    tg.start_soon(self._watch, receive, send)
-                    await self._pump(send)
-                    tg.cancel_scope.cancel()
-                self._scope = None
+                await self._stream(receive, send)
             if self.outcome in ("complete", "cut"):
                 await self._send(send, END_MESSAGE)
             elif self.outcome == "send_timeout":
@@ -217,6 +214,38 @@ class SSEResponse(Response):
             if self._streams is not None:
                 self._streams.discard(self)
             await self._close_body()
+
+    async def _stream(self, receive: Receive, send: Send) -> None:
+        """Pump the body in this task while the watcher waits for the client to leave.
+
+        The watcher is a task of this response's own, a task group of one: started
+        here, stopped and awaited before this returns, whatever ends the stream; its
+        failure cancels the pump and is raised here. It is a plain task, not one of an
+        anyio task group, because anyio (4.14 on) gives every task it starts a handle
+        with its own cancel scope and event, held as long as the stream is open; the
+        watcher has nothing to cancel but its wait, which ``wake`` interrupts.
+        """
+        watcher = asyncio.get_running_loop().create_task(
+            self._watch(receive, send), name=_WATCHER_TASK
+        )
+        try:
+            with anyio.CancelScope() as self._scope:
+                if self._streams is not None:
+                    self._streams.add(self)
+                await self._pump(send)
+        finally:
+            self._scope = None
+            self._stopping = True
+            self.wake()
+            # Its wait ends at once; a ping it is sending, within the send timeout.
+            with anyio.move_on_after(self.send_timeout + 1, shield=True):
+                await asyncio.wait((watcher,))
+            if not watcher.done():  # pragma: no cover - a send that ignores its deadline
+                watcher.cancel()  # it waits in receive() or send(): both may be cancelled
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait((watcher,))
+        if not watcher.cancelled() and (error := watcher.exception()) is not None:
+            raise error
 
     async def _send(self, send: Send, message: Message) -> bool:
         """``send`` bounded by the send timeout; False (and the stream cut) on expiry."""
@@ -265,33 +294,42 @@ class SSEResponse(Response):
             self._wake.cancel()
 
     async def _watch(self, receive: Receive, send: Send) -> None:
-        """Wait for the client to leave; ping when idle; drop a reader that stopped reading."""
+        """Wait for the client to leave; ping when idle; drop a reader that stopped
+        reading. Runs until the client leaves or the stream ends (``_stopping``)."""
         streams = self._streams
-        while True:
-            message: Message | None = None
-            if streams is not None and streams.running:
-                # The app's timer looks after pings and stalls: wait without a deadline.
-                with anyio.CancelScope() as self._wake:
-                    message = await receive()
-                self._wake = None
-            else:
-                wait = self._own_timers(time.monotonic())
-                if wait is None:
-                    return
-                if wait > 0.0:
-                    with anyio.move_on_after(wait):
+        try:
+            while not self._stopping:
+                message: Message | None = None
+                if streams is not None and streams.running:
+                    # The app's timer looks after pings and stalls: wait without a deadline.
+                    with anyio.CancelScope() as self._wake:
                         message = await receive()
-            if message is None:
-                if self._ping_due(time.monotonic()):
-                    if not await self._send(send, PING_MESSAGE):
+                    self._wake = None
+                else:
+                    wait = self._own_timers(time.monotonic())
+                    if wait is None:
                         return
-                continue
-            if message["type"] == "http.disconnect":
-                if self.outcome == "open":
-                    self.outcome = "disconnect"
-                assert self._scope is not None
-                self._scope.cancel()
-                return
+                    if wait > 0.0:
+                        with anyio.move_on_after(wait) as self._wake:
+                            message = await receive()
+                        self._wake = None
+                if message is None:
+                    if not self._stopping and self._ping_due(time.monotonic()):
+                        if not await self._send(send, PING_MESSAGE):
+                            return
+                    continue
+                if message["type"] == "http.disconnect":
+                    if self.outcome == "open":
+                        self.outcome = "disconnect"
+                    self._cancel_pump()
+                    return
+        except BaseException:
+            self._cancel_pump()  # the pump stops; the failure is raised by ``_stream``
+            raise
+
+    def _cancel_pump(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
 
     def _ping_due(self, now: float) -> bool:
         return (

@@ -4,15 +4,15 @@ One turn's path. The route (``gateway.api.turns``: parse, authenticate, limits)
 calls ``attach_running`` (the same turn is generating here already: follow it)
 and then ``open_turn``, which opens the turn in the database or finds it there (a
 retry attaches, a finished turn replays: ``stream_turn``). ``TurnRunner.launch``
-starts the generation as a task of the app's task group, not in the HTTP response:
-responses only *follow* a ``LiveTurn`` in the relay (``gateway.streaming``). That is
-what lets a retried request attach instead of generating twice, a dropped client
-resume, and the cancel route stop a generation it does not own. ``_generate``
-feeds the adapter's events to the encoder and the relay. When the last reader
-leaves, ``on_unread`` applies the disconnect policy (followers only report that
-they left). A generation ends in exactly one ``_finish``, run in ``finally`` under
-a shielded cancel scope: the final write (``finalize.write_final``), then the
-closing chunks.
+starts the generation as a task owned by the app's task group (``own_generations``),
+not in the HTTP response: responses only *follow* a ``LiveTurn`` in the relay
+(``gateway.streaming``). That is what lets a retried request attach instead of
+generating twice, a dropped client resume, and the cancel route stop a generation
+it does not own. ``_generate`` feeds the adapter's events to the encoder and the
+relay. When the last reader leaves, ``on_unread`` applies the disconnect policy
+(followers only report that they left). A generation ends in exactly one
+``_finish``, run in ``finally`` under a shielded cancel scope: the final write
+(``finalize.write_final``), then the closing chunks.
 
 Beside it: ``accumulator`` (the reply and its usage), ``chunks`` (the AI SDK
 encoder), ``finalize`` (the batched final write), ``replay`` (a stored turn's
@@ -21,9 +21,10 @@ stream), ``upkeep`` (checkpoints and leases of running turns).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -72,6 +73,8 @@ LEASE_LOST_ERROR = (
     "The reply was stopped: this gateway lost its claim on the turn to another process."
 )
 NOT_SAVED_ERROR = "The reply could not be saved; reloading may show less of it."
+# The generation task's name: one string for every turn.
+_GENERATE_TASK = "gateway.turn.lifecycle.TurnRunner._generate"
 
 
 # -- opening: what the routes call after parsing, authentication and limits ------------
@@ -433,6 +436,10 @@ class TurnRunner:
         self.titles: Titler | None = None  # set by create_app: a new thread's title
         self.draining = False
         self._idle = anyio.Event()
+        # The generations running here: owned by ``own_generations``, a task of the app's
+        # task group (see ``_start_generation``).
+        self._generations: set[asyncio.Task[None]] = set()
+        self._generation_failed: BaseException | None = None
         # Set when a drain's grace is over: final writes stop retrying (the process exits).
         self.give_up = anyio.Event()
 
@@ -452,7 +459,7 @@ class TurnRunner:
         usage: TurnUsage | None = None,
         answers: Answers | None = None,
     ) -> None:
-        """Publish the opening chunks and start generating in the app's task group.
+        """Publish the opening chunks and start generating (``_start_generation``).
 
         ``content``, ``usage`` and ``answers``: a paused turn continuing (its parts
         and calls so far, and what the client answered)."""
@@ -495,7 +502,48 @@ class TurnRunner:
                                 "text": request.messages[-1].text})
         self.metrics.generations_started.inc()
         self.metrics.active_generations.inc()
-        self.task_group.start_soon(self._generate, live, steps, answers, model_string, started)
+        self._start_generation(self._generate(live, steps, answers, model_string, started))
+
+    def _start_generation(self, generate: Coroutine[Any, Any, None]) -> None:
+        """Run ``generate`` in a task owned by ``own_generations``.
+
+        Not a task started by the app's anyio task group: anyio (4.14 on) gives each
+        such task a handle with its own cancel scope and event, held for as long as
+        the turn runs (BENCHMARKS.md), and a generation needs neither: its own
+        cancel scope (``LiveTurn.cancel``) is how it is stopped.
+        """
+        task = asyncio.get_running_loop().create_task(generate, name=_GENERATE_TASK)
+        self._generations.add(task)
+        task.add_done_callback(self._generation_ended)
+
+    def _generation_ended(self, task: asyncio.Task[None]) -> None:
+        self._generations.discard(task)
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        # As a failing task of the app's task group would: the app's tasks stop, and
+        # ``own_generations`` raises it.
+        if self._generation_failed is None:
+            self._generation_failed = error
+        if self.task_group is not None:
+            self.task_group.cancel_scope.cancel()
+
+    async def own_generations(self) -> None:
+        """A task of the app's task group that owns the generations: when it ends
+        (the app stops, or a generation failed), every generation still running is
+        interrupted (``LiveTurn.cancel``: it is finalized as ``interrupted``) and
+        awaited, under a shield; a generation's failure is raised here."""
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                while self._generations:
+                    for live in self.relay.running():
+                        live.cancel("interrupted")
+                    # A generation that has not entered its cancel scope yet is
+                    # interrupted on the next round.
+                    await asyncio.wait(tuple(self._generations), timeout=0.05)
+            if self._generation_failed is not None:
+                raise self._generation_failed
 
     # -- generating -------------------------------------------------------
 

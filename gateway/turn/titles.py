@@ -119,11 +119,12 @@ def _reply_text(content: ContentBuilder) -> str:
     )
 
 
-class _FirstTurn:
-    """The title of one first turn, from its launch to the end of its stream."""
+class _ModelTitle:
+    """A first turn's title model call, from its launch to the end of the turn's stream."""
 
-    def __init__(self, title: str | None) -> None:
-        self.title = title  # written at open: announced just before the turn's end
+    __slots__ = ("done", "scope")
+
+    def __init__(self) -> None:
         self.done = anyio.Event()  # the title model's task has finished
         self.scope = anyio.CancelScope()  # the title model's call (a drain cuts it)
 
@@ -138,8 +139,11 @@ class Titler:
         self.adapters = adapters
         self.cost = cost
         self.model = model  # TURNGATE_TITLE_MODEL, "<adapter>:<model>"
-        # The first turns launched here whose stream has not ended, by message id.
-        self._turns: dict[int, _FirstTurn] = {}
+        # The first turns launched here whose stream has not ended, by message id: the
+        # title written at open (announced just before the turn's end), or the title
+        # model's call. A title written at open holds no event or cancel scope for as
+        # long as its turn streams.
+        self._turns: dict[int, str | _ModelTitle] = {}
 
     def at_open(self, user_content: list[dict[str, Any]]) -> str | None:
         """The title the open statement gives an untitled thread on its first turn:
@@ -162,12 +166,12 @@ class Titler:
             if len(users) != 1 or runner.task_group is None:
                 return  # earlier turns in the history: not the first turn
             if titled is not None:
-                self._turns[live.message_id] = _FirstTurn(titled)
+                self._turns[live.message_id] = titled
                 return
             user_text = users[0].text
             if self.model is None or first_words(user_text) is None:
                 return  # titled at its end (from the reply), or titled already
-            turn = self._turns[live.message_id] = _FirstTurn(None)
+            turn = self._turns[live.message_id] = _ModelTitle()
             runner.task_group.start_soon(self._from_model, live, user_text, turn, self.model)
         except Exception:
             logger.exception("title_failed thread_id=%s", live.thread_id)
@@ -186,8 +190,8 @@ class Titler:
         try:
             turn = self._turns.pop(live.message_id, None)
             if turn is not None:
-                if turn.title is not None:
-                    live.publish_transient(title_chunk(live.thread_id, turn.title))
+                if isinstance(turn, str):
+                    live.publish_transient(title_chunk(live.thread_id, turn))
                 elif runner.draining:
                     turn.scope.cancel()
                     with anyio.move_on_after(FALLBACK_WAIT_SECONDS):
@@ -219,7 +223,7 @@ class Titler:
             written.set()
 
     async def _from_model(
-        self, live: LiveTurn, user_text: str, turn: _FirstTurn, model: str,
+        self, live: LiveTurn, user_text: str, turn: _ModelTitle, model: str,
     ) -> None:
         """Ask the title model, write its title if the thread is still untitled, tell
         the readers while the turn streams. Runs beside the reply."""
