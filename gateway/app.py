@@ -49,6 +49,9 @@ async def _favicon(request: Request) -> Response:
 
 def _routes() -> list[BaseRoute]:
     routes: list[BaseRoute] = [
+        # First: the router tries the routes in order, and a turn's first token waits
+        # for its route to be found (no other pattern matches its path).
+        Route("/v1/threads/{thread_id}/turns", turns.start_turn, methods=["POST"]),
         Route("/healthz", ops.healthz, methods=["GET"]),
         Route("/readyz", ops.readyz, methods=["GET"]),
         Route("/metrics", ops.metrics, methods=["GET"]),
@@ -59,7 +62,6 @@ def _routes() -> list[BaseRoute]:
         Route("/v1/models", models.list_models, methods=["GET"]),
         Route("/v1/threads/{thread_id}/messages", threads.list_messages, methods=["GET"]),
         Route("/v1/threads/{thread_id}/messages", threads.append_message, methods=["POST"]),
-        Route("/v1/threads/{thread_id}/turns", turns.start_turn, methods=["POST"]),
         Route("/v1/threads/{thread_id}/turns/{turn_id}/stream", turns.resume_turn,
               methods=["GET"]),
         Route("/v1/threads/{thread_id}/turns/{turn_id}/regenerate", turns.regenerate_turn,

@@ -21,6 +21,7 @@ calls again in R steps before answering.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -65,6 +66,9 @@ class ScriptOptions:
     rounds: int = 1
 
 
+# A turn parses its model string twice (the route validates it, the stream reads it),
+# and nothing changes the options once parsed: a string is parsed once while it is cached.
+@functools.lru_cache(maxsize=256)
 def parse_options(model: str) -> ScriptOptions:
     """Parse ``tokens=N,delay_ms=D,...``; raise ``ValueError`` naming the bad part."""
     values: dict[str, Any] = {}

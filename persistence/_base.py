@@ -386,21 +386,22 @@ class _StoreBase:
         # For a periodic pass, "row_missing" only means there was nothing to do.
         wording = "nothing_to_do" if op in ROUTINE_OPS and outcome == "row_missing" else outcome
         error = ids.get("error")
-        logger.log(
-            level,
-            "db_op %s %s %.2fms%s",
-            op,
-            wording,
-            seconds * 1000,
-            f" ({error})" if error else "",
-            extra={
-                "event": "db_op",
-                "op": op,
-                "outcome": wording,
-                "duration_ms": round(seconds * 1000, 3),
-                **ids,
-            },
-        )
+        if logger.isEnabledFor(level):  # its fields are built only for a line written
+            logger.log(
+                level,
+                "db_op %s %s %.2fms%s",
+                op,
+                wording,
+                seconds * 1000,
+                f" ({error})" if error else "",
+                extra={
+                    "event": "db_op",
+                    "op": op,
+                    "outcome": wording,
+                    "duration_ms": round(seconds * 1000, 3),
+                    **ids,
+                },
+            )
         if self.on_operation is not None:
             try:
                 self.on_operation(op, outcome, seconds)

@@ -65,6 +65,10 @@ class Metrics:
             "turngate_db_operation_seconds", "Database operations by operation and outcome.",
             ["operation", "outcome"], buckets=_FAST, registry=r,
         )
+        # Its children by (operation, outcome): ``labels`` checks its arguments and takes
+        # a lock on every call, and each turn's open statement reports here before the
+        # turn's generation starts.
+        self._db_children: dict[tuple[str, str], Histogram] = {}
         self.upstream_errors = Counter(
             "turngate_upstream_errors", "Upstream (adapter) errors by adapter.", ["adapter"],
             registry=r,
@@ -72,7 +76,12 @@ class Metrics:
 
     def observe_db(self, operation: str, outcome: str, seconds: float) -> None:
         """The persistence layer's operation observer."""
-        self.db_operation.labels(operation, outcome).observe(seconds)
+        child = self._db_children.get((operation, outcome))
+        if child is None:
+            child = self._db_children[operation, outcome] = self.db_operation.labels(
+                operation, outcome
+            )
+        child.observe(seconds)
 
     def render(self) -> bytes:
         """The text exposition format."""

@@ -487,13 +487,15 @@ class TurnRunner:
             self.task_group.start_soon(
                 partial(self.shared.mirror, live, replace=content is not None)
             )
-        logger.info(
-            "turn_start thread_id=%s turn_id=%s message_id=%s user_message_id=%s model=%s",
-            live.thread_id, live.turn_id, live.message_id, user_message_id, model_string,
-            extra={"event": "turn_start", "thread_id": live.thread_id, "turn_id": live.turn_id,
-                   "message_id": live.message_id, "user_message_id": user_message_id,
-                   "user_id": live.owner_id, "model": model_string},
-        )
+        if logger.isEnabledFor(logging.INFO):  # its fields are built only for a line written
+            logger.info(
+                "turn_start thread_id=%s turn_id=%s message_id=%s user_message_id=%s model=%s",
+                live.thread_id, live.turn_id, live.message_id, user_message_id, model_string,
+                extra={"event": "turn_start", "thread_id": live.thread_id,
+                       "turn_id": live.turn_id, "message_id": live.message_id,
+                       "user_message_id": user_message_id, "user_id": live.owner_id,
+                       "model": model_string},
+            )
         if self.settings.log_content and request.messages:
             # Message content only when asked for (TURNGATE_LOG_CONTENT), at debug level.
             logger.debug("turn_content turn_id=%s text=%r", live.turn_id,
