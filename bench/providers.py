@@ -20,9 +20,11 @@ one connection per stream, ``Connection: close``):
 
 1. ``idle``, first, on fresh servers after a warm-up: 1,000 streams (quick: 300)
    whose upstream sends one token then holds; each is read to its first token and
-   held. Time to open them all (100 opens at a time), RSS growth per stream, the
-   server's CPU (cores) 2 to 6 s after the last opened, and in a full run again
-   20 to 24 s after (settled).
+   held. Time to open them all (100 opens at a time); the CPU per stream opened of
+   every process on the way, which share the cores (the server, its PostgreSQL
+   backends, the fake upstream, this client); RSS growth per stream; the server's
+   CPU (cores) 2 to 6 s after the last opened, and in a full run again 20 to 24 s
+   after (settled).
 2. ``ttft``: 200 (quick: 60) sequential 3-token streams; request written → first
    token read. Added TTFT = the server's median (p99) − direct's median. The same
    through the ``anthropic:`` adapter (Anthropic-shaped fake stream).
@@ -243,6 +245,7 @@ class Target:
     done: bytes
     threads: list[str] = field(default_factory=list)
     proc: Proc | None = None
+    db: str = ""  # its PostgreSQL database, whose backends' CPU the idle phase counts
 
     def thread(self) -> str:
         return self.threads.pop() if self.threads else ""
@@ -357,7 +360,37 @@ async def _quiet(proc: Proc | None, limit: float = 20.0) -> None:
             return
 
 
-async def phase_idle(target: Target, n: int, settle: bool) -> dict[str, Any]:
+async def _backends(db: str) -> list[psutil.Process]:
+    """The PostgreSQL backends connected to ``db`` (the gateway's pool)."""
+    if not db:
+        return []
+    conn = await asyncpg.connect(PG_ADMIN, timeout=10)
+    try:
+        rows = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = $1", db)
+    finally:
+        await conn.close()
+    out = []
+    for row in rows:
+        try:
+            out.append(psutil.Process(row["pid"]))
+        except psutil.Error:
+            pass
+    return out
+
+
+def _cpu_of(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+async def phase_idle(target: Target, n: int, settle: bool,
+                     upstream: Proc | None = None) -> dict[str, Any]:
     proc = target.proc
     model = model_for(target, fake_model(1, None))
     for _ in range(20):  # warm-up: the code paths, the pools, the first connections
@@ -379,7 +412,13 @@ async def phase_idle(target: Target, n: int, settle: bool) -> dict[str, Any]:
         await sem.acquire()
         return await run_stream(target, model, hold=hold, opened=on_open)
 
+    # Every process on the opens' path shares the two cores, so the time to open them
+    # follows the CPU of all of them: the gateway, its database backends, the fake
+    # upstream and this client.
+    backends = await _backends(target.db)
     cpu0 = proc.cpu() if proc else 0.0
+    db0, up0, me0 = (_cpu_of(backends), upstream.cpu() if upstream else 0.0,
+                     time.process_time())
     t0 = time.perf_counter()
     tasks = [asyncio.ensure_future(one()) for _ in range(n)]
     try:
@@ -387,11 +426,21 @@ async def phase_idle(target: Target, n: int, settle: bool) -> dict[str, Any]:
     except TimeoutError:
         pass
     open_s = time.perf_counter() - t0
+    per_ms = 1000 / max(n, 1)
+    cpu_all = {
+        "open_client_cpu_ms_per_stream": (time.process_time() - me0) * per_ms,
+        "open_upstream_cpu_ms_per_stream":
+            (upstream.cpu() - up0) * per_ms if upstream else None,
+        "open_db_cpu_ms_per_stream": (_cpu_of(backends) - db0) * per_ms if backends else None,
+    }
     ok = sum(1 for r in opened if r.t_first is not None and r.status == 200)
     out: dict[str, Any] = {"streams": n, "held": ok, "open_s": open_s}
     if proc is not None:
         # The server's CPU for the opens: less noisy than their wall-clock time.
-        out["open_cpu_ms_per_stream"] = (proc.cpu() - cpu0) * 1000 / max(n, 1)
+        out["open_cpu_ms_per_stream"] = (proc.cpu() - cpu0) * per_ms
+    out.update(cpu_all)
+    out["open_all_cpu_ms_per_stream"] = sum(
+        v for v in (out.get("open_cpu_ms_per_stream"), *cpu_all.values()) if v is not None)
     ttfts = sorted((r.t_first - r.t_send) * 1000 for r in opened if r.t_first is not None)
     if ttfts:
         out["open_ttft_median_ms"] = median(ttfts)
@@ -532,6 +581,14 @@ def _med(rows: list[dict[str, Any]], key: str) -> float | None:
     return median(values) if values else None
 
 
+def _open_cpu(idle: dict[str, Any]) -> str:
+    if idle.get("open_all_cpu_ms_per_stream") is None:
+        return "–"
+    parts = [_fmt(idle.get(f"open_{k}cpu_ms_per_stream"), ".2f")
+             for k in ("", "db_", "upstream_", "client_")]
+    return f"{idle['open_all_cpu_ms_per_stream']:.2f} ({' / '.join(parts)})"
+
+
 def summarize(res: dict[str, Any]) -> str:
     names = [n for n in res["servers"]]
     per = res["results"]
@@ -569,6 +626,9 @@ def summarize(res: dict[str, Any]) -> str:
          lambda n: _fmt(per[n].get("idle", {}).get("kib_per_stream"))),
         (f"time to open {res['sizes']['idle']:,} streams, s",
          lambda n: _fmt(per[n].get("idle", {}).get("open_s"), ".2f")),
+        ("CPU per stream opened: all processes (gateway / database / fake upstream / "
+         "client), ms",
+         lambda n: _open_cpu(per[n].get("idle", {}))),
         ("CPU while they sit idle (2–6 s after; settled 20–24 s), cores",
          lambda n: "–" if n == "direct" else
          f"{_fmt(per[n].get('idle', {}).get('idle_cores'), '.3f')}"
@@ -633,7 +693,8 @@ async def amain(args: argparse.Namespace) -> None:
                     key = _migrate_and_key(url, tree)
                     p = start_turngate(name, url, fake.port, logdir, tree)
                     procs.append(p)
-                    t = Target(name, p.port, turngate_request(key), b"data: [DONE]", proc=p)
+                    t = Target(name, p.port, turngate_request(key), b"data: [DONE]", proc=p,
+                               db="" if "sqlite" in name else url.rsplit("/", 1)[1])
                     t.threads = await _make_threads(p.port, key, n_threads)
                     targets[name] = t
                 else:
@@ -658,7 +719,7 @@ async def amain(args: argparse.Namespace) -> None:
                 if "idle" not in args.phases:
                     break
                 settle = not args.quick or args.phases == {"idle"}
-                out = await phase_idle(t, sizes["idle"], settle=settle)
+                out = await phase_idle(t, sizes["idle"], settle=settle, upstream=fake)
                 per[name]["idle"] = out
                 count(name, out, sizes["idle"] + 20)
                 print(f"{name} idle {json.dumps(out)}", flush=True)
