@@ -548,6 +548,23 @@ async def db_rtt_ms() -> float | None:
         await conn.close()
 
 
+async def db_durable_write_ms() -> float | None:
+    """One autocommit INSERT into a logged table: a round trip that waits for the commit's
+    flush, as the turn's open statement does (``SELECT 1`` waits for none)."""
+    conn = await asyncpg.connect(PG_URL, timeout=10)
+    try:
+        await conn.execute("CREATE TABLE IF NOT EXISTS bench_durable_probe (x int)")
+        times = []
+        for _ in range(100):
+            t0 = time.perf_counter()
+            await conn.execute("INSERT INTO bench_durable_probe VALUES (1)")
+            times.append((time.perf_counter() - t0) * 1000)
+        await conn.execute("DROP TABLE bench_durable_probe")
+        return median(times)
+    finally:
+        await conn.close()
+
+
 def export_ref(ref: str) -> Path:
     """The tree at git ``ref``, exported (once) to ``bench/.before-<ref>``."""
     dest = ROOT / "bench" / f".before-{ref.replace('/', '_')}"
@@ -701,6 +718,8 @@ async def amain(args: argparse.Namespace) -> None:
                     raise SystemExit(f"unknown server {name!r}")
             res["db_rtt_ms"] = await db_rtt_ms() if any(
                 "pg" in n for n in wanted) else None
+            res["db_durable_write_ms"] = await db_durable_write_ms() if any(
+                "pg" in n for n in wanted) else None
             anthropic_target = {
                 "direct": Target("direct", fake.port, anthropic_request, b"message_stop")}
             per: dict[str, dict[str, Any]] = {
@@ -758,7 +777,8 @@ async def amain(args: argparse.Namespace) -> None:
         table = summarize(res)
         res["table"] = table
         path.write_text(json.dumps(res, indent=1))
-        print(f"\nDB round trip (SELECT 1) {res.get('db_rtt_ms')} ms; "
+        print(f"\nDB round trip (SELECT 1) {res.get('db_rtt_ms')} ms, durable INSERT "
+              f"{res.get('db_durable_write_ms')} ms; "
               f"litellm {res.get('litellm_version')}\n")
         print(table)
         print(f"\nstored in {path.relative_to(ROOT)}")
