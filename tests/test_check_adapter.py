@@ -23,6 +23,7 @@ from turngate.testing.conformance import (
     MAX_EVENTS_PER_STEP,
     PROPERTIES,
     AdapterReport,
+    StreamRun,
     _cut_points,
     check_adapter,
 )
@@ -154,3 +155,22 @@ def test_cut_points_cover_every_index_or_a_spread_sample() -> None:
     sample = _cut_points(500, 20)
     assert len(sample) >= 20 and sample[:3] == [1, 2, 3] and sample[-1] == 499
     assert sample == sorted(set(sample))
+
+
+@pytest.mark.parametrize(
+    ("after_cancel", "ended", "swallowed"),
+    [
+        (0, "finished", False),
+        # one call raced with the cancel, then the end came without awaiting again
+        (1, "finished", False),
+        (1, "cancelled", False),
+        # two calls that awaited while cancelled: the second one let nothing through
+        (2, "finished", True),
+        (2, "closed", True),
+    ],
+)
+def test_one_call_may_race_with_the_cancel_two_are_a_swallow(
+    after_cancel: int, ended: str, swallowed: bool
+) -> None:
+    run = StreamRun(0.0, after_cancel=after_cancel, ended=ended)
+    assert run.swallowed_cancel is swallowed

@@ -159,9 +159,11 @@ class StreamRun:
 
     @property
     def swallowed_cancel(self) -> bool:
-        """It went on after a cancellation: more than the one event that can race with
-        it, or a normal end after it."""
-        return self.after_cancel >= 2 or (self.after_cancel >= 1 and self.ended == "finished")
+        """It went on after a cancellation: more than the one call (an event, or its
+        normal end) that can race with it. A cancel that lands while the adapter's last
+        await is already resuming is seen only after that call returns; an end that
+        follows without awaiting again never had a cancellation to let through."""
+        return self.after_cancel >= 2
 
     def text(self) -> str:
         """The text deltas joined: the reply the adapter produced."""
