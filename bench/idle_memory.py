@@ -59,21 +59,15 @@ def _serve(argv: list[str]) -> None:
 
 async def _snapshots(args: argparse.Namespace, tmp: Path) -> list[tracemalloc.Snapshot]:
     sys.path.insert(0, str(ROOT))
-    import asyncpg
-
     from bench import providers as P
-    from bench.common import PG_ADMIN, VENV_BIN, free_port, gateway_env
+    from bench.common import VENV_BIN, free_port, fresh_pg_database, gateway_env
     from bench.sqlite_burst import _make_threads
 
     fake = P.start_fake(tmp)
     db = f"turngate_idle_memory_{os.getpid()}"
     try:
         if args.db == "pg":
-            conn = await asyncpg.connect(PG_ADMIN, timeout=10)
-            try:
-                await conn.execute(f"CREATE DATABASE {db}")
-            finally:
-                await conn.close()
+            await fresh_pg_database(db)
             url = f"postgresql://postgres@127.0.0.1:5432/{db}"
         else:
             url = f"sqlite:///{tmp / 'idle.db'}"
@@ -132,11 +126,7 @@ async def _snapshots(args: argparse.Namespace, tmp: Path) -> list[tracemalloc.Sn
     finally:
         fake.stop()
         if args.db == "pg":
-            conn = await asyncpg.connect(PG_ADMIN, timeout=10)
-            try:
-                await conn.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
-            finally:
-                await conn.close()
+            await P.drop_pg(db)
 
 
 def _report(snaps: list[tracemalloc.Snapshot], args: argparse.Namespace) -> None:

@@ -74,6 +74,7 @@ from bench.common import (  # noqa: E402
     PG_ADMIN,
     ROOT,
     VENV_BIN,
+    cpu_of,
     free_port,
     gateway_env,
     median,
@@ -107,14 +108,7 @@ class Proc:
             return []
 
     def cpu(self) -> float:
-        total = 0.0
-        for p in self._procs():
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
-        return total
+        return cpu_of(self._procs())
 
     def rss(self) -> int:
         total = 0
@@ -378,17 +372,6 @@ async def _backends(db: str) -> list[psutil.Process]:
     return out
 
 
-def _cpu_of(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
-
-
 async def phase_idle(target: Target, n: int, settle: bool,
                      upstream: Proc | None = None) -> dict[str, Any]:
     proc = target.proc
@@ -417,7 +400,7 @@ async def phase_idle(target: Target, n: int, settle: bool,
     # upstream and this client.
     backends = await _backends(target.db)
     cpu0 = proc.cpu() if proc else 0.0
-    db0, up0, me0 = (_cpu_of(backends), upstream.cpu() if upstream else 0.0,
+    db0, up0, me0 = (cpu_of(backends), upstream.cpu() if upstream else 0.0,
                      time.process_time())
     t0 = time.perf_counter()
     tasks = [asyncio.ensure_future(one()) for _ in range(n)]
@@ -431,7 +414,7 @@ async def phase_idle(target: Target, n: int, settle: bool,
         "open_client_cpu_ms_per_stream": (time.process_time() - me0) * per_ms,
         "open_upstream_cpu_ms_per_stream":
             (upstream.cpu() - up0) * per_ms if upstream else None,
-        "open_db_cpu_ms_per_stream": (_cpu_of(backends) - db0) * per_ms if backends else None,
+        "open_db_cpu_ms_per_stream": (cpu_of(backends) - db0) * per_ms if backends else None,
     }
     ok = sum(1 for r in opened if r.t_first is not None and r.status == 200)
     out: dict[str, Any] = {"streams": n, "held": ok, "open_s": open_s}
@@ -512,7 +495,7 @@ async def phase_conc(target: Target, streams: int, tokens: int, delay_ms: int) -
 # --------------------------------------------------------------------------- setup
 
 
-async def _drop_pg(*names: str) -> None:
+async def drop_pg(*names: str) -> None:
     try:
         conn = await asyncpg.connect(PG_ADMIN, timeout=10)
     except (OSError, asyncpg.PostgresError):
@@ -773,7 +756,7 @@ async def amain(args: argparse.Namespace) -> None:
         finally:
             for p in reversed(procs):
                 p.stop()
-            await _drop_pg(PG_DB, PG_DB + "_before")
+            await drop_pg(PG_DB, PG_DB + "_before")
         table = summarize(res)
         res["table"] = table
         path.write_text(json.dumps(res, indent=1))
